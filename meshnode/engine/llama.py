@@ -1,0 +1,422 @@
+"""The llama.cpp engine: one loaded GGUF, one generation at a time, cancellable per token.
+
+llama.cpp contexts are not thread-safe, so decoding runs in a worker thread behind a
+CapacityLimiter of one. Tokens cross into trio over a small memory channel; when the
+consumer leaves the stream early the worker sees a flag between two tokens and stops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import trio
+from gguf import LlamaFileType
+from llama_cpp import _internals as llama_internals
+
+from meshnode.engine.base import (
+    MAX_LOGIT_BIAS_ENTRIES,
+    EngineError,
+    FinishReason,
+    InvalidRequest,
+    InvalidSamplingParams,
+    ModelInfo,
+    PromptTooLong,
+    SamplingParams,
+    TokenChunk,
+    Usage,
+)
+from meshnode.engine.textstream import TextAssembler
+
+# How long leaving a stream waits for the decode thread to notice the cancel flag. One
+# token takes milliseconds on a small model and ~100 ms on a 70B one on CPU; a prompt
+# slice (PREFILL_SLICE_TOKENS) takes a few seconds at worst. Past this the thread is
+# abandoned but keeps the generation slot, so the context is never used concurrently.
+WORKER_STOP_TIMEOUT_S = 10.0
+# Chunks buffered between the decode thread and the consumer. Small, so a slow consumer
+# (a congested stream) pauses decoding instead of piling text up in memory.
+CHUNK_BUFFER = 16
+# Prompt tokens evaluated per llama_decode call; also the granularity at which a cancel
+# is noticed during prefill. 512 is llama.cpp's default batch and fits any context.
+PREFILL_SLICE_TOKENS = 512
+# Bytes read per step while hashing a model file: large enough to be I/O bound.
+HASH_BLOCK_BYTES = 1 << 20
+# No vocabulary piece is longer than this; llama_token_to_piece tells us if one is.
+PIECE_BUFFER_BYTES = 256
+# Strong enough to take a token out of the running, the maximum a peer may send too.
+BANNED_LOGIT_BIAS = -100.0
+
+ProgressCallback = Callable[[str, float], None]
+"""(stage, fraction done) — called from a worker thread, so it must be thread-safe
+(rich's Progress.update is)."""
+
+
+def sha256_file(path: Path, progress: ProgressCallback | None = None) -> str:
+    """Hex sha256 of a file, read in blocks (blocking: run it in a thread)."""
+    total = max(path.stat().st_size, 1)
+    digest = hashlib.sha256()
+    done = 0
+    with path.open("rb") as f:
+        while block := f.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+            done += len(block)
+            if progress is not None:
+                progress("hashing", done / total)
+    return digest.hexdigest()
+
+
+def _quant_name(metadata: Mapping[str, str]) -> str:
+    raw = metadata.get("general.file_type")
+    try:
+        name = LlamaFileType(int(raw)).name if raw is not None else "unknown"
+    except ValueError:
+        return f"type{raw}"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+@dataclass
+class _Job:
+    """What the decode thread needs, and what it reports back."""
+
+    prompt_tokens: list[int]
+    params: SamplingParams
+    max_tokens: int
+    send: trio.MemorySendChannel[TokenChunk]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread_done: threading.Event = field(default_factory=threading.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    completion_tokens: int = 0
+
+
+class LlamaGeneration:
+    """The token stream of one request (see meshnode.engine.base.Generation)."""
+
+    def __init__(self, recv: trio.MemoryReceiveChannel[TokenChunk], job: _Job) -> None:
+        self._recv = recv
+        self._job = job
+        self._finish_reason: FinishReason | None = None
+        self._error: BaseException | None = None
+
+    def __aiter__(self) -> LlamaGeneration:
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        try:
+            return await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._error is not None:
+                raise EngineError(f"generation failed: {self._error}") from self._error
+            raise StopAsyncIteration from None
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._finish_reason
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self._job.prompt_tokens),
+            completion_tokens=self._job.completion_tokens,
+        )
+
+
+class LlamaEngine:
+    """A GGUF model loaded once into llama.cpp; serves one generation at a time."""
+
+    def __init__(self, llm: Any, info: ModelInfo) -> None:
+        """Use ``await LlamaEngine.load(...)``; this wraps an already loaded model."""
+        self._llm = llm
+        self._info = info
+        # One decode at a time: a llama.cpp context is not thread-safe. The thread holds
+        # the token until it really ends, even if its waiter gave up on it.
+        self._slot = trio.CapacityLimiter(1)
+        self._vocab = llm._model.vocab
+        self._n_vocab: int = llm.n_vocab()
+        self._add_bos: bool = bool(llm._model.add_bos_token())
+        self._decoded_total = 0
+        self._closed = False
+
+    @classmethod
+    async def load(
+        cls,
+        path: Path,
+        *,
+        n_ctx: int,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        progress: ProgressCallback | None = None,
+        name: str | None = None,
+    ) -> LlamaEngine:
+        """Hash and load ``path`` in worker threads.
+
+        n_gpu_layers: layers to offload on a CUDA build, -1 for all (ignored on CPU builds).
+        n_threads: decode threads; None lets llama-cpp-python pick (half the cores).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+        model_id = await trio.to_thread.run_sync(sha256_file, path, progress)
+        if progress is not None:
+            progress("loading", 0.0)
+        loader = partial(
+            llama_cpp.Llama,
+            str(path),
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, PREFILL_SLICE_TOKENS),
+            n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads,
+            verbose=False,
+        )
+        try:
+            llm = await trio.to_thread.run_sync(loader)
+        except ValueError as exc:
+            raise EngineError(f"llama.cpp could not load {path}: {exc}") from exc
+        if progress is not None:
+            progress("loading", 1.0)
+        metadata: Mapping[str, str] = llm.metadata
+        info = ModelInfo(
+            model_id=model_id,
+            name=name or metadata.get("general.name") or path.stem,
+            quant=_quant_name(metadata),
+            n_ctx=int(llm.n_ctx()),
+            path=path,
+        )
+        return cls(llm, info)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def busy(self) -> bool:
+        """True while a decode thread holds the model (including an abandoned one)."""
+        return self._slot.borrowed_tokens > 0
+
+    @property
+    def decoded_tokens_total(self) -> int:
+        """Tokens sampled since load, across all generations (for metrics and tests)."""
+        return self._decoded_total
+
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt tokens for ``text``: BOS if the model wants one, special tokens parsed
+        (a raw completion prompt carries its own chat template)."""
+        self._check_open()
+        tokens: list[int] = self._llm.tokenize(
+            text.encode("utf-8"), add_bos=self._add_bos, special=True
+        )
+        return tokens
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes a token stands for in generated text (no special-token text)."""
+        return _token_piece(self._vocab, token, ctypes.create_string_buffer(PIECE_BUFFER_BYTES))
+
+    @asynccontextmanager
+    async def stream(
+        self, prompt: str, params: SamplingParams, max_tokens: int
+    ) -> AsyncIterator[LlamaGeneration]:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        bad = sorted(t for t in params.logit_bias if t >= self._n_vocab)
+        if bad:
+            raise InvalidSamplingParams(
+                f"logit_bias names token ids outside the vocabulary (size {self._n_vocab}): "
+                f"{bad[:5]}"
+            )
+        prompt_tokens = self.tokenize(prompt)
+        if not prompt_tokens:
+            raise InvalidRequest("the prompt is empty and this model adds no BOS token")
+        if len(prompt_tokens) >= self._info.n_ctx:
+            raise PromptTooLong(
+                f"prompt is {len(prompt_tokens)} tokens; the context holds "
+                f"{self._info.n_ctx} including the output"
+            )
+        send, recv = trio.open_memory_channel[TokenChunk](CHUNK_BUFFER)
+        job = _Job(prompt_tokens=prompt_tokens, params=params, max_tokens=max_tokens, send=send)
+        generation = LlamaGeneration(recv, job)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_job, job, generation)
+            try:
+                yield generation
+            finally:
+                job.cancel.set()
+                # Closing our end makes a decode thread blocked on a full channel fail
+                # its send at once instead of waiting for a reader that is gone.
+                recv.close()
+                with trio.move_on_after(WORKER_STOP_TIMEOUT_S, shield=True):
+                    await job.done.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _run_job(self, job: _Job, generation: LlamaGeneration) -> None:
+        async with job.send:
+            try:
+                reason = await trio.to_thread.run_sync(
+                    self._decode, job, limiter=self._slot, abandon_on_cancel=True
+                )
+            except Exception as exc:
+                generation._error = exc
+            else:
+                generation._finish_reason = reason
+            finally:
+                if generation._finish_reason is None and generation._error is None:
+                    generation._finish_reason = "cancelled"
+                job.done.set()
+
+    # ---- everything below runs in the decode thread --------------------------------
+
+    def _decode(self, job: _Job) -> FinishReason:
+        try:
+            return self._decode_locked(job)
+        finally:
+            job.thread_done.set()
+
+    def _decode_locked(self, job: _Job) -> FinishReason:
+        llm = self._llm
+        if self._closed:
+            raise EngineError("engine is closed")
+        sampler = self._make_sampler(job.params)
+        try:
+            if not self._prefill(job.prompt_tokens, job.cancel):
+                return "cancelled"
+            assembler = TextAssembler(job.params.stop)
+            buf = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
+            n_ctx = self._info.n_ctx
+            while True:
+                if job.cancel.is_set():
+                    return "cancelled"
+                token = int(sampler.sample(llm._ctx, -1))
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    reason: FinishReason = "stop"
+                    break
+                job.completion_tokens += 1
+                self._decoded_total += 1
+                chunk = assembler.feed(_token_piece(self._vocab, token, buf))
+                if chunk is not None and not self._send(job, chunk):
+                    return "cancelled"
+                if assembler.stopped:
+                    return "stop"
+                if job.completion_tokens >= job.max_tokens or llm.n_tokens + 1 >= n_ctx:
+                    reason = "length"
+                    break
+                llm.eval([token])
+            tail = assembler.finish()
+            if tail is not None and not self._send(job, tail):
+                return "cancelled"
+            return reason
+        finally:
+            sampler.close()
+
+    def _prefill(self, tokens: list[int], cancel: threading.Event) -> bool:
+        """Evaluate the prompt, reusing the longest prefix already in the KV cache."""
+        llm = self._llm
+        cached = llm._input_ids[: llm.n_tokens].tolist()
+        keep = 0
+        for a, b in zip(cached, tokens, strict=False):
+            if a != b:
+                break
+            keep += 1
+        # Re-evaluate at least the last prompt token so fresh logits exist to sample from.
+        keep = min(keep, len(tokens) - 1)
+        llm.n_tokens = keep  # Llama.eval drops KV entries past n_tokens before decoding
+        for start in range(keep, len(tokens), PREFILL_SLICE_TOKENS):
+            if cancel.is_set():
+                return False
+            llm.eval(tokens[start : start + PREFILL_SLICE_TOKENS])
+        return True
+
+    def _make_sampler(self, params: SamplingParams) -> Any:
+        # The order llama.cpp's own samplers use: bias and penalties on raw logits, then
+        # truncation, temperature and the draw.
+        sampler = llama_internals.LlamaSampler()
+        if params.logit_bias:
+            sampler.add_logit_bias(self._n_vocab, dict(params.logit_bias))
+        if params.repeat_penalty != 1.0:
+            sampler.add_penalties(
+                n_vocab=self._n_vocab,
+                penalty_last_n=self._llm.last_n_tokens_size,
+                penalty_repeat=params.repeat_penalty,
+                penalty_freq=0.0,
+                penalty_present=0.0,
+            )
+        if params.temperature == 0.0:
+            sampler.add_greedy()
+        else:
+            if params.top_k > 0:
+                sampler.add_top_k(params.top_k)
+            sampler.add_top_p(params.top_p, 1)
+            sampler.add_temp(params.temperature)
+            seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
+            sampler.add_dist(seed)
+        return sampler
+
+    def _send(self, job: _Job, chunk: TokenChunk) -> bool:
+        """Hand a chunk to trio, waiting while the buffer is full; False if nobody listens."""
+        try:
+            trio.from_thread.run(job.send.send, chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError,
+                trio.Cancelled):
+            return False
+        return True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("engine is closed")
+
+    async def aclose(self) -> None:
+        """Free the model once no generation is using it."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._slot:
+            await trio.to_thread.run_sync(self._llm.close)
+
+
+def _token_piece(vocab: Any, token: int, buf: ctypes.Array[ctypes.c_char]) -> bytes:
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    if n < 0:  # buffer too small: -n is the size needed
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    return buf.raw[:n]
+
+
+def steady_logit_bias(target: LlamaEngine | Any) -> dict[int, float]:
+    """Bias that bans byte-fallback, unknown, BOS and end-of-generation tokens.
+
+    With it every sampled token of a SentencePiece-style model prints as text and
+    generation never ends early, so tests and benchmarks on a random-weight model get a
+    steady, countable stream. Accepts a LlamaEngine or a llama_cpp.Llama.
+    """
+    llm = target._llm if isinstance(target, LlamaEngine) else target
+    vocab = llm._model.vocab
+    unwanted = llama_cpp.LLAMA_TOKEN_ATTR_BYTE | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    banned = {
+        t
+        for t in range(llm.n_vocab())
+        if llama_cpp.llama_vocab_get_attr(vocab, t) & unwanted
+        or llama_cpp.llama_vocab_is_eog(vocab, t)
+    }
+    bos = llm.token_bos()
+    if bos >= 0:
+        banned.add(bos)
+    if len(banned) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(
+            f"this vocabulary has {len(banned)} byte/control tokens, more than a request "
+            f"may bias ({MAX_LOGIT_BIAS_ENTRIES})"
+        )
+    return {t: BANNED_LOGIT_BIAS for t in sorted(banned)}

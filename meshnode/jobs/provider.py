@@ -1,0 +1,259 @@
+"""Provider half of `/meshnode/job/1`: admit, decrypt, generate, stream sealed tokens.
+
+One job per stream. Any protocol error (bad frame, bad seal, unexpected message) ends
+that stream with a typed `Error` frame and a log line; it never reaches the node.
+A concurrent reader watches the client: vouchers go to the payment gate, and a closed
+or reset stream cancels generation, so a vanished client frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.abc import INetStream
+
+from meshnode.core.crypto import Opener, SealError, Sealer, provider_session
+from meshnode.core.messages import (
+    Accept,
+    Busy,
+    ErrorMsg,
+    NeedPayment,
+    Open,
+    Sealed,
+    SchemaError,
+    Usage,
+    VoucherMsg,
+    check_prompt_body,
+)
+from meshnode.core.wire import WireError
+from meshnode.engine.base import Engine, SamplingParams
+from meshnode.p2p.framed import FramedStream, StreamClosed
+from meshnode.jobs.payment_gate import FreeGate, PaymentGate, PaymentRejected
+
+log = logging.getLogger(__name__)
+
+# A client sends Open and the sealed prompt back to back; 10 s covers a slow link.
+OPEN_TIMEOUT_S = 10.0
+# A client that was asked to pay answers within a round trip plus a signature.
+PAYMENT_TIMEOUT_S = 30.0
+# How long a queued job tells the client to wait before trying us again.
+BUSY_RETRY_AFTER_S = 2.0
+
+
+class JobRefused(Exception):
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+@dataclass
+class ProviderStats:
+    jobs_started: int = 0
+    jobs_completed: int = 0
+    jobs_cancelled: int = 0
+    busy_refusals: int = 0
+    tokens_out: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+
+GateFactory = Callable[[Open], PaymentGate]
+
+
+class JobProvider:
+    def __init__(
+        self,
+        engine: Engine,
+        job_key_secret: bytes,
+        *,
+        slots: int = 1,
+        max_queue: int = 4,
+        gate_factory: GateFactory | None = None,
+    ) -> None:
+        from nacl.public import PrivateKey
+
+        self.engine = engine
+        self._job_key = PrivateKey(job_key_secret)
+        self.slots = slots
+        self.max_queue = max_queue
+        self._limiter = trio.CapacityLimiter(slots)
+        self._admitted = 0
+        self._gate_factory = gate_factory or (lambda _open: FreeGate())
+        self.stats = ProviderStats()
+        self.on_load_change: Callable[[int, int], None] | None = None
+
+    @property
+    def active(self) -> int:
+        return int(self._limiter.borrowed_tokens)
+
+    @property
+    def queued(self) -> int:
+        return self._admitted - self.active
+
+    def _load_changed(self) -> None:
+        if self.on_load_change is not None:
+            self.on_load_change(self.active, self.queued)
+
+    async def handle_stream(self, stream: INetStream) -> None:
+        fs = FramedStream(stream)
+        peer = _remote_peer(stream)
+        try:
+            await self._serve(fs, peer)
+        except Exception as raised:  # every failure ends this stream, never the node
+            await self._report(fs, peer, _leaf(raised))
+        finally:
+            await fs.close()
+
+    async def _report(self, fs: FramedStream, peer: str, exc: BaseException) -> None:
+        if isinstance(exc, StreamClosed):
+            self.stats.jobs_cancelled += 1
+            log.info("client %s went away: %s", peer, exc)
+            return
+        if isinstance(exc, WireError | JobRefused | PaymentRejected):
+            code = getattr(exc, "code", "protocol")
+            log.warning("job stream from %s closed: %s: %s", peer, code, exc)
+            msg = str(exc)
+        elif isinstance(exc, trio.TooSlowError):
+            code, msg = "timeout", "peer too slow"
+            log.warning("job stream from %s timed out", peer)
+        else:
+            code, msg = "internal", type(exc).__name__
+            log.error("job from %s failed", peer, exc_info=exc)
+        self.stats.count_error(code)
+        await _try_send(fs, ErrorMsg(code=code, msg=msg))
+
+    async def _serve(self, fs: FramedStream, peer: str) -> None:
+        first = await fs.recv(OPEN_TIMEOUT_S)
+        if not isinstance(first, Open):
+            raise SchemaError(f"expected open, got {type(first).__name__}")
+        if first.model_id != self.engine.info.model_id:
+            raise JobRefused("unknown_model", f"model {first.model_id} is not served here")
+        try:
+            params = SamplingParams.from_dict(first.params)
+        except ValueError as exc:
+            raise JobRefused("bad_params", str(exc)) from exc
+        keys = provider_session(self._job_key, first.client_pub)
+        opener = Opener(keys.recv, first.header, ad=first.job_id)
+        sealed = await fs.recv(OPEN_TIMEOUT_S)
+        if not isinstance(sealed, Sealed):
+            raise SchemaError(f"expected the sealed prompt, got {type(sealed).__name__}")
+        body, final = opener.open(sealed.ciphertext)
+        prompt = check_prompt_body(body)
+        if final:
+            raise SealError("the prompt must not end the client's sealed stream")
+
+        if self._admitted >= self.slots + self.max_queue:
+            self.stats.busy_refusals += 1
+            await fs.send(Busy(retry_after=BUSY_RETRY_AFTER_S))
+            return
+        self._admitted += 1
+        self._load_changed()
+        try:
+            sealer = Sealer(keys.send, ad=first.job_id)
+            await fs.send(Accept(header=sealer.header))
+            async with self._limiter:
+                self._load_changed()
+                await self._generate(fs, first, prompt, params, sealer, peer)
+        finally:
+            self._admitted -= 1
+            self._load_changed()
+
+    async def _generate(
+        self,
+        fs: FramedStream,
+        job: Open,
+        prompt: str,
+        params: SamplingParams,
+        sealer: Sealer,
+        peer: str,
+    ) -> None:
+        self.stats.jobs_started += 1
+        gate = self._gate_factory(job)
+        prompt_tokens = self.engine.count_tokens(prompt)
+        delivered = 0
+        paid = trio.Event()
+        client_gone: list[BaseException] = []
+
+        async def watch_client(cancel: trio.CancelScope) -> None:
+            nonlocal paid
+            try:
+                while True:
+                    msg = await fs.recv(float("inf"))
+                    if isinstance(msg, VoucherMsg):
+                        await gate.accept_voucher(msg.boc, delivered)
+                        paid.set()
+                        paid = trio.Event()
+                    elif isinstance(msg, ErrorMsg):
+                        raise StreamClosed(f"client aborted: {msg.code}")
+                    else:
+                        raise SchemaError(f"unexpected {type(msg).__name__} during generation")
+            except (StreamClosed, WireError, PaymentRejected) as exc:
+                client_gone.append(exc)
+                cancel.cancel()
+
+        finish = "stop"
+        async with trio.open_nursery() as nursery:
+            gen_scope = trio.CancelScope()
+            nursery.start_soon(watch_client, gen_scope)
+            with gen_scope:
+                async with self.engine.stream(prompt, params, job.max_tokens) as gen:
+                    async for chunk in gen:
+                        while not gate.may_produce(delivered + chunk.n_tokens):
+                            waiting = paid
+                            await fs.send(
+                                NeedPayment(owed=gate.owed(delivered + chunk.n_tokens),
+                                            delivered=delivered)
+                            )
+                            with trio.fail_after(PAYMENT_TIMEOUT_S):
+                                await waiting.wait()
+                        delivered += chunk.n_tokens
+                        await fs.send(
+                            Sealed(
+                                sealer.seal(
+                                    {"k": "tokens", "text": chunk.text,
+                                     "n": chunk.n_tokens, "total": delivered}
+                                )
+                            )
+                        )
+                finish = gen.finish_reason or "stop"
+            self.stats.tokens_out += delivered
+            if client_gone:
+                raise client_gone[0]
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=delivered,
+                finish_reason=finish,
+                cost_nanoton=gate.cost(prompt_tokens, delivered),
+            )
+            await fs.send(Sealed(sealer.seal(usage.to_body(), final=True)))
+            self.stats.jobs_completed += 1
+            log.info("job %s for %s: %d+%d tokens", job.job_id.hex()[:8], peer,
+                     prompt_tokens, delivered)
+            nursery.cancel_scope.cancel()
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside nested exception groups (from the job's nursery)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _remote_peer(stream: INetStream) -> str:
+    try:
+        return str(stream.muxed_conn.peer_id)
+    except AttributeError:
+        return "?"
+
+
+async def _try_send(fs: FramedStream, msg: ErrorMsg) -> None:
+    with trio.move_on_after(1.0):
+        try:
+            await fs.send(msg)
+        except Exception:  # the peer may already be gone; the log line has the reason
+            pass
