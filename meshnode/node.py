@@ -28,8 +28,13 @@ from meshnode.jobs.client import JobRequest, JobResult, OnText, run_job
 from meshnode.jobs.payment_gate import Payer
 from meshnode.jobs.provider import GateFactory, JobProvider
 from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, fetch_advert, serve_advert
-from meshnode.p2p.host import DEFAULT_LISTEN, DIAL_TIMEOUT_S, full_addrs, parse_peer_addr
-from meshnode.p2p.host import running_host
+from meshnode.p2p.host import (
+    DEFAULT_LISTEN,
+    DIAL_TIMEOUT_S,
+    full_addrs,
+    parse_peer_addr,
+    running_host,
+)
 
 log = logging.getLogger(__name__)
 

@@ -79,9 +79,7 @@ def _entry(suffix: str, value: bytes) -> bytes:
     return _seq(_oid(f"{_SGX_EXT}.{suffix}"), value)
 
 
-def _sgx_extension(
-    fmspc: bytes, dynamic_platform: bool, cached_keys: bool, smt: bool
-) -> bytes:
+def _sgx_extension(fmspc: bytes, dynamic_platform: bool, cached_keys: bool, smt: bool) -> bytes:
     tcb = [_entry(f"2.{i + 1}", _int(svn)) for i, svn in enumerate(_CPU_SVN)]
     tcb.append(_entry("2.17", _int(_PCE_SVN)))
     tcb.append(_entry("2.18", _tlv(0x04, _CPU_SVN)))
@@ -166,9 +164,7 @@ def _cert(
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def _crl(
-    issuer: x509.Certificate, key: ec.EllipticCurvePrivateKey, issued: datetime
-) -> bytes:
+def _crl(issuer: x509.Certificate, key: ec.EllipticCurvePrivateKey, issued: datetime) -> bytes:
     crl = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer.subject)
@@ -204,18 +200,38 @@ class SynthPlatform:
 
     def __post_init__(self) -> None:
         nb = self.issued - timedelta(days=30)
-        self.root = _cert("Synth SGX Root CA", self.root_key, None, self.root_key, ca=True,
-                          not_before=nb)
-        self.platform_ca = _cert("Synth SGX PCK Platform CA", self.platform_ca_key, self.root,
-                                 self.root_key, ca=True, not_before=nb)
+        self.root = _cert(
+            "Synth SGX Root CA", self.root_key, None, self.root_key, ca=True, not_before=nb
+        )
+        self.platform_ca = _cert(
+            "Synth SGX PCK Platform CA",
+            self.platform_ca_key,
+            self.root,
+            self.root_key,
+            ca=True,
+            not_before=nb,
+        )
         ext = x509.UnrecognizedExtension(
             x509.ObjectIdentifier(_SGX_EXT),
             _sgx_extension(self.fmspc, self.dynamic_platform, self.cached_keys, self.smt),
         )
-        self.pck = _cert("Synth SGX PCK Certificate", self.pck_key, self.platform_ca,
-                         self.platform_ca_key, ca=False, not_before=nb, extra=ext)
-        self.tcb_signing = _cert("Synth SGX TCB Signing", self.tcb_signing_key, self.root,
-                                 self.root_key, ca=False, not_before=nb)
+        self.pck = _cert(
+            "Synth SGX PCK Certificate",
+            self.pck_key,
+            self.platform_ca,
+            self.platform_ca_key,
+            ca=False,
+            not_before=nb,
+            extra=ext,
+        )
+        self.tcb_signing = _cert(
+            "Synth SGX TCB Signing",
+            self.tcb_signing_key,
+            self.root,
+            self.root_key,
+            ca=False,
+            not_before=nb,
+        )
 
     @property
     def root_ca_der(self) -> bytes:
@@ -259,8 +275,11 @@ class SynthPlatform:
                     "attributes": "0000000000000000",
                     "attributesMask": "FFFFFFFFFFFFFFFF",
                     "tcbLevels": [
-                        {"tcb": {"isvsvn": _TEE_TCB_SVN[0]}, "tcbDate": level_date,
-                         "tcbStatus": "UpToDate"}
+                        {
+                            "tcb": {"isvsvn": _TEE_TCB_SVN[0]},
+                            "tcbDate": level_date,
+                            "tcbStatus": "UpToDate",
+                        }
                     ],
                 }
             ],

@@ -7,8 +7,8 @@ from meshnode.core.crypto import (
     MAX_PLAINTEXT_BYTES,
     ZSTD_THRESHOLD,
     Opener,
-    SealError,
     Sealer,
+    SealError,
     client_session,
     pack_body,
     provider_session,
@@ -73,7 +73,6 @@ def test_truncation_detected() -> None:
 
 
 def test_other_job_ad_rejected() -> None:
-    sealer, _ = _pair()
     provider, client = PrivateKey.generate(), PrivateKey.generate()
     ck = client_session(client, bytes(provider.public_key))
     pk = provider_session(provider, bytes(client.public_key))

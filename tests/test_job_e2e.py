@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError
-from meshnode.node import ProviderNode, client_node, provider_node
+from meshnode.node import client_node, provider_node
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +63,9 @@ async def test_unknown_model_is_refused_and_node_keeps_serving(engine: LlamaEngi
     async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
         async with client_node() as client:
             advert = await client.connect(prov.addrs[0])
-            from meshnode.jobs.client import JobRequest, run_job
             from libp2p.peer.id import ID
+
+            from meshnode.jobs.client import JobRequest, run_job
 
             with pytest.raises(JobError) as info:
                 await run_job(

@@ -92,9 +92,7 @@ class CollateralCache:
             raise
         return path
 
-    async def fetch(
-        self, raw_quote: bytes, timeout_s: float = COLLATERAL_FETCH_TIMEOUT_S
-    ) -> Any:
+    async def fetch(self, raw_quote: bytes, timeout_s: float = COLLATERAL_FETCH_TIMEOUT_S) -> Any:
         """Download collateral from the PCCS and cache it. Network; bounded by timeout."""
         url = self.pccs_url
 
@@ -107,7 +105,10 @@ class CollateralCache:
 
         try:
             with trio.fail_after(timeout_s):
-                collateral = await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+                # trio-stubs (trio_typing) shadows trio's own hints and predates this kwarg.
+                collateral = await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                    blocking, abandon_on_cancel=True
+                )
         except trio.TooSlowError as exc:
             raise CollateralError(f"PCCS {url} did not answer within {timeout_s} s") from exc
         except (ValueError, RuntimeError, TimeoutError) as exc:
@@ -123,6 +124,9 @@ class CollateralCache:
         try:
             return await self.fetch(raw_quote)
         except CollateralError as exc:
-            log.warning("collateral refresh failed, using %s: %s",
-                        "stale cache" if cached is not None else "nothing", exc)
+            log.warning(
+                "collateral refresh failed, using %s: %s",
+                "stale cache" if cached is not None else "nothing",
+                exc,
+            )
             return cached

@@ -76,7 +76,14 @@ class TdxEvidenceProducer:
         for _ in range(MAX_QUOTE_ATTEMPTS):
             (entry / "inblob").write_bytes(report_data)
             before = _read_generation(entry)
-            quote = (entry / "outblob").read_bytes()
+            try:
+                quote = (entry / "outblob").read_bytes()
+            except OSError as exc:
+                # The kernel fails this read when the host's quote service is unreachable.
+                raise QuoteGenerationError(
+                    f"reading {entry / 'outblob'} failed: {exc.strerror} "
+                    "(is the host's TDX quote generation service running?)"
+                ) from exc
             if _read_generation(entry) == before:
                 _check_quote(quote)
                 return Evidence(kind=KIND_TDX, blob=quote)

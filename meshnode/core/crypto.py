@@ -63,7 +63,7 @@ def provider_session(provider: PrivateKey, client_pub: bytes) -> SessionKeys:
 
 
 def pack_body(body: dict[str, Any]) -> bytes:
-    raw = msgpack.packb(body, use_bin_type=True)
+    raw: bytes = msgpack.packb(body, use_bin_type=True)
     if len(raw) > MAX_PLAINTEXT_BYTES:
         raise SealError(f"body of {len(raw)} bytes exceeds {MAX_PLAINTEXT_BYTES}")
     if len(raw) >= ZSTD_THRESHOLD:
@@ -159,7 +159,9 @@ class Opener:
                 self._state, ciphertext, self._ad
             )
         except (CryptoError, ValueError, RuntimeError) as exc:
-            raise SealError("ciphertext failed authentication (tampered, reordered or replayed)") from exc
+            raise SealError(
+                "ciphertext failed authentication (tampered, reordered or replayed)"
+            ) from exc
         self.finished = tag == _TAG_FINAL
         return unpack_body(plain), self.finished
 

@@ -41,6 +41,10 @@ MAX_PENALTY_S = 600.0  # repeated failures saturate here, so recovery time stays
 # A client trades one second of waiting for 0.01 TON saved: price matters only between
 # providers of similar speed unless the caller raises the weight.
 DEFAULT_PRICE_WEIGHT_S_PER_NANOTON = 1.0 / 10_000_000
+# Power of two choices samples only among candidates expected to finish within this
+# factor of the best one: with providers of very different speeds, plain p2c sends a
+# fixed 1/C(n,2) share to the two slowest whatever their queues, which overloads them.
+P2C_SCORE_CUTOFF = 2.0
 MAX_TRACKED_PEERS = 4096  # 4x the directory's default cap: stats outlive brief absences
 STATS_FORMAT_VERSION = 1  # bump when PeerStats' persisted fields change
 
@@ -288,9 +292,11 @@ class Router:
         # Two random candidates, keep the better: spreads load even when every client
         # sees the same stale adverts, where always taking the best would herd.
         ranked = sorted(pool, key=by_score)
-        if len(pool) < 2:
+        best = by_score(ranked[0])
+        contenders = [c for c in ranked if by_score(c) <= best * P2C_SCORE_CUTOFF]
+        if len(contenders) < 2:
             return ranked
-        a, b = self._rng.sample(pool, 2)
+        a, b = self._rng.sample(contenders, 2)
         first = a if by_score(a) <= by_score(b) else b
         return [first, *(c for c in ranked if c is not first)]
 

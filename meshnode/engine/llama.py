@@ -54,6 +54,9 @@ PIECE_BUFFER_BYTES = 256
 # Strong enough to take a token out of the running, the maximum a peer may send too.
 BANNED_LOGIT_BIAS = -100.0
 
+# llama-cpp-python's sampler chain wrapper is untyped; we call it as Any on purpose.
+_LlamaSampler: Any = llama_internals.LlamaSampler
+
 ProgressCallback = Callable[[str, float], None]
 """(stage, fraction done) — called from a worker thread, so it must be thread-safe
 (rich's Progress.update is)."""
@@ -91,8 +94,9 @@ class _Job:
     max_tokens: int
     send: trio.MemorySendChannel[TokenChunk]
     cancel: threading.Event = field(default_factory=threading.Event)
-    thread_done: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
     done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
     completion_tokens: int = 0
 
 
@@ -256,37 +260,43 @@ class LlamaEngine:
                 yield generation
             finally:
                 job.cancel.set()
+                if not job.started.is_set():
+                    # Still queued behind another generation: nothing touched the context,
+                    # so stop waiting for the slot now. (If the thread starts right now it
+                    # sees the cancel flag first thing, and holds the slot until it ends.)
+                    job.scope.cancel()
                 # Closing our end makes a decode thread blocked on a full channel fail
                 # its send at once instead of waiting for a reader that is gone.
                 recv.close()
-                with trio.move_on_after(WORKER_STOP_TIMEOUT_S, shield=True):
+                deadline = trio.current_time() + WORKER_STOP_TIMEOUT_S
+                with trio.CancelScope(deadline=deadline, shield=True):
                     await job.done.wait()
-                nursery.cancel_scope.cancel()
+                # Past the timeout: abandon the thread. It keeps the generation slot until
+                # it really ends, so the context is still never used by two threads.
+                job.scope.cancel()
 
     async def _run_job(self, job: _Job, generation: LlamaGeneration) -> None:
+        reason: FinishReason = "cancelled"
         async with job.send:
             try:
-                reason = await trio.to_thread.run_sync(
-                    self._decode, job, limiter=self._slot, abandon_on_cancel=True
-                )
+                # Shielded: an outer cancellation must not abandon the thread while it may
+                # still touch the context; only stream()'s exit decides to give up on it.
+                with job.scope:
+                    # trio-typing's stubs (pulled in by libp2p) predate abandon_on_cancel.
+                    reason = await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                        self._decode, job, limiter=self._slot, abandon_on_cancel=True
+                    )
             except Exception as exc:
                 generation._error = exc
             else:
                 generation._finish_reason = reason
             finally:
-                if generation._finish_reason is None and generation._error is None:
-                    generation._finish_reason = "cancelled"
                 job.done.set()
 
     # ---- everything below runs in the decode thread --------------------------------
 
     def _decode(self, job: _Job) -> FinishReason:
-        try:
-            return self._decode_locked(job)
-        finally:
-            job.thread_done.set()
-
-    def _decode_locked(self, job: _Job) -> FinishReason:
+        job.started.set()
         llm = self._llm
         if self._closed:
             raise EngineError("engine is closed")
@@ -343,7 +353,7 @@ class LlamaEngine:
     def _make_sampler(self, params: SamplingParams) -> Any:
         # The order llama.cpp's own samplers use: bias and penalties on raw logits, then
         # truncation, temperature and the draw.
-        sampler = llama_internals.LlamaSampler()
+        sampler = _LlamaSampler()
         if params.logit_bias:
             sampler.add_logit_bias(self._n_vocab, dict(params.logit_bias))
         if params.repeat_penalty != 1.0:
@@ -377,6 +387,12 @@ class LlamaEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise EngineError("engine is closed")
+
+    async def __aenter__(self) -> LlamaEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
         """Free the model once no generation is using it."""

@@ -88,12 +88,13 @@ def write_tiny_llama(
     path: Path,
     *,
     seed: int = 0,
-    dims: TinyDims = TinyDims(),  # noqa: B008 - frozen dataclass, safe as a default
+    dims: TinyDims = TinyDims(),
     name: str = "tiny-llama-random",
+    chat_template: str | None = None,
 ) -> Path:
     """Write a random-weight llama-architecture GGUF to ``path`` and return ``path``.
 
-    The output is a pure function of (seed, dims, name, TINY_FORMAT_VERSION).
+    The output is a pure function of the arguments and TINY_FORMAT_VERSION.
     """
     if dims.n_embd % dims.n_head or dims.n_head % dims.n_head_kv:
         raise ValueError("n_embd must be divisible by n_head, and n_head by n_head_kv")
@@ -126,6 +127,8 @@ def write_tiny_llama(
     writer.add_unk_token_id(UNK_ID)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     def matrix(rows: int, cols: int, std: float) -> np.ndarray:
         # numpy shape is (rows, cols) = ggml ne[1], ne[0]: "rows" is the output dimension.

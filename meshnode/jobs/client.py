@@ -31,8 +31,8 @@ from meshnode.core.messages import (
     check_done_body,
     check_tokens_body,
 )
-from meshnode.p2p.framed import FramedStream, StreamClosed
 from meshnode.jobs.payment_gate import NoPayer, Payer
+from meshnode.p2p.framed import FramedStream, StreamClosed
 
 # Opening a stream to a connected peer is one round trip; 10 s means the peer is gone.
 STREAM_OPEN_TIMEOUT_S = 10.0
@@ -102,7 +102,9 @@ async def run_job(
     except StreamClosed as exc:
         raise JobError("disconnected", str(exc), before_first_token=not text) from exc
     except trio.TooSlowError as exc:
-        raise JobError("timeout", "provider stopped answering", before_first_token=not text) from exc
+        raise JobError(
+            "timeout", "provider stopped answering", before_first_token=not text
+        ) from exc
     except JobError:
         raise
     except Exception as exc:  # WireError, SealError: the provider broke the protocol

@@ -15,23 +15,23 @@ from dataclasses import dataclass, field
 import trio
 from libp2p.abc import INetStream
 
-from meshnode.core.crypto import Opener, SealError, Sealer, provider_session
+from meshnode.core.crypto import Opener, Sealer, SealError, provider_session
 from meshnode.core.messages import (
     Accept,
     Busy,
     ErrorMsg,
     NeedPayment,
     Open,
-    Sealed,
     SchemaError,
+    Sealed,
     Usage,
     VoucherMsg,
     check_prompt_body,
 )
 from meshnode.core.wire import WireError
 from meshnode.engine.base import Engine, SamplingParams
-from meshnode.p2p.framed import FramedStream, StreamClosed
 from meshnode.jobs.payment_gate import FreeGate, PaymentGate, PaymentRejected
+from meshnode.p2p.framed import FramedStream, StreamClosed
 
 log = logging.getLogger(__name__)
 

@@ -37,6 +37,11 @@ CHANNEL_STATE_SETTLING_CONDITIONALS = 3
 CHANNEL_STATE_AWAITING_FINALIZATION = 4
 """Values returned by the contract's ``get_channel_state`` get-method."""
 
+FEE_RESERVE = 50_000_000
+"""Nanoton sent with the deposit beyond the parties' balances: init_channel requires the
+contract balance to exceed balances + excess_fee, and the surplus pays the gas of the
+channel's own transactions (0.05 TON covers them several times on today's basechain)."""
+
 WORKCHAIN = 0
 """Channels live in the basechain, like the wallets that fund them."""
 
@@ -139,6 +144,23 @@ class CooperativeClose:
     balance_b: int
     seqno_a: int
     seqno_b: int
+
+    @classmethod
+    def settling(cls, voucher: Voucher, deposit_a: int, seqno_b: int = 1) -> CooperativeClose:
+        """Close paying B exactly ``voucher.sent`` out of A's deposit.
+
+        The contract requires both seqnos to exceed the committed ones (0 until a
+        cooperative commit), so B, which never pays, uses 1.
+        """
+        if voucher.sent > deposit_a:
+            raise ValueError(f"voucher sends {voucher.sent}, deposit is {deposit_a}")
+        return cls(
+            channel_id=voucher.channel_id,
+            balance_a=deposit_a - voucher.sent,
+            balance_b=voucher.sent,
+            seqno_a=voucher.seqno,
+            seqno_b=seqno_b,
+        )
 
     def to_cell(self) -> Cell:
         builder = Builder()

@@ -1,0 +1,24 @@
+"""Reading the attestation policy file (validation lives in core.attest_policy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshnode.core.attest_policy import AttestationPolicy, PolicyError, parse_policy
+
+# The policy shipped in the source tree (bootstrap/ next to the package).
+DEFAULT_POLICY_PATH = Path(__file__).resolve().parents[2] / "bootstrap" / "attestation-policy.toml"
+# A policy is a few KB even with many rules; refuse to read anything huge.
+MAX_POLICY_FILE_BYTES = 256 * 1024
+
+
+def load_policy(path: Path | None = None) -> AttestationPolicy:
+    """Load and validate a policy; PolicyError names the file, line and key."""
+    path = path or DEFAULT_POLICY_PATH
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise PolicyError(str(path), "<file>", None, f"cannot read: {exc.strerror}") from exc
+    if size > MAX_POLICY_FILE_BYTES:
+        raise PolicyError(str(path), "<file>", None, f"larger than {MAX_POLICY_FILE_BYTES} bytes")
+    return parse_policy(path.read_text(encoding="utf-8"), source=str(path))

@@ -1,0 +1,196 @@
+"""`meshnode` command line: serve a model, ask a provider, or run the local demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import trio
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from meshnode.identity import KeyFileError, data_dir, load_or_create
+
+app = typer.Typer(
+    help="meshnode: a peer-to-peer mesh for confidential LLM inference.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Data dir for keys and state (default $MESHNODE_HOME or XDG)."),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+    )
+    if not verbose:
+        # py-libp2p logs routine connection chatter at INFO/WARNING; keep the user's view
+        # to meshnode's own messages.
+        logging.getLogger("libp2p").setLevel(logging.ERROR)
+    logging.getLogger("meshnode").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return trio.run(fn)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except KeyFileError as exc:
+        err.print(f"[red]key file problem:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+async def _load_engine(path: Path, n_ctx: int, n_gpu_layers: int) -> Any:
+    from meshnode.engine.llama import LlamaEngine
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(stage: str, fraction: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"{stage} {path.name}", total=1.0)
+            bar.update(tasks[stage], completed=fraction)
+
+        return await LlamaEngine.load(
+            path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, progress=progress
+        )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option("--model", help="GGUF file to serve.")],
+    listen: Annotated[str, typer.Option(help="libp2p listen multiaddr.")] = (
+        "/ip4/0.0.0.0/tcp/4001"
+    ),
+    ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 4096,
+    n_gpu_layers: Annotated[
+        int, typer.Option("--n-gpu-layers", help="Layers on the GPU (-1: all; CUDA builds).")
+    ] = 0,
+    slots: Annotated[int, typer.Option(help="Jobs run at once.")] = 1,
+    queue: Annotated[int, typer.Option(help="Jobs waiting for a slot before Busy.")] = 4,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve a GGUF model to the mesh (prints the peer id and multiaddrs)."""
+    from meshnode.node import ProviderSettings, provider_node
+
+    _setup_logging(verbose)
+    if not model.is_file():
+        err.print(f"[red]model file not found:[/] {model}")
+        raise typer.Exit(2)
+
+    async def main() -> None:
+        identity, created = load_or_create(data_dir(home))
+        engine = await _load_engine(model, ctx, n_gpu_layers)
+        settings = ProviderSettings(listen=listen, slots=slots, max_queue=queue)
+        async with provider_node(engine, identity=identity, settings=settings) as node:
+            out.print(f"[bold green]serving[/] {engine.info.name} ({engine.info.quant})")
+            out.print(f"model id  {engine.info.model_id}")
+            out.print(f"peer id   {node.peer_id}" + (" (new identity)" if created else ""))
+            for addr in node.addrs:
+                out.print(f"listening {addr}")
+            out.print("[yellow]attestation: dev (no TEE) — clients must opt in[/]")
+            await trio.sleep_forever()
+
+    _run(main)
+
+
+@app.command()
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The prompt to send.")],
+    peer: Annotated[str, typer.Option("--peer", help="Provider multiaddr with /p2p/ID.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 128,
+    temperature: Annotated[float, typer.Option()] = 0.7,
+    seed: Annotated[int | None, typer.Option()] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Send one prompt to a provider and print the tokens as they arrive."""
+    from meshnode.jobs.client import JobError
+    from meshnode.node import client_node
+
+    _setup_logging(verbose)
+
+    async def main() -> int:
+        async with client_node() as client:
+            try:
+                advert = await client.connect(peer)
+            except (ValueError, OSError, trio.TooSlowError) as exc:
+                err.print(f"[red]cannot reach {peer}:[/] {exc}")
+                return 3
+            except Exception as exc:  # libp2p raises its own dial errors
+                err.print(f"[red]cannot reach {peer}:[/] {type(exc).__name__}: {exc}")
+                return 3
+
+            async def on_text(text: str) -> None:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+            params: dict[str, Any] = {"temperature": temperature}
+            if seed is not None:
+                params["seed"] = seed
+            try:
+                res = await client.ask(
+                    advert, prompt, max_tokens=max_tokens, params=params, on_text=on_text
+                )
+            except JobError as exc:
+                err.print(f"\n[red]job failed:[/] {exc}")
+                return 4
+        sys.stdout.write("\n")
+        err.print(
+            f"[dim]{res.usage.completion_tokens} tokens, first after {res.ttft_s * 1000:.0f} ms, "
+            f"{res.elapsed_s:.2f} s total, finish: {res.usage.finish_reason}[/]"
+        )
+        return 0
+
+    raise typer.Exit(_run(main))
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Option(help="What to ask.")] = (
+        "Why is the sky blue? Explain in two sentences."
+    ),
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 64,
+    tiny: Annotated[bool, typer.Option(help="Use the generated tiny model.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A provider and a light client on loopback, streaming one answer end to end."""
+    _setup_logging(verbose)
+    if not verbose:
+        logging.getLogger("meshnode").setLevel(logging.WARNING)  # keep the answer readable
+    from meshnode.demo import run_demo
+
+    raise typer.Exit(_run(lambda: run_demo(out, err, prompt, max_tokens, tiny)))
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Bad input on a real libp2p stream closes only that stream; the next job succeeds."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import libp2p.security.secio.transport as secio
+import multiaddr
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from nacl.public import PrivateKey
+
+from meshnode.core.crypto import Sealer, client_session
+from meshnode.core.messages import JOB_PROTOCOL, ErrorMsg, Open, Sealed, parse_message
+from meshnode.core.wire import FrameDecoder, encode_frame, encode_uvarint
+from meshnode.engine.llama import LlamaEngine, steady_logit_bias
+from meshnode.engine.tinymodel import tiny_model_path
+from meshnode.identity import NodeIdentity
+from meshnode.node import ClientNode, ProviderNode, client_node, provider_node
+from meshnode.p2p.host import parse_peer_addr
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LlamaEngine]:
+    eng = await LlamaEngine.load(
+        tiny_model_path(tmp_path_factory.getbasetemp() / "models"), n_ctx=512
+    )
+    yield eng
+    await eng.aclose()
+
+
+@pytest.fixture
+async def mesh(engine: LlamaEngine) -> AsyncIterator[tuple[ProviderNode, ClientNode]]:
+    async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
+        async with client_node() as client:
+            await client.connect(prov.addrs[0])
+            yield prov, client
+
+
+async def _raw_exchange(client: ClientNode, prov: ProviderNode, data: bytes) -> dict[str, Any]:
+    """Write raw bytes on a fresh job stream, half-close, return the provider's reply."""
+    stream = await client.host.new_stream(prov.host.get_id(), [TProtocol(JOB_PROTOCOL)])
+    await stream.write(data)
+    await stream.close()
+    dec = FrameDecoder()
+    frames: list[dict[str, Any]] = []
+    with trio.fail_after(10):
+        while not frames:
+            try:
+                chunk = await stream.read(4096)
+            except Exception:
+                break
+            if not chunk:
+                break
+            frames += dec.feed(chunk)
+    assert frames, "provider closed without saying why"
+    return frames[0]
+
+
+def _open(engine: LlamaEngine, client_key: PrivateKey, sealer: Sealer, job_id: bytes) -> Open:
+    return Open(
+        job_id=job_id,
+        model_id=engine.info.model_id,
+        params={"temperature": 0.0},
+        max_tokens=4,
+        channel_id=None,
+        client_pub=bytes(client_key.public_key),
+        header=sealer.header,
+    )
+
+
+def _bad_inputs(prov: ProviderNode, engine: LlamaEngine) -> dict[str, bytes]:
+    good_open = encode_frame(
+        Open(
+            job_id=os.urandom(16),
+            model_id=engine.info.model_id,
+            params={},
+            max_tokens=4,
+            channel_id=None,
+            client_pub=os.urandom(32),
+            header=os.urandom(24),
+        ).to_wire()
+    )
+    wrong_schema = dict(parse_message(FrameDecoder().feed(good_open)[0]).to_wire())
+    wrong_schema["max_tokens"] = "lots"
+    junk = b"\xc1\xc1\xc1\xc1"
+    return {
+        "truncated_frame": good_open[:-5],
+        "frame_too_large": encode_uvarint(4 << 20) + b"x" * 16,
+        "malformed_frame": encode_uvarint(len(junk)) + junk,
+        "schema": encode_frame(wrong_schema),
+        "unknown_message": encode_frame({"t": "gimme", "x": 1}),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["truncated_frame", "frame_too_large", "malformed_frame", "schema", "unknown_message"]
+)
+async def test_bad_frame_closes_only_its_stream(
+    case: str, engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode]
+) -> None:
+    prov, client = mesh
+    reply = await _raw_exchange(client, prov, _bad_inputs(prov, engine)[case])
+    assert reply == {"t": "error", "code": case, "msg": reply["msg"]}
+    assert prov.jobs.stats.errors == {case: 1}
+    advert = client.adverts[prov.peer_id]
+    params = {"temperature": 0.0, "logit_bias": steady_logit_bias(engine)}
+    res = await client.ask(advert, "still there?", max_tokens=5, params=params)
+    assert res.usage.completion_tokens == 5
+
+
+async def test_flipped_ciphertext_byte_is_detected(
+    engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode]
+) -> None:
+    prov, client = mesh
+    key = PrivateKey.generate()
+    job_id = os.urandom(16)
+    sealer = Sealer(client_session(key, prov.identity.job_public).send, job_id)
+    sealed = bytearray(sealer.seal({"k": "prompt", "prompt": "secret question"}))
+    sealed[5] ^= 0x01
+    data = encode_frame(_open(engine, key, sealer, job_id).to_wire()) + encode_frame(
+        Sealed(bytes(sealed)).to_wire()
+    )
+    reply = await _raw_exchange(client, prov, data)
+    assert parse_message(reply) == ErrorMsg(code="seal", msg=reply["msg"])
+    assert prov.jobs.stats.jobs_started == 0
+
+
+def _insecure_host(kind: str) -> Any:
+    kp = create_new_key_pair()
+    sec = (
+        {TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(kp)}
+        if kind == "plaintext"
+        else {TProtocol(secio.ID): secio.Transport(kp)}
+    )
+    return new_host(key_pair=kp, sec_opt=sec)
+
+
+@pytest.mark.parametrize("kind", ["plaintext", "secio"])
+async def test_dialer_without_noise_is_refused(
+    kind: str, mesh: tuple[ProviderNode, ClientNode]
+) -> None:
+    prov, _ = mesh
+    host = _insecure_host(kind)
+    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        with pytest.raises(Exception), trio.fail_after(15):  # noqa: B017 - any failure
+            await host.connect(parse_peer_addr(prov.addrs[0]))
+            await host.new_stream(prov.host.get_id(), [TProtocol(JOB_PROTOCOL)])
+        assert prov.host.get_id() not in host.get_network().connections
