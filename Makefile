@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meshnode-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install contract clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,15 +17,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) contract
 	$(BIN)/meshnode demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check meshnode tests bench
 	$(BIN)/mypy
 
+# The payment-channel contract code comes from the npm package tonweb at set-up time,
+# checked against its pinned code hash and cached outside the repository.
+contract: $(STAMP)
+	$(BIN)/python -m meshnode.pay.contract_code
+
 # pytest exits 5 when it collects nothing; for us that is a failure, not a pass.
-test: lint
+test: lint contract
 	$(BIN)/pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -63,7 +63,7 @@ async def mesh_runs(
 ) -> list[dict[str, float]]:
     out = []
     async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
-        async with client_node() as client:
+        async with client_node(allow_insecure=True) as client:
             advert = await client.connect(prov.addrs[0])
             params = {"temperature": 0.0, "logit_bias": bias}
             await client.ask(advert, prompt, max_tokens=4, params=params)  # warm-up

@@ -51,7 +51,7 @@ async def run_demo(out: Console, err: Console, prompt: str, max_tokens: int, tin
     try:
         async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
             out.print(f"[bold]provider[/] {prov.peer_id}\n         {prov.addrs[0]}")
-            async with client_node() as client:
+            async with client_node(allow_insecure=True) as client:
                 advert = await client.connect(prov.addrs[0])
                 out.print(
                     f"[bold]client[/]   {client.host.get_id()} fetched and verified the "

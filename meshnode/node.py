@@ -7,27 +7,40 @@ Each owns one nursery; everything it starts lives and dies with it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 
+from meshnode.attest.dev import DevEvidenceProducer
+from meshnode.attest.evidence import Evidence, EvidenceProducer
+from meshnode.attest.local import make_evidence
+from meshnode.attest.policy_file import load_policy
+from meshnode.attest.tdx_tsm import TdxEvidenceProducer
+from meshnode.attest.verifier import EvidenceVerifier
 from meshnode.core.advert import Advert, Capacity, Load, ModelOffer, encode_signed
+from meshnode.core.attest_binding import EPOCH_SECONDS, epoch_at
+from meshnode.core.attest_policy import Reason, Verdict
+from meshnode.core.directory import Directory, InsertResult
 from meshnode.core.messages import JOB_PROTOCOL
 from meshnode.core.peerid import peer_id_from_ed25519
+from meshnode.core.router import Router, StatsFormatError, Strategy
 from meshnode.engine.base import Engine
 from meshnode.identity import NodeIdentity, load_or_create
 from meshnode.jobs.client import JobRequest, JobResult, OnText, run_job
 from meshnode.jobs.payment_gate import Payer
 from meshnode.jobs.provider import GateFactory, JobProvider
-from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, fetch_advert, serve_advert
+from meshnode.jobs.routed import PayerFor, RoutedJobs, RoutedResult
+from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, fetch_signed_advert, serve_advert
 from meshnode.p2p.host import (
     DEFAULT_LISTEN,
     DIAL_TIMEOUT_S,
@@ -50,7 +63,7 @@ class ProviderSettings:
     max_queue: int = 4
     price_prompt_per_1k: int = 0
     price_completion_per_1k: int = 0
-    attestation: dict[str, Any] = field(default_factory=lambda: {"kind": "dev"})
+    tee: str = "dev"  # "dev" (no TEE, clients must opt in) or "tdx" (configfs-tsm quote)
 
 
 class ProviderNode:
@@ -76,6 +89,29 @@ class ProviderNode:
         # Sequence numbers must rise across restarts too; milliseconds since the epoch do.
         self._seq = int(time.time() * 1000)
         self.tokens_per_s = 0.0
+        self.evidence: Evidence | None = None
+        producer: EvidenceProducer = (
+            TdxEvidenceProducer() if settings.tee == "tdx"
+            else DevEvidenceProducer(identity.signing_key)
+        )
+        self.producer = producer
+
+    async def refresh_evidence(self, now: float | None = None) -> None:
+        """Fresh evidence binding our keys for the current epoch."""
+        self.evidence = await make_evidence(
+            self.producer,
+            self.identity.job_public,
+            self.identity.peer_public,
+            time.time() if now is None else now,
+        )
+
+    async def keep_evidence_fresh(self) -> None:
+        """Re-attest when the epoch turns, so clients never see a stale binding."""
+        while True:
+            now = time.time()
+            next_epoch = (epoch_at(now) + 1) * EPOCH_SECONDS
+            await trio.sleep(max(1.0, next_epoch - now))
+            await self.refresh_evidence()
 
     @property
     def peer_id(self) -> str:
@@ -109,7 +145,7 @@ class ProviderNode:
             seq=self._seq,
             issued_at=now,
             expires_at=now + ADVERT_LIFETIME_S,
-            attestation=self.settings.attestation,
+            attestation=self.evidence.to_dict() if self.evidence is not None else b"",
         )
 
     def signed_advert(self) -> bytes:
@@ -140,23 +176,103 @@ async def provider_node(
     settings = settings or ProviderSettings()
     async with running_host(identity, settings.listen) as host:
         node = ProviderNode(host, identity, engine, settings, gate_factory)
+        await node.refresh_evidence()
         node.install()
-        yield node
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.keep_evidence_fresh)
+            yield node
+            nursery.cancel_scope.cancel()
 
 
 class ClientNode:
-    def __init__(self, host: IHost) -> None:
+    """A light peer: keeps a directory of verified adverts, ranks providers with the
+    router, runs jobs with failover, and remembers peer statistics across restarts."""
+
+    def __init__(
+        self,
+        host: IHost,
+        *,
+        allow_insecure: bool = False,
+        strategy: Strategy = Strategy.POWER_OF_TWO,
+        stats_path: Path | None = None,
+        policy_path: Path | None = None,
+        payer_for: PayerFor | None = None,
+    ) -> None:
         self.host = host
-        self.adverts: dict[str, Advert] = {}
+        self.allow_insecure = allow_insecure
+        self.directory = Directory()
+        self.router = Router(strategy=strategy)
+        self.verifier = EvidenceVerifier(load_policy(policy_path), allow_insecure=allow_insecure)
+        self.insecure: dict[str, bool] = {}
+        self.stats_path = stats_path
+        if stats_path is not None and stats_path.exists():
+            try:
+                self.router.import_stats(json.loads(stats_path.read_text()))
+            except (ValueError, StatsFormatError) as exc:
+                log.warning("ignoring unreadable peer statistics %s: %s", stats_path, exc)
+        self.jobs = RoutedJobs(
+            host=host,
+            directory=self.directory,
+            router=self.router,
+            dial=self.ensure_connected,
+            payer_for=payer_for or (lambda _a: None),
+            on_settled=self.save_stats,
+        )
+
+    @property
+    def adverts(self) -> dict[str, Advert]:
+        return {lst.peer_id: lst.advert for lst in self.directory.peers(time.time())}
+
+    async def add_advert(self, data: bytes) -> InsertResult:
+        """Insert a signed advert and verify its attestation if it is new."""
+        now = time.time()
+        result = self.directory.insert(data, now)
+        if result.accepted and result.needs_verification and result.listing is not None:
+            advert = result.listing.advert
+            verdict = await self._verify(advert, now)
+            self.directory.set_verification(
+                advert.peer_id, verdict.ok, f"{verdict.reason}: {verdict.message}", seq=advert.seq
+            )
+            self.insecure[advert.peer_id] = verdict.insecure
+        return result
+
+    async def _verify(self, advert: Advert, now: float) -> Verdict:
+        try:
+            evidence = Evidence.from_dict(advert.attestation)
+        except Exception as exc:  # evidence is peer-controlled: any parse error rejects
+            return Verdict.reject(Reason.MALFORMED, f"unreadable evidence: {exc}")
+        return await self.verifier.verify_async(
+            evidence,
+            peer_id=advert.peer_id,
+            job_pub=advert.job_pubkey,
+            peer_pub=advert.peer_pubkey,
+            now=now,
+        )
 
     async def connect(self, addr: str) -> Advert:
-        """Dial a provider by multiaddr and fetch its verified advert."""
+        """Dial a provider by multiaddr, fetch its advert, verify and list it."""
         info = parse_peer_addr(addr)
         with trio.fail_after(DIAL_TIMEOUT_S):
             await self.host.connect(info)
-        advert = await fetch_advert(self.host, info.peer_id)
-        self.adverts[advert.peer_id] = advert
-        return advert
+        result = await self.add_advert(await fetch_signed_advert(self.host, info.peer_id))
+        if result.listing is None:
+            raise ConnectionError(f"advert of {info.peer_id} rejected: {result.message}")
+        return result.listing.advert
+
+    async def ensure_connected(self, advert: Advert) -> None:
+        from libp2p.peer.id import ID
+        from libp2p.peer.peerinfo import PeerInfo
+
+        peer = ID.from_base58(advert.peer_id)
+        if self.host.get_network().connections.get(peer):
+            return
+        addrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in advert.addrs]
+        with trio.fail_after(DIAL_TIMEOUT_S):
+            await self.host.connect(PeerInfo(peer, addrs))
+
+    def verification(self, peer_id: str) -> str:
+        listing = self.directory.get(peer_id, time.time())
+        return "unknown" if listing is None else listing.verification_reason
 
     async def ask(
         self,
@@ -169,6 +285,14 @@ class ClientNode:
         on_text: OnText | None = None,
         payer: Payer | None = None,
     ) -> JobResult:
+        """One job on one given provider, no routing (it must pass verification)."""
+        listing = self.directory.get(advert.peer_id, time.time())
+        if listing is None or not listing.verified:
+            reason = "not listed" if listing is None else listing.verification_reason
+            raise PermissionError(
+                f"provider {advert.peer_id} is not verified ({reason}); a dev provider needs "
+                "the explicit insecure flag"
+            )
         offer = advert.offer_for(model) if model else advert.models[0]
         if offer is None:
             raise LookupError(f"provider {advert.peer_id} does not serve {model!r}")
@@ -185,12 +309,61 @@ class ClientNode:
             payer=payer,
         )
 
+    async def complete(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int = 128,
+        params: dict[str, Any] | None = None,
+        on_text: OnText | None = None,
+    ) -> RoutedResult:
+        """A job on the best provider of `model` (id or name), with failover."""
+        return await self.jobs.complete(
+            model, prompt, max_tokens=max_tokens, params=params or {}, on_text=on_text
+        )
+
+    def ran_insecure(self, result: RoutedResult) -> bool:
+        return any(self.insecure.get(s.provider, True) for s in result.segments
+                   if s.completion_tokens)
+
+    async def save_stats(self) -> None:
+        if self.stats_path is None:
+            return
+        data = json.dumps(self.router.export_stats())
+        path = self.stats_path
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(data)
+            tmp.replace(path)
+
+        await trio.to_thread.run_sync(write)
+
 
 @asynccontextmanager
 async def client_node(
-    *, identity: NodeIdentity | None = None, listen: str = DEFAULT_LISTEN
+    *,
+    identity: NodeIdentity | None = None,
+    listen: str = DEFAULT_LISTEN,
+    allow_insecure: bool = False,
+    strategy: Strategy = Strategy.POWER_OF_TWO,
+    stats_path: Path | None = None,
+    payer_for: PayerFor | None = None,
 ) -> AsyncIterator[ClientNode]:
     """A light client. Its identity is ephemeral by default: a client has no reputation
     to keep, and a fresh peer id per session is better for privacy."""
     async with running_host(identity or NodeIdentity.generate(), listen) as host:
-        yield ClientNode(host)
+        node = ClientNode(
+            host,
+            allow_insecure=allow_insecure,
+            strategy=strategy,
+            stats_path=stats_path,
+            payer_for=payer_for,
+        )
+        try:
+            yield node
+        finally:
+            with trio.CancelScope(shield=True):
+                await node.save_stats()

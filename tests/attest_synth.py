@@ -392,6 +392,13 @@ class SynthPlatform:
         return signed + struct.pack("<I", len(auth)) + auth
 
 
-def synth_platform(**kwargs: bool) -> SynthPlatform:
+def synth_platform(
+    dynamic_platform: bool = True, cached_keys: bool = True, smt: bool = True
+) -> SynthPlatform:
     """A fresh platform whose collateral was issued at a fixed, recent-looking date."""
-    return SynthPlatform(issued=datetime(2025, 6, 1, 12, 0, tzinfo=UTC), **kwargs)
+    return SynthPlatform(
+        issued=datetime(2025, 6, 1, 12, 0, tzinfo=UTC),
+        dynamic_platform=dynamic_platform,
+        cached_keys=cached_keys,
+        smt=smt,
+    )

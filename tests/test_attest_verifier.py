@@ -5,7 +5,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import dcap_qvl
 import pytest
 from attest_synth import (
     DEBUG_TD_ATTRIBUTES,
@@ -16,7 +15,7 @@ from attest_synth import (
 )
 from nacl.signing import SigningKey
 
-from meshnode.attest.collateral import CollateralCache
+from meshnode.attest.collateral import CollateralCache, load_collateral_json
 from meshnode.attest.dev import DevEvidenceProducer
 from meshnode.attest.evidence import Evidence
 from meshnode.attest.verifier import EvidenceVerifier
@@ -50,10 +49,8 @@ def plat() -> SynthPlatform:
     return synth_platform()
 
 
-def _verifier(
-    plat: SynthPlatform, policy: AttestationPolicy = POLICY, **kw: bool
-) -> EvidenceVerifier:
-    return EvidenceVerifier(policy, root_ca_der=plat.root_ca_der, **kw)
+def _verifier(plat: SynthPlatform, policy: AttestationPolicy = POLICY) -> EvidenceVerifier:
+    return EvidenceVerifier(policy, root_ca_der=plat.root_ca_der)
 
 
 def _bound_quote(plat: SynthPlatform, job: bytes = JOB, **kw: Any) -> Evidence:
@@ -74,7 +71,7 @@ def _check(v: EvidenceVerifier, plat: SynthPlatform, ev: Evidence, collateral: A
 
 @pytest.fixture(scope="module")
 def collateral(plat: SynthPlatform) -> Any:
-    return dcap_qvl.QuoteCollateralV3.from_json(plat.collateral_json())
+    return load_collateral_json(plat.collateral_json())
 
 
 def test_quote_binding_these_keys_is_accepted_with_its_claims(
@@ -82,6 +79,7 @@ def test_quote_binding_these_keys_is_accepted_with_its_claims(
 ) -> None:
     verdict = _check(_verifier(plat), plat, _bound_quote(plat), collateral)
     assert verdict.ok and verdict.reason == Reason.OK and not verdict.insecure
+    assert verdict.claims is not None
     assert verdict.claims.mrtd == SYNTH_MRTD and verdict.claims.tcb_status == "UpToDate"
     assert verdict.claims.rtmrs == SYNTH_RTMRS
     assert verdict.epoch == epoch_at(plat.verify_time)
@@ -109,7 +107,7 @@ def test_measurement_outside_the_allowlist_is_rejected_as_measurement(
 
 
 def test_out_of_date_tcb_is_rejected_by_a_strict_policy(plat: SynthPlatform) -> None:
-    outdated = dcap_qvl.QuoteCollateralV3.from_json(plat.collateral_json("OutOfDate"))
+    outdated = load_collateral_json(plat.collateral_json("OutOfDate"))
     verdict = _check(_verifier(plat), plat, _bound_quote(plat), outdated)
     assert not verdict.ok and verdict.reason == Reason.TCB_STATUS
 
@@ -118,9 +116,10 @@ def test_out_of_date_tcb_passes_a_policy_that_allows_it_with_grace(plat: SynthPl
     lenient = replace(
         POLICY, allowed_tcb_statuses=frozenset({"UpToDate", "OutOfDate"}), tcb_grace_days=365
     )
-    outdated = dcap_qvl.QuoteCollateralV3.from_json(plat.collateral_json("OutOfDate"))
+    outdated = load_collateral_json(plat.collateral_json("OutOfDate"))
     verdict = _check(_verifier(plat, lenient), plat, _bound_quote(plat), outdated)
-    assert verdict.ok and verdict.claims.tcb_status == "OutOfDate"
+    assert verdict.ok and verdict.claims is not None
+    assert verdict.claims.tcb_status == "OutOfDate"
 
 
 def test_rejected_advisory_is_rejected_as_advisory(plat: SynthPlatform) -> None:
@@ -129,9 +128,7 @@ def test_rejected_advisory_is_rejected_as_advisory(plat: SynthPlatform) -> None:
         allowed_tcb_statuses=frozenset({"UpToDate", "SWHardeningNeeded"}),
         rejected_advisories=frozenset({"INTEL-SA-00615"}),
     )
-    col = dcap_qvl.QuoteCollateralV3.from_json(
-        plat.collateral_json("SWHardeningNeeded", ("INTEL-SA-00615",))
-    )
+    col = load_collateral_json(plat.collateral_json("SWHardeningNeeded", ("INTEL-SA-00615",)))
     verdict = _check(_verifier(plat, policy), plat, _bound_quote(plat), col)
     assert not verdict.ok and verdict.reason == Reason.ADVISORY
 
@@ -146,7 +143,7 @@ def test_quote_from_another_root_ca_is_invalid(plat: SynthPlatform, collateral: 
     stranger = synth_platform()
     rd = report_data_for(BindingInputs(JOB, PEER), epoch_at(plat.verify_time))
     ev = Evidence(kind="tdx", blob=stranger.quote(rd))
-    strangers_col = dcap_qvl.QuoteCollateralV3.from_json(stranger.collateral_json())
+    strangers_col = load_collateral_json(stranger.collateral_json())
     verdict = _check(_verifier(plat), plat, ev, strangers_col)
     assert not verdict.ok and verdict.reason == Reason.QUOTE_INVALID
 

@@ -13,6 +13,7 @@ from meshnode.engine.demo_model import (
     DEMO_PACKAGE,
     DEMO_PIP_NAME,
     DemoModel,
+    DemoModelError,
     detect_chat_format,
     find_demo_model,
     format_prompt,
@@ -22,8 +23,12 @@ from meshnode.engine.tinymodel import write_tiny_llama
 
 
 def _model(chat_format: str) -> DemoModel:
-    return DemoModel(path=Path("m.gguf"), name="m", chat_format=chat_format,  # type: ignore[arg-type]
-                     is_real=True)
+    return DemoModel(
+        path=Path("m.gguf"),
+        name="m",
+        chat_format=chat_format,  # type: ignore[arg-type]
+        is_real=True,
+    )
 
 
 def test_without_the_package_the_tiny_model_is_used_and_the_reason_says_how_to_fix_it(
@@ -100,3 +105,10 @@ async def test_the_packaged_gemma_answers_a_question(gemma: DemoModel) -> None:
         async with engine.stream(prompt, params, 24) as generation:
             text = "".join([chunk.text async for chunk in generation])
     assert "Paris" in text
+
+
+def test_reading_metadata_from_a_file_that_is_not_gguf_is_a_clear_error(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\0" * 64)
+    with pytest.raises(DemoModelError, match="not a GGUF"):
+        detect_chat_format(junk)

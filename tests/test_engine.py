@@ -35,8 +35,9 @@ def steady(engine: LlamaEngine, **overrides: Any) -> SamplingParams:
     return SamplingParams(**{"logit_bias": steady_logit_bias(engine), **overrides})
 
 
-async def collect(engine: LlamaEngine, prompt: str, params: SamplingParams,
-                  max_tokens: int) -> tuple[list[TokenChunk], Any]:
+async def collect(
+    engine: LlamaEngine, prompt: str, params: SamplingParams, max_tokens: int
+) -> tuple[list[TokenChunk], Any]:
     async with engine.stream(prompt, params, max_tokens) as generation:
         chunks = [chunk async for chunk in generation]
     return chunks, generation
@@ -85,6 +86,13 @@ def test_out_of_range_sampling_params_are_rejected_with_the_field_named(
 ) -> None:
     with pytest.raises(InvalidSamplingParams, match=message):
         SamplingParams.from_dict({field: value})
+
+
+def test_equal_sampling_params_hash_equally() -> None:
+    a = SamplingParams(seed=1, logit_bias={5: 1.0})
+    b = SamplingParams.from_dict({"seed": 1, "logit_bias": {"5": 1}})
+    assert a == b
+    assert hash(a) == hash(b)
 
 
 def test_booleans_are_not_accepted_as_numbers() -> None:
@@ -172,7 +180,7 @@ async def test_model_name_comes_from_the_gguf_metadata(tiny_engine: LlamaEngine)
 
 
 async def test_loading_a_missing_file_says_which_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.gguf"):
         await LlamaEngine.load(tmp_path / "nope.gguf", n_ctx=128)
 
 
@@ -296,6 +304,17 @@ async def test_leaving_a_stream_still_queued_for_the_model_returns_at_once(
         assert queued.finish_reason == "cancelled"
         assert queued.usage.completion_tokens == 0
         assert tiny_engine.busy
+
+
+async def test_an_error_in_the_consumer_propagates_unwrapped(tiny_engine: LlamaEngine) -> None:
+    class ConsumerFailed(Exception):
+        pass
+
+    with pytest.raises(ConsumerFailed):
+        async with tiny_engine.stream(PROMPT, steady(tiny_engine), LONG_RUN_TOKENS) as gen:
+            async for _ in gen:
+                raise ConsumerFailed
+    assert not tiny_engine.busy
 
 
 async def test_concurrent_streams_take_turns_and_each_gets_its_own_text(

@@ -40,7 +40,7 @@ async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Llam
 @pytest.fixture
 async def mesh(engine: LlamaEngine) -> AsyncIterator[tuple[ProviderNode, ClientNode]]:
     async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
-        async with client_node() as client:
+        async with client_node(allow_insecure=True) as client:
             await client.connect(prov.addrs[0])
             yield prov, client
 

@@ -33,7 +33,7 @@ def steady(engine: LlamaEngine) -> dict[str, Any]:
 
 async def test_job_streams_tokens_end_to_end(engine: LlamaEngine) -> None:
     async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
-        async with client_node() as client:
+        async with client_node(allow_insecure=True) as client:
             advert = await client.connect(prov.addrs[0])
             assert advert.job_pubkey == prov.identity.job_public
             pieces: list[str] = []
@@ -61,7 +61,7 @@ async def test_job_streams_tokens_end_to_end(engine: LlamaEngine) -> None:
 
 async def test_unknown_model_is_refused_and_node_keeps_serving(engine: LlamaEngine) -> None:
     async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
-        async with client_node() as client:
+        async with client_node(allow_insecure=True) as client:
             advert = await client.connect(prov.addrs[0])
             from libp2p.peer.id import ID
 
@@ -81,7 +81,7 @@ async def test_unknown_model_is_refused_and_node_keeps_serving(engine: LlamaEngi
 
 async def test_client_disconnect_stops_engine(engine: LlamaEngine) -> None:
     async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
-        async with client_node() as client:
+        async with client_node(allow_insecure=True) as client:
             advert = await client.connect(prov.addrs[0])
             got_first = trio.Event()
 

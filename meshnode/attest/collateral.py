@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import dcap_qvl  # type: ignore[import-untyped]
+import dcap_qvl
 import trio
 
 log = logging.getLogger(__name__)

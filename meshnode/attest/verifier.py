@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import replace
 from typing import Any
 
-import dcap_qvl  # type: ignore[import-untyped]
+import dcap_qvl
 import trio
 
 from meshnode.attest.collateral import CollateralCache, collateral_next_update
@@ -283,8 +282,3 @@ def _valid_until(verdict: Verdict, now: float, negative_until: float, collateral
     if collateral is not None:
         until = min(until, collateral_next_update(collateral))
     return until
-
-
-def with_gpu_evidence(evidence: Evidence, gpu_evidence: bytes | None) -> Evidence:
-    """Attach GPU evidence whose hash was bound into report_data when it was produced."""
-    return replace(evidence, gpu_evidence=gpu_evidence)

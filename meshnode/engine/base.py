@@ -87,7 +87,10 @@ class SamplingParams:
     top_k: int = 40  # 0 disables top-k
     seed: int | None = None  # None: a fresh random seed per generation
     stop: tuple[str, ...] = ()
-    logit_bias: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
+    # Left out of the hash (a mapping is not hashable) but still compared for equality.
+    logit_bias: Mapping[int, float] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
     repeat_penalty: float = 1.0  # 1.0 disables the penalty
 
     def __post_init__(self) -> None:
@@ -153,11 +156,8 @@ class SamplingParams:
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
         """Build from a decoded wire/JSON map; missing keys take the defaults."""
         if not isinstance(data, Mapping):
-            raise InvalidSamplingParams(
-                f"sampling params must be a map, got {type(data).__name__}"
-            )
-        allowed = {"temperature", "top_p", "top_k", "seed", "stop", "logit_bias",
-                   "repeat_penalty"}
+            raise InvalidSamplingParams(f"sampling params must be a map, got {type(data).__name__}")
+        allowed = {"temperature", "top_p", "top_k", "seed", "stop", "logit_bias", "repeat_penalty"}
         unknown = sorted(str(k) for k in data if k not in allowed)
         if unknown:
             raise InvalidSamplingParams(f"unknown sampling parameter(s): {', '.join(unknown)}")

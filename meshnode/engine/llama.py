@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import trio
@@ -24,6 +24,7 @@ from llama_cpp import _internals as llama_internals
 
 from meshnode.engine.base import (
     MAX_LOGIT_BIAS_ENTRIES,
+    Engine,
     EngineError,
     FinishReason,
     InvalidRequest,
@@ -254,26 +255,38 @@ class LlamaEngine:
         send, recv = trio.open_memory_channel[TokenChunk](CHUNK_BUFFER)
         job = _Job(prompt_tokens=prompt_tokens, params=params, max_tokens=max_tokens, send=send)
         generation = LlamaGeneration(recv, job)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_job, job, generation)
-            try:
-                yield generation
-            finally:
-                job.cancel.set()
-                if not job.started.is_set():
-                    # Still queued behind another generation: nothing touched the context,
-                    # so stop waiting for the slot now. (If the thread starts right now it
-                    # sees the cancel flag first thing, and holds the slot until it ends.)
-                    job.scope.cancel()
-                # Closing our end makes a decode thread blocked on a full channel fail
-                # its send at once instead of waiting for a reader that is gone.
-                recv.close()
-                deadline = trio.current_time() + WORKER_STOP_TIMEOUT_S
-                with trio.CancelScope(deadline=deadline, shield=True):
-                    await job.done.wait()
-                # Past the timeout: abandon the thread. It keeps the generation slot until
-                # it really ends, so the context is still never used by two threads.
-                job.scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_job, job, generation)
+                try:
+                    yield generation
+                finally:
+                    await self._stop_job(job, recv)
+        except BaseExceptionGroup as group:
+            # _run_job never raises, so a group can only wrap the consumer's own exception
+            # (or its cancellation). Hand that back unwrapped: callers should not need
+            # except* because the engine happens to use a task internally.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _stop_job(self, job: _Job, recv: trio.MemoryReceiveChannel[TokenChunk]) -> None:
+        """Tell the decode thread to stop and wait (bounded) until it has."""
+        job.cancel.set()
+        if not job.started.is_set():
+            # Still queued behind another generation: nothing touched the context, so
+            # stop waiting for the slot now. (If the thread starts right now it sees the
+            # cancel flag first thing, and holds the slot until it ends.)
+            job.scope.cancel()
+        # Closing our end makes a decode thread blocked on a full channel fail its send
+        # at once instead of waiting for a reader that is gone.
+        recv.close()
+        deadline = trio.current_time() + WORKER_STOP_TIMEOUT_S
+        with trio.CancelScope(deadline=deadline, shield=True):
+            await job.done.wait()
+        # Past the timeout: abandon the thread. It keeps the generation slot until it
+        # really ends, so the context is still never used by two threads.
+        job.scope.cancel()
 
     async def _run_job(self, job: _Job, generation: LlamaGeneration) -> None:
         reason: FinishReason = "cancelled"
@@ -335,12 +348,14 @@ class LlamaEngine:
     def _prefill(self, tokens: list[int], cancel: threading.Event) -> bool:
         """Evaluate the prompt, reusing the longest prefix already in the KV cache."""
         llm = self._llm
-        cached = llm._input_ids[: llm.n_tokens].tolist()
         keep = 0
-        for a, b in zip(cached, tokens, strict=False):
-            if a != b:
-                break
-            keep += 1
+        if getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False):
+            llm.reset()  # recurrent state cannot be rolled back to a prefix
+        else:
+            for a, b in zip(llm._input_ids[: llm.n_tokens].tolist(), tokens, strict=False):
+                if a != b:
+                    break
+                keep += 1
         # Re-evaluate at least the last prompt token so fresh logits exist to sample from.
         keep = min(keep, len(tokens) - 1)
         llm.n_tokens = keep  # Llama.eval drops KV entries past n_tokens before decoding
@@ -379,8 +394,12 @@ class LlamaEngine:
         """Hand a chunk to trio, waiting while the buffer is full; False if nobody listens."""
         try:
             trio.from_thread.run(job.send.send, chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError,
-                trio.Cancelled):
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.RunFinishedError,
+            trio.Cancelled,
+        ):
             return False
         return True
 
@@ -436,3 +455,9 @@ def steady_logit_bias(target: LlamaEngine | Any) -> dict[int, float]:
             f"may bias ({MAX_LOGIT_BIAS_ENTRIES})"
         )
     return {t: BANNED_LOGIT_BIAS for t in sorted(banned)}
+
+
+if TYPE_CHECKING:
+
+    def _satisfies_engine_protocol(engine: LlamaEngine) -> Engine:
+        return engine  # mypy fails here if LlamaEngine drifts from the Engine protocol

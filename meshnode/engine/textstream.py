@@ -50,8 +50,9 @@ class TextAssembler:
                 self.stopped = True
                 return self._release(self._held[:cut], rest="")
             keep = self._stop_prefix_len(self._held)
-            return self._release(self._held[: len(self._held) - keep],
-                                 rest=self._held[len(self._held) - keep :])
+            return self._release(
+                self._held[: len(self._held) - keep], rest=self._held[len(self._held) - keep :]
+            )
         return self._release(self._held, rest="")
 
     def finish(self) -> TokenChunk | None:

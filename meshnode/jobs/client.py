@@ -49,10 +49,15 @@ class JobError(Exception):
     """The job did not complete; `code` is stable, `before_first_token` tells retry logic
     whether another provider may simply start over."""
 
-    def __init__(self, code: str, msg: str, *, before_first_token: bool) -> None:
+    def __init__(
+        self, code: str, msg: str, *, before_first_token: bool, received_tokens: int = 0
+    ) -> None:
         super().__init__(f"{code}: {msg}")
         self.code = code
         self.before_first_token = before_first_token
+        # Completion tokens this provider delivered before failing (failover continues
+        # from them and pays for them).
+        self.received_tokens = received_tokens
 
 
 class ProviderBusy(JobError):
@@ -94,26 +99,31 @@ async def run_job(
         stream = await host.new_stream(peer, [TProtocol(JOB_PROTOCOL)])
     fs = FramedStream(stream)
     text: list[str] = []
+    received = [0]
     done = False
     try:
-        result = await _exchange(fs, peer, provider_job_pub, request, on_text, payer, start, text)
+        result = await _exchange(
+            fs, peer, provider_job_pub, request, on_text, payer, start, text, received
+        )
         done = True
         return result
     except StreamClosed as exc:
-        raise JobError("disconnected", str(exc), before_first_token=not text) from exc
+        raise _failed("disconnected", str(exc), received[0]) from exc
     except trio.TooSlowError as exc:
-        raise JobError(
-            "timeout", "provider stopped answering", before_first_token=not text
-        ) from exc
-    except JobError:
+        raise _failed("timeout", "provider stopped answering", received[0]) from exc
+    except JobError as exc:
+        exc.received_tokens = received[0]
         raise
     except Exception as exc:  # WireError, SealError: the provider broke the protocol
-        code = getattr(exc, "code", "protocol")
-        raise JobError(code, str(exc), before_first_token=not text) from exc
+        raise _failed(getattr(exc, "code", "protocol"), str(exc), received[0]) from exc
     finally:
         # A job abandoned midway (cancelled, failed) resets the stream so the provider
         # stops generating at once instead of filling buffers nobody reads.
         await (fs.close() if done else fs.reset())
+
+
+def _failed(code: str, msg: str, received: int) -> JobError:
+    return JobError(code, msg, before_first_token=received == 0, received_tokens=received)
 
 
 async def _exchange(
@@ -125,6 +135,7 @@ async def _exchange(
     payer: Payer,
     start: float,
     text: list[str],
+    counted: list[int],
 ) -> JobResult:
     job_id = os.urandom(JOB_ID_BYTES)
     ephemeral = PrivateKey.generate()
@@ -174,7 +185,7 @@ async def _exchange(
             chunk, n, total = check_tokens_body(body)
             if total != received + n or total > req.max_tokens:
                 raise SchemaError(f"token count jumped from {received} to {total}")
-            received = total
+            received = counted[0] = total
             if not text:
                 ttft = time.perf_counter() - start
             text.append(chunk)
@@ -185,6 +196,6 @@ async def _exchange(
                 raise SchemaError(f"provider claims {msg.delivered} delivered, saw {received}")
             await fs.send(VoucherMsg(boc=await payer.voucher_for(msg.owed, received)))
         elif isinstance(msg, ErrorMsg):
-            raise JobError(msg.code, msg.msg, before_first_token=not text)
+            raise JobError(msg.code, msg.msg, before_first_token=received == 0)
         else:
             raise SchemaError(f"unexpected {type(msg).__name__} from provider")

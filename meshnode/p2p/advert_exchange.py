@@ -38,6 +38,13 @@ async def serve_advert(stream: INetStream, signed: bytes) -> None:
 
 
 async def fetch_advert(host: IHost, peer: ID, *, now: float | None = None) -> Advert:
+    """The peer's verified advert (see fetch_signed_advert for the raw bytes)."""
+    return decode_and_verify(await fetch_signed_advert(host, peer, now=now),
+                             time.time() if now is None else now)
+
+
+async def fetch_signed_advert(host: IHost, peer: ID, *, now: float | None = None) -> bytes:
+    """The peer's signed advert bytes, checked to be valid and to be its own."""
     with trio.fail_after(ADVERT_TIMEOUT_S):
         stream = await host.new_stream(peer, [TProtocol(ADVERT_PROTOCOL)])
         fs = FramedStream(stream)
@@ -54,4 +61,4 @@ async def fetch_advert(host: IHost, peer: ID, *, now: float | None = None) -> Ad
             RejectReason.PEER_ID_MISMATCH,
             f"peer {peer} answered with the advert of {advert.peer_id}",
         )
-    return advert
+    return data

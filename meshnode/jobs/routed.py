@@ -1,0 +1,200 @@
+"""Run a job on the best provider for a model, failing over when a provider fails.
+
+Before the first token a failure simply moves on to the next candidate. After it, the
+job continues on another provider from the text already delivered (prompt + partial
+output, with the remaining token budget), so the caller sees one continuous answer:
+every piece of text is shown exactly once, in order. Each provider is paid by its own
+payer for the tokens it delivered. A retry budget and an overall deadline bound it all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+
+from meshnode.core.advert import Advert
+from meshnode.core.directory import Directory, Provider
+from meshnode.core.messages import Usage
+from meshnode.core.router import Candidate, JobEstimate, Router
+from meshnode.jobs.client import JobError, JobRequest, OnText, run_job
+from meshnode.jobs.payment_gate import Payer
+
+log = logging.getLogger(__name__)
+
+# Four providers failing one job in a row means the mesh (or the request) is the problem.
+DEFAULT_MAX_ATTEMPTS = 4
+# Long CPU generations take minutes; beyond ten the user has given up anyway.
+DEFAULT_DEADLINE_S = 600.0
+# Rough characters per token, only for the router's estimate before any tokenizer runs.
+CHARS_PER_TOKEN = 4
+
+
+class NoProvider(Exception):
+    """No eligible provider (none known, none verified, or all of them failed)."""
+
+    def __init__(self, msg: str, *, attempts: list[str] | None = None) -> None:
+        super().__init__(msg)
+        self.attempts = attempts or []
+
+
+@dataclass(frozen=True)
+class Segment:
+    provider: str
+    completion_tokens: int
+    cost_nanoton: int
+    error: str | None = None  # why this provider stopped early, if it did
+
+
+@dataclass
+class RoutedResult:
+    text: str
+    usage: Usage
+    ttft_s: float
+    elapsed_s: float
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def providers(self) -> list[str]:
+        return [s.provider for s in self.segments]
+
+
+Dialer = Callable[[Advert], Awaitable[None]]
+PayerFor = Callable[[Advert], Payer | None]
+
+
+def pick_model_id(providers: list[Provider]) -> str:
+    """A model named by name may map to several files; take the most widely served."""
+    counts: dict[str, int] = {}
+    for p in providers:
+        counts[p.offer.id] = counts.get(p.offer.id, 0) + 1
+    return max(sorted(counts), key=lambda k: counts[k])
+
+
+@dataclass
+class RoutedJobs:
+    host: IHost
+    directory: Directory
+    router: Router
+    dial: Dialer
+    payer_for: PayerFor = field(default=lambda _advert: None)
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    deadline_s: float = DEFAULT_DEADLINE_S
+    clock: Callable[[], float] = time.time
+    on_settled: Callable[[], Awaitable[None]] | None = None
+
+    async def complete(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int,
+        params: dict[str, Any],
+        on_text: OnText | None = None,
+    ) -> RoutedResult:
+        start = time.perf_counter()
+        pieces: list[str] = []
+        delivered = 0
+        segments: list[Segment] = []
+        tried: set[str] = set()
+        ttft = 0.0
+
+        async def show(text: str) -> None:
+            nonlocal ttft
+            if not pieces:
+                ttft = time.perf_counter() - start
+            pieces.append(text)
+            if on_text is not None:
+                await on_text(text)
+
+        with trio.fail_after(self.deadline_s):
+            while True:
+                now = self.clock()
+                providers = self.directory.providers_for(model, now)
+                if not providers:
+                    raise NoProvider(f"no provider known for model {model!r}")
+                model_id = pick_model_id(providers)
+                by_peer = {p.peer_id: p for p in providers if p.offer.id == model_id}
+                estimate = JobEstimate(
+                    model_id=model_id,
+                    prompt_tokens=len(prompt) // CHARS_PER_TOKEN + delivered,
+                    completion_tokens=max_tokens - delivered,
+                )
+                fresh = [Candidate.from_provider(p) for p in by_peer.values()
+                         if p.peer_id not in tried]
+                order = self.router.choose(fresh, estimate, now)
+                if not order or len(tried) >= self.max_attempts:
+                    raise NoProvider(
+                        f"no eligible provider left for {model!r} after {len(tried)} "
+                        f"attempt(s) ({len(by_peer)} known, verified: "
+                        f"{sum(p.listing.verified for p in by_peer.values())})",
+                        attempts=[s.provider for s in segments],
+                    )
+                choice = by_peer[order[0].peer_id]
+                tried.add(choice.peer_id)
+                request = JobRequest(
+                    model_id=model_id,
+                    prompt=prompt + "".join(pieces),
+                    max_tokens=max_tokens - delivered,
+                    params=params,
+                )
+                self.router.record_start(choice.peer_id, now)
+                t0 = time.perf_counter()
+                try:
+                    await self.dial(choice.advert)
+                    res = await run_job(
+                        self.host,
+                        ID.from_base58(choice.peer_id),
+                        choice.advert.job_pubkey,
+                        request,
+                        on_text=show,
+                        payer=self.payer_for(choice.advert),
+                    )
+                except (JobError, OSError, trio.TooSlowError) as exc:
+                    got = exc.received_tokens if isinstance(exc, JobError) else 0
+                    code = exc.code if isinstance(exc, JobError) else type(exc).__name__
+                    self.router.record_failure(choice.peer_id, self.clock())
+                    delivered += got
+                    segments.append(Segment(choice.peer_id, got, 0, error=code))
+                    log.info("provider %s failed (%s) after %d tokens; failing over",
+                             choice.peer_id, code, got)
+                    continue
+                except Exception as exc:  # a dial error from libp2p: try the next one
+                    self.router.record_failure(choice.peer_id, self.clock())
+                    segments.append(Segment(choice.peer_id, 0, 0, error=type(exc).__name__))
+                    log.info("cannot reach %s (%s); failing over", choice.peer_id, exc)
+                    continue
+                self.router.record_success(
+                    choice.peer_id,
+                    self.clock(),
+                    duration_s=time.perf_counter() - t0,
+                    completion_tokens=res.usage.completion_tokens,
+                    first_token_s=res.ttft_s if res.usage.completion_tokens else None,
+                )
+                earlier = delivered
+                delivered += res.usage.completion_tokens
+                segments.append(
+                    Segment(choice.peer_id, res.usage.completion_tokens, res.usage.cost_nanoton)
+                )
+                if self.on_settled is not None:
+                    await self.on_settled()
+                return RoutedResult(
+                    text="".join(pieces),
+                    usage=Usage(
+                        # After a failover the last provider's prompt includes the text
+                        # delivered earlier; subtract it to report the user's prompt.
+                        prompt_tokens=max(0, res.usage.prompt_tokens - earlier),
+                        completion_tokens=delivered,
+                        finish_reason=res.usage.finish_reason,
+                        cost_nanoton=sum(s.cost_nanoton for s in segments),
+                    ),
+                    ttft_s=ttft,
+                    elapsed_s=time.perf_counter() - start,
+                    segments=segments,
+                )

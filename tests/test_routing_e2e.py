@@ -1,0 +1,144 @@
+"""Routing over real providers on 127.0.0.1: attestation gate, Busy, mid-stream failover."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from meshnode.core.router import Strategy
+from meshnode.engine.base import SamplingParams
+from meshnode.engine.llama import LlamaEngine, steady_logit_bias
+from meshnode.identity import NodeIdentity
+from meshnode.jobs.routed import NoProvider
+from meshnode.node import ProviderNode, ProviderSettings, client_node, provider_node
+
+pytestmark = pytest.mark.slow
+LONG_CTX = 4096  # long enough that a generation cannot finish before we kill its provider
+
+
+@pytest.fixture
+async def engines(tiny_gguf_path: Path) -> AsyncIterator[list[LlamaEngine]]:
+    engines = [await LlamaEngine.load(tiny_gguf_path, n_ctx=LONG_CTX) for _ in range(2)]
+    yield engines
+    for e in engines:
+        await e.aclose()
+
+
+def steady(engine: LlamaEngine) -> dict[str, Any]:
+    return {"temperature": 0.0, "logit_bias": steady_logit_bias(engine)}
+
+
+async def test_dev_provider_refused_by_default_and_used_with_flag(
+    engines: list[LlamaEngine],
+) -> None:
+    async with provider_node(engines[0], identity=NodeIdentity.generate()) as prov:
+        async with client_node() as strict:
+            await strict.connect(prov.addrs[0])
+            assert strict.verification(prov.peer_id).startswith("dev")
+            with pytest.raises(NoProvider):
+                await strict.complete(engines[0].info.model_id, "hi", max_tokens=4)
+            with pytest.raises(PermissionError):
+                await strict.ask(strict.adverts[prov.peer_id], "hi", max_tokens=4)
+            assert prov.jobs.stats.jobs_started == 0
+        async with client_node(allow_insecure=True) as lax:
+            await lax.connect(prov.addrs[0])
+            res = await lax.complete(
+                engines[0].info.model_id, "hi", max_tokens=4, params=steady(engines[0])
+            )
+            assert res.usage.completion_tokens == 4
+            assert lax.ran_insecure(res)
+
+
+async def test_busy_provider_sends_job_elsewhere(engines: list[LlamaEngine]) -> None:
+    cheap = ProviderSettings(slots=1, max_queue=0, price_completion_per_1k=1)
+    dear = ProviderSettings(slots=1, max_queue=0, price_completion_per_1k=1000)
+    async with (
+        provider_node(engines[0], identity=NodeIdentity.generate(), settings=cheap) as a,
+        provider_node(engines[1], identity=NodeIdentity.generate(), settings=dear) as b,
+        client_node(allow_insecure=True, strategy=Strategy.CHEAPEST) as client,
+    ):
+        for p in (a, b):
+            await client.connect(p.addrs[0])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: client.ask(client.adverts[a.peer_id], "occupy", max_tokens=3000,
+                                   params=steady(engines[0]))
+            )
+            with trio.fail_after(10):
+                while a.jobs.active == 0:
+                    await trio.sleep(0.005)
+            res = await client.complete(
+                engines[0].info.model_id, "hi", max_tokens=8, params=steady(engines[0])
+            )
+            nursery.cancel_scope.cancel()
+    assert [s.provider for s in res.segments] == [a.peer_id, b.peer_id]
+    assert res.segments[0].error == "busy" and res.segments[0].completion_tokens == 0
+    assert res.usage.completion_tokens == 8
+    assert a.jobs.stats.busy_refusals == 1
+
+
+async def test_provider_killed_mid_generation_stream_continues(
+    engines: list[LlamaEngine],
+) -> None:
+    max_tokens = 1500
+    shown: list[str] = []
+    provs: dict[str, ProviderNode] = {}
+    scopes: dict[str, trio.CancelScope] = {}
+    killed: list[str] = []
+
+    async def run_provider(engine: LlamaEngine, task_status: Any) -> None:
+        with trio.CancelScope() as scope:
+            async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
+                provs[prov.peer_id] = prov
+                scopes[prov.peer_id] = scope
+                task_status.started()
+                await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        for engine in engines:
+            await nursery.start(run_provider, engine)
+        async with client_node(allow_insecure=True) as client:
+            for prov in provs.values():
+                await client.connect(prov.addrs[0])
+
+            async def on_text(text: str) -> None:
+                shown.append(text)
+                if len(shown) == 40 and not killed:
+                    victim = next(p for p, n in provs.items() if n.jobs.active)
+                    killed.append(victim)
+                    scopes[victim].cancel()  # the provider's host goes down mid-stream
+
+            res = await client.complete(
+                engines[0].info.model_id, "once upon a time", max_tokens=max_tokens,
+                params=steady(engines[0]), on_text=on_text,
+            )
+        nursery.cancel_scope.cancel()
+
+    survivor = next(p for p in provs if p not in killed)
+    first, second = res.segments
+    assert first.provider == killed[0] and first.error is not None
+    assert second.provider == survivor and second.error is None
+    assert 0 < first.completion_tokens < max_tokens
+    assert first.completion_tokens + second.completion_tokens == max_tokens
+    assert res.usage.completion_tokens == max_tokens
+    # One continuous answer: what the user saw is exactly the text returned, and the
+    # survivor's part is what greedy decoding gives when continuing the partial text.
+    assert "".join(shown) == res.text
+    partial = res.text[: len(res.text) - len(_tail(res.text, shown, first.completion_tokens))]
+    direct: list[str] = []
+    params = SamplingParams.from_dict(steady(engines[0]))
+    async with engines[1].stream(
+        "once upon a time" + partial, params, second.completion_tokens
+    ) as gen:
+        async for chunk in gen:
+            direct.append(chunk.text)
+    assert partial + "".join(direct) == res.text
+
+
+def _tail(text: str, pieces: list[str], first_tokens: int) -> str:
+    """The text after the first provider's chunks (each steady chunk is one token)."""
+    return "".join(pieces[first_tokens:])
