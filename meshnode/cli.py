@@ -22,7 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-out = Console()
+out = Console(soft_wrap=True)  # addresses and ids must stay copy-pasteable
 err = Console(stderr=True)
 T = TypeVar("T")
 
@@ -92,6 +92,15 @@ def serve(
     ] = 0,
     slots: Annotated[int, typer.Option(help="Jobs run at once.")] = 1,
     queue: Annotated[int, typer.Option(help="Jobs waiting for a slot before Busy.")] = 4,
+    tee: Annotated[
+        str, typer.Option(help="Attestation: 'tdx' (configfs-tsm quote) or 'dev' (no TEE).")
+    ] = "dev",
+    price_prompt: Annotated[
+        int, typer.Option("--price-prompt", help="Nanoton per 1k prompt tokens.")
+    ] = 0,
+    price_completion: Annotated[
+        int, typer.Option("--price-completion", help="Nanoton per 1k completion tokens.")
+    ] = 0,
     home: HomeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -102,18 +111,31 @@ def serve(
     if not model.is_file():
         err.print(f"[red]model file not found:[/] {model}")
         raise typer.Exit(2)
+    if tee not in ("dev", "tdx"):
+        err.print(f"[red]--tee must be 'dev' or 'tdx', not {tee!r}[/]")
+        raise typer.Exit(2)
 
     async def main() -> None:
         identity, created = load_or_create(data_dir(home))
         engine = await _load_engine(model, ctx, n_gpu_layers)
-        settings = ProviderSettings(listen=listen, slots=slots, max_queue=queue)
+        settings = ProviderSettings(
+            listen=listen,
+            slots=slots,
+            max_queue=queue,
+            tee=tee,
+            price_prompt_per_1k=price_prompt,
+            price_completion_per_1k=price_completion,
+        )
         async with provider_node(engine, identity=identity, settings=settings) as node:
             out.print(f"[bold green]serving[/] {engine.info.name} ({engine.info.quant})")
             out.print(f"model id  {engine.info.model_id}")
             out.print(f"peer id   {node.peer_id}" + (" (new identity)" if created else ""))
             for addr in node.addrs:
                 out.print(f"listening {addr}")
-            out.print("[yellow]attestation: dev (no TEE) — clients must opt in[/]")
+            if tee == "dev":
+                out.print("[yellow]attestation: dev (no TEE) — clients must opt in[/]")
+            else:
+                out.print("[green]attestation: TDX quote bound to this node's keys[/]")
             await trio.sleep_forever()
 
     _run(main)
@@ -126,6 +148,9 @@ def ask(
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 128,
     temperature: Annotated[float, typer.Option()] = 0.7,
     seed: Annotated[int | None, typer.Option()] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow providers without a TEE (dev evidence).")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Send one prompt to a provider and print the tokens as they arrive."""
@@ -135,7 +160,7 @@ def ask(
     _setup_logging(verbose)
 
     async def main() -> int:
-        async with client_node() as client:
+        async with client_node(allow_insecure=insecure) as client:
             try:
                 advert = await client.connect(peer)
             except (ValueError, OSError, trio.TooSlowError) as exc:
@@ -156,10 +181,17 @@ def ask(
                 res = await client.ask(
                     advert, prompt, max_tokens=max_tokens, params=params, on_text=on_text
                 )
+            except PermissionError as exc:
+                err.print(f"[red]refused:[/] {exc} (--insecure allows dev providers)")
+                return 5
             except JobError as exc:
                 err.print(f"\n[red]job failed:[/] {exc}")
                 return 4
+            insecure_run = client.insecure.get(advert.peer_id, True)
         sys.stdout.write("\n")
+        if insecure_run:
+            err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
+                      "could read the prompt[/]")
         err.print(
             f"[dim]{res.usage.completion_tokens} tokens, first after {res.ttft_s * 1000:.0f} ms, "
             f"{res.elapsed_s:.2f} s total, finish: {res.usage.finish_reason}[/]"
@@ -194,3 +226,74 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command()
+def attest(home: HomeOpt = None, verbose: VerboseOpt = False) -> None:
+    """Print this node's attestation evidence and the binding of its keys."""
+    import time
+
+    from meshnode.attest.local import describe_local_evidence
+    from meshnode.core.attest_binding import epoch_at
+
+    _setup_logging(verbose)
+    try:
+        identity, _ = load_or_create(data_dir(home))
+    except KeyFileError as exc:
+        err.print(f"[red]key file problem:[/] {exc}")
+        raise typer.Exit(2) from None
+    now = time.time()
+    report = describe_local_evidence(identity.job_public, identity.peer_public, now)
+    out.print(f"peer public key  {identity.peer_public.hex()}")
+    out.print(f"job public key   {identity.job_public.hex()}")
+    out.print(f"epoch            {epoch_at(now)}")
+    if report.report_data is not None:
+        out.print(f"report_data      {report.report_data.hex()}")
+    state = "available" if report.available else "unavailable"
+    out.print(f"evidence         {report.kind} ({state})")
+    out.print(report.detail)
+    if report.measurements:
+        out.print("\n# paste into the attestation policy to allow this image:")
+        out.print(report.policy_snippet(), markup=False)
+    raise typer.Exit(0 if report.available else 1)
+
+
+@app.command("verify-quote")
+def verify_quote(
+    quote: Annotated[Path, typer.Argument(help="Raw DCAP quote file.")],
+    collateral: Annotated[Path, typer.Option("--collateral", help="Collateral JSON.")],
+    at: Annotated[
+        str | None, typer.Option("--at", help="Verify as of this ISO time (default: now).")
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="Also apply this policy file's rules.")
+    ] = None,
+) -> None:
+    """Verify a TDX/SGX quote with dcap-qvl and print the verified claims."""
+    import json
+    from datetime import datetime
+
+    from meshnode.attest.local import verify_quote_file
+    from meshnode.attest.policy_file import load_policy
+
+    when = None
+    if at is not None:
+        try:
+            when = datetime.fromisoformat(at)
+        except ValueError:
+            err.print(f"[red]--at must be an ISO time such as 2025-06-01T12:00:00+00:00[/]: {at}")
+            raise typer.Exit(2) from None
+        if when.tzinfo is None:
+            err.print("[red]--at needs a timezone, e.g. +00:00[/]")
+            raise typer.Exit(2)
+    try:
+        claims = verify_quote_file(
+            quote, collateral, when, policy=load_policy(policy) if policy else None
+        )
+    except FileNotFoundError as exc:
+        err.print(f"[red]file not found:[/] {exc.filename}")
+        raise typer.Exit(2) from None
+    except Exception as exc:  # AttestationError/CollateralError carry their reason
+        err.print(f"[red]verification failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    out.print_json(json.dumps(claims.to_dict()))

@@ -10,7 +10,7 @@ its own loop in that thread).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
@@ -66,4 +66,9 @@ class Chain(Protocol):
 
     def get_int(self, address: Address, method: str) -> int:
         """Run an integer-returning get-method (e.g. ``get_channel_state``)."""
+        ...
+
+    def get_stack(self, address: Address, method: str) -> list[Any]:
+        """Run a get-method and return its whole result stack, bottom first
+        (ints, Cells, Slices, None and VmTuples, as pytoniq-core decodes them)."""
         ...

@@ -241,6 +241,12 @@ class EmulatedChain:
         return self._deliver(_Message(sender, destination, value, body, state_init))
 
     def get_int(self, address: Address, method: str) -> int:
+        values = self.get_stack(address, method)
+        if not values or not isinstance(values[-1], int):
+            raise EmulatorError(f"get-method {method} returned {values!r}, not an int")
+        return int(values[-1])
+
+    def get_stack(self, address: Address, method: str) -> list[Any]:
         account = self._accounts.get(_key(address))
         if account is None or account.code is None or account.data is None:
             raise EmulatorError(f"{address} has no contract")
@@ -250,9 +256,7 @@ class EmulatedChain:
         if reply.get("vm_exit_code") not in (0, 1):
             raise EmulatorError(f"get-method {method} failed: {reply}")
         values = VmStack.deserialize(_slice(_cell(reply["stack"])))  # type: ignore[no-untyped-call]
-        if not values or not isinstance(values[-1], int):
-            raise EmulatorError(f"get-method {method} returned {values!r}, not an int")
-        return int(values[-1])
+        return list(values)
 
     # --- test controls ----------------------------------------------------------------
 
