@@ -64,6 +64,7 @@ class ProviderSettings:
     price_prompt_per_1k: int = 0
     price_completion_per_1k: int = 0
     tee: str = "dev"  # "dev" (no TEE, clients must opt in) or "tdx" (configfs-tsm quote)
+    tokens_per_s_hint: float = 0.0  # advertised until the first job measures real speed
 
 
 class ProviderNode:
@@ -88,7 +89,6 @@ class ProviderNode:
         )
         # Sequence numbers must rise across restarts too; milliseconds since the epoch do.
         self._seq = int(time.time() * 1000)
-        self.tokens_per_s = 0.0
         self.evidence: Evidence | None = None
         producer: EvidenceProducer = (
             TdxEvidenceProducer() if settings.tee == "tdx"
@@ -139,7 +139,10 @@ class ProviderNode:
                     price_completion_per_1k=self.settings.price_completion_per_1k,
                 ),
             ),
-            capacity=Capacity(slots=self.settings.slots, tokens_per_s=self.tokens_per_s),
+            capacity=Capacity(
+                slots=self.settings.slots,
+                tokens_per_s=self.jobs.stats.tokens_per_s or self.settings.tokens_per_s_hint,
+            ),
             load=Load(busy_slots=self.jobs.active, queue_len=self.jobs.queued),
             job_pubkey=self.identity.job_public,
             seq=self._seq,

@@ -1,21 +1,25 @@
 """What the HTTP endpoint needs from the mesh: a model list and one completion at a time.
 
 ``CompletionBackend`` is the seam between the OpenAI-compatible layer and the client
-node. ``SingleProviderBackend`` runs every job on one provider the client has connected
-to; a routed backend (choosing among many providers, failing over) implements the same
-protocol. Failures are ``BackendError``s that carry the HTTP status to answer with.
+node. ``RoutedBackend`` picks the best verified provider per job and fails over
+(``ClientNode.complete``); ``SingleProviderBackend`` pins every job to one connected
+provider. Failures are ``BackendError``s that carry the HTTP status to answer with.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
 
 from meshnode.api.chat_format import guess_chat_format
 from meshnode.core.advert import Advert
 from meshnode.core.directory import ModelSummary
 from meshnode.jobs.client import JobError
+from meshnode.jobs.routed import NoProvider
 
 if TYPE_CHECKING:
     from meshnode.node import ClientNode
@@ -149,7 +153,9 @@ def resolve_model(cards: Sequence[ModelCard], requested: str) -> ModelCard:
     )
 
 
-def _advert_cards(advert: Advert, chat_formats: Mapping[str, str], verified: bool) -> list[ModelCard]:
+def _advert_cards(
+    advert: Advert, chat_formats: Mapping[str, str], verified: bool
+) -> list[ModelCard]:
     return [
         ModelCard(
             id=offer.id,
@@ -167,11 +173,11 @@ def _advert_cards(advert: Advert, chat_formats: Mapping[str, str], verified: boo
 
 
 class SingleProviderBackend:
-    """Every job goes to one provider the client is already connected to.
+    """Every job goes to one provider the client has connected to (and verified).
 
-    ``tee_verified`` says the caller checked the provider's attestation against a policy;
-    without it every result is flagged insecure. ``chat_formats`` overrides the guessed
-    chat format per model id.
+    Whether a result is flagged insecure is the client's verdict on the provider's
+    attestation (a ``dev`` provider admitted with the insecure flag, or one never
+    verified). ``chat_formats`` overrides the guessed chat format per model id.
     """
 
     def __init__(
@@ -179,22 +185,23 @@ class SingleProviderBackend:
         client: ClientNode,
         advert: Advert,
         *,
-        tee_verified: bool = False,
         chat_formats: Mapping[str, str] | None = None,
     ) -> None:
         self._client = client
         self._advert = advert
-        self._tee_verified = tee_verified
-        self._cards = _advert_cards(advert, chat_formats or {}, tee_verified)
+        self._chat_formats = dict(chat_formats or {})
+
+    def _verified(self) -> bool:
+        listing = self._client.directory.get(self._advert.peer_id, time.time())
+        return listing is not None and listing.verified
 
     def list_models(self) -> list[ModelCard]:
-        return list(self._cards)
+        return _advert_cards(self._advert, self._chat_formats, self._verified())
 
     async def complete(self, req: CompletionRequest, on_text: OnText | None) -> CompletionResult:
+        peer = self._advert.peer_id
         if self._advert.offer_for(req.model) is None:
-            raise BackendError(
-                NO_PROVIDER, f"provider {self._advert.peer_id} does not serve {req.model!r}"
-            )
+            raise BackendError(NO_PROVIDER, f"provider {peer} does not serve {req.model!r}")
         try:
             result = await self._client.ask(
                 self._advert,
@@ -204,6 +211,8 @@ class SingleProviderBackend:
                 params=dict(req.params),
                 on_text=on_text,
             )
+        except PermissionError as exc:  # the provider failed verification
+            raise BackendError(NO_PROVIDER, str(exc)) from exc
         except JobError as exc:
             raise backend_error_from_job(exc) from exc
         return CompletionResult(
@@ -212,6 +221,50 @@ class SingleProviderBackend:
             prompt_tokens=result.usage.prompt_tokens,
             completion_tokens=result.usage.completion_tokens,
             cost_nanoton=result.usage.cost_nanoton,
-            provider=self._advert.peer_id,
-            insecure=not self._tee_verified,
+            provider=peer,
+            insecure=self._client.insecure.get(peer, True),
+        )
+
+
+class RoutedBackend:
+    """Jobs go to the best verified provider of the model, with failover mid-stream
+    (``ClientNode.complete``). Lists the models at least one admitted provider serves."""
+
+    def __init__(self, client: ClientNode, *, chat_formats: Mapping[str, str] | None = None):
+        self._client = client
+        self._chat_formats = dict(chat_formats or {})
+
+    def list_models(self) -> list[ModelCard]:
+        summaries = self._client.directory.models(time.time())
+        return [
+            ModelCard.from_summary(s, self._chat_formats.get(s.id))
+            for s in summaries
+            if s.verified_providers > 0
+        ]
+
+    async def complete(self, req: CompletionRequest, on_text: OnText | None) -> CompletionResult:
+        try:
+            result = await self._client.complete(
+                req.model,
+                req.prompt,
+                max_tokens=req.max_tokens,
+                params=dict(req.params),
+                on_text=on_text,
+            )
+        except NoProvider as exc:
+            raise BackendError(NO_PROVIDER, str(exc)) from exc
+        except JobError as exc:
+            raise backend_error_from_job(exc) from exc
+        except trio.TooSlowError as exc:  # the routed job's overall deadline
+            raise BackendError(PROVIDER_TIMEOUT, "the job ran past its deadline") from exc
+        producers = [s.provider for s in result.segments if s.completion_tokens]
+        last = producers[-1] if producers else result.segments[-1].provider
+        return CompletionResult(
+            text=result.text,
+            finish_reason=result.usage.finish_reason,
+            prompt_tokens=result.usage.prompt_tokens,
+            completion_tokens=result.usage.completion_tokens,
+            cost_nanoton=result.usage.cost_nanoton,
+            provider=last,
+            insecure=self._client.ran_insecure(result),
         )

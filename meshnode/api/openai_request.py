@@ -111,7 +111,9 @@ def _stop(body: Mapping[str, Any]) -> list[str]:
     return list(stops)
 
 
-def _sampling(body: Mapping[str, Any], stops: list[str], format_stops: Sequence[str]) -> dict[str, Any]:
+def _sampling(
+    body: Mapping[str, Any], stops: list[str], format_stops: Sequence[str]
+) -> dict[str, Any]:
     """Only the parameters the client set, each checked on its own so errors name it."""
     params: dict[str, Any] = {}
     for key, name in _SAMPLING.items():

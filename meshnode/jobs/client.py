@@ -141,13 +141,14 @@ async def _exchange(
     ephemeral = PrivateKey.generate()
     keys = client_session(ephemeral, provider_job_pub)
     sealer = Sealer(keys.send, ad=job_id)
+    payer.begin(req.prompt)
     await fs.send(
         Open(
             job_id=job_id,
             model_id=req.model_id,
             params=req.params,
             max_tokens=req.max_tokens,
-            channel_id=req.channel_id,
+            channel_id=req.channel_id if req.channel_id is not None else payer.channel_id,
             client_pub=bytes(ephemeral.public_key),
             header=sealer.header,
         )
@@ -175,6 +176,7 @@ async def _exchange(
                     raise SchemaError(
                         f"provider billed {usage.completion_tokens} tokens, delivered {received}"
                     )
+                payer.check_usage(usage)
                 return JobResult(
                     text="".join(text),
                     usage=usage,

@@ -41,6 +41,12 @@ OPEN_TIMEOUT_S = 10.0
 PAYMENT_TIMEOUT_S = 30.0
 # How long a queued job tells the client to wait before trying us again.
 BUSY_RETRY_AFTER_S = 2.0
+# Recording a job's usage is one sqlite fsync; a disk slower than this is failing.
+GATE_FINISH_TIMEOUT_S = 10.0
+# Advertised speed follows the last ~5 jobs: steady against one odd prompt, quick to
+# reflect a change of load or hardware.
+SPEED_EWMA_ALPHA = 0.2
+MIN_DECODE_S = 1e-3  # guards the rate of a job whose tokens all arrived in one instant
 
 
 class JobRefused(Exception):
@@ -56,7 +62,12 @@ class ProviderStats:
     jobs_cancelled: int = 0
     busy_refusals: int = 0
     tokens_out: int = 0
+    tokens_per_s: float = 0.0  # EWMA of measured decode speed, advertised as capacity
     errors: dict[str, int] = field(default_factory=dict)
+
+    def observe_speed(self, sample: float) -> None:
+        old = self.tokens_per_s
+        self.tokens_per_s = sample if old == 0 else old + SPEED_EWMA_ALPHA * (sample - old)
 
     def count_error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -151,15 +162,20 @@ class JobProvider:
             self.stats.busy_refusals += 1
             await fs.send(Busy(retry_after=BUSY_RETRY_AFTER_S))
             return
+        gate = self._gate_factory(first)
         self._admitted += 1
         self._load_changed()
         try:
+            await gate.start(self.engine.count_tokens(prompt))
             sealer = Sealer(keys.send, ad=first.job_id)
             await fs.send(Accept(header=sealer.header))
             async with self._limiter:
                 self._load_changed()
-                await self._generate(fs, first, prompt, params, sealer, peer)
+                await self._generate(fs, first, prompt, params, sealer, peer, gate)
         finally:
+            # Shielded: a cancelled job must still record its usage and free its channel.
+            with trio.CancelScope(shield=True), trio.move_on_after(GATE_FINISH_TIMEOUT_S):
+                await gate.finish()
             self._admitted -= 1
             self._load_changed()
 
@@ -171,9 +187,9 @@ class JobProvider:
         params: SamplingParams,
         sealer: Sealer,
         peer: str,
+        gate: PaymentGate,
     ) -> None:
         self.stats.jobs_started += 1
-        gate = self._gate_factory(job)
         prompt_tokens = self.engine.count_tokens(prompt)
         delivered = 0
         paid = trio.Event()
@@ -197,6 +213,7 @@ class JobProvider:
                 cancel.cancel()
 
         finish = "stop"
+        first_at = 0.0
         async with trio.open_nursery() as nursery:
             gen_scope = trio.CancelScope()
             nursery.start_soon(watch_client, gen_scope)
@@ -211,6 +228,8 @@ class JobProvider:
                             )
                             with trio.fail_after(PAYMENT_TIMEOUT_S):
                                 await waiting.wait()
+                        if not delivered:
+                            first_at = trio.current_time()
                         delivered += chunk.n_tokens
                         await fs.send(
                             Sealed(
@@ -221,7 +240,15 @@ class JobProvider:
                             )
                         )
                 finish = gen.finish_reason or "stop"
+                while not gate.settled(delivered):  # the last tokens went out on credit
+                    waiting = paid
+                    await fs.send(NeedPayment(owed=gate.owed(delivered), delivered=delivered))
+                    with trio.fail_after(PAYMENT_TIMEOUT_S):
+                        await waiting.wait()
             self.stats.tokens_out += delivered
+            if delivered > 1:
+                self.stats.observe_speed((delivered - 1) / max(trio.current_time() - first_at,
+                                                               MIN_DECODE_S))
             if client_gone:
                 raise client_gone[0]
             usage = Usage(

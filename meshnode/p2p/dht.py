@@ -41,6 +41,8 @@ from meshnode.core.peerid import MAX_PEER_ID_TEXT_LEN
 log = logging.getLogger(__name__)
 
 ADVERT_NAMESPACE = "meshnode-advert"
+ADVERT_KEY_TAG = b"meshnode/advert-key/1\x00"
+ADVERT_KEY_HEX_CHARS = 32  # 128 bits of the peer id's hash: key stays within 50 bytes
 # Provider keys hash the model id under this tag, so a meshnode provider record never
 # collides with an IPFS record for the GGUF file itself (whose CID is also a sha256).
 PROVIDER_KEY_TAG = b"meshnode/model-provider/1\x00"
@@ -69,10 +71,18 @@ class DhtError(Exception):
 
 
 def advert_key(peer_id: str) -> str:
-    """The value-record key holding a peer's signed advert."""
+    """The value-record key holding a peer's signed advert.
+
+    py-libp2p servers reject FIND_NODE keys over 50 bytes that are not multihashes, and
+    ``put_value``/``get_value`` look up the key itself, so the peer id (52 chars) cannot
+    appear verbatim: the key carries 128 bits of its hash (49 bytes in all). Collisions
+    only matter for whose record a slot holds, and the validator pins each slot to the
+    one peer whose id hashes to it.
+    """
     if not peer_id or len(peer_id) > MAX_PEER_ID_TEXT_LEN or "/" in peer_id:
         raise ValueError(f"not a peer id: {peer_id[:80]!r}")
-    return f"/{ADVERT_NAMESPACE}/{peer_id}"
+    digest = hashlib.sha256(ADVERT_KEY_TAG + peer_id.encode("ascii")).hexdigest()
+    return f"/{ADVERT_NAMESPACE}/{digest[:ADVERT_KEY_HEX_CHARS]}"
 
 
 def provider_key(model_id: str) -> str:

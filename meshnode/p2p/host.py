@@ -22,6 +22,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -74,7 +75,15 @@ def make_host(identity: NodeIdentity) -> IHost:
         key_pair=key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        connection_config=connection_config(),
     )
+
+
+def connection_config() -> ConnectionConfig:
+    # py-libp2p's auto-connector keeps >= 50 connections by dialing every peer in the
+    # peerstore, including clients long gone; meshnode decides whom to dial (bootstrap,
+    # DHT, chosen providers), so the floor is zero.
+    return ConnectionConfig(min_connections=0, low_watermark=0)
 
 
 @asynccontextmanager

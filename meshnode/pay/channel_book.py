@@ -19,6 +19,7 @@ from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.pay.channel_messages import ChannelConfig, ClosingConfig, channel_address
+from meshnode.pay.onchain import raw_address
 
 BOOK_DIR = "channels"
 MAX_BOOK_FILE_BYTES = 16 * 1024
@@ -44,8 +45,8 @@ def _config_to_json(config: ChannelConfig) -> dict[str, Any]:
         "channel_id": str(config.channel_id),
         "key_a": config.key_a.hex(),
         "key_b": config.key_b.hex(),
-        "address_a": config.address_a.to_str(is_user_friendly=False),
-        "address_b": config.address_b.to_str(is_user_friendly=False),
+        "address_a": raw_address(config.address_a),
+        "address_b": raw_address(config.address_b),
         "quarantine_duration": config.closing.quarantine_duration,
         "misbehavior_fine": str(config.closing.misbehavior_fine),
         "conditional_close_duration": config.closing.conditional_close_duration,

@@ -18,6 +18,7 @@ import trio
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 from pytoniq_core.boc.slice import Slice
+from pytoniq_core.tlb.vm_stack import VmTuple
 
 from meshnode.pay.chain import Chain
 
@@ -74,8 +75,18 @@ class ChannelView:
     address_b: Address
 
 
+def raw_address(address: Address) -> str:
+    """``wc:hex`` form: unambiguous, no bounce/testnet flags to disagree about."""
+    return f"{address.wc}:{bytes(address.hash_part).hex()}"
+
+
 def _items(value: Any, n: int, what: str) -> list[Any]:
-    items = list(value) if hasattr(value, "__iter__") else []
+    if isinstance(value, VmTuple):
+        items = list(value.list)
+    elif isinstance(value, list):
+        items = value
+    else:
+        items = []
     if len(items) != n:
         raise ChannelReadError(f"{what}: expected {n} items, got {value!r}")
     return items
@@ -101,7 +112,7 @@ def _quarantine(value: Any) -> Quarantine | None:
         return None
     if not isinstance(value, Cell):
         raise ChannelReadError(f"quarantine: expected a cell, got {value!r}")
-    cs = value.begin_parse()
+    cs = value.begin_parse()  # type: ignore[no-untyped-call]
     seqno_a, sent_a = cs.load_uint(64), cs.load_coins()
     cs.load_bit()  # A's conditionals: we never create any
     seqno_b, sent_b = cs.load_uint(64), cs.load_coins()

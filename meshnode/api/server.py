@@ -1,0 +1,120 @@
+"""Serve the OpenAI-compatible app with hypercorn on trio, on loopback by default.
+
+The endpoint spends the client's money and reads its prompts in plaintext, so by
+default it binds to loopback only. Binding elsewhere needs ``allow_remote=True`` *and*
+an API key: an open endpoint on a LAN would be a free, paid-for LLM for anyone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+# trio-typing (pulled in by libp2p) shadows trio's own annotations and lacks TaskStatus.
+from trio_typing import TaskStatus
+
+from meshnode.api.app import create_app
+from meshnode.api.backend import CompletionBackend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_HOST = "127.0.0.1"
+DEFAULT_API_PORT = 8080  # llama.cpp's server and most local OpenAI-compatible tools use it
+# In-flight streams get this long to finish on a graceful shutdown before being cut.
+GRACEFUL_SHUTDOWN_S = 5.0
+# Idle keep-alive connections from SDK connection pools are closed after this long.
+KEEP_ALIVE_TIMEOUT_S = 30.0
+
+
+class BindRefused(ValueError):
+    """The requested listen address is not allowed with the given settings."""
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback address."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(
+        ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
+    )
+
+
+def check_bind(host: str, *, allow_remote: bool, api_key: str | None) -> None:
+    """Raise ``BindRefused`` unless binding ``host`` is safe under these settings."""
+    if is_loopback(host):
+        return
+    if not allow_remote:
+        raise BindRefused(
+            f"refusing to serve the API on {host!r}, which is not a loopback address: "
+            "anyone who can reach it could spend your funds. Bind 127.0.0.1, or allow "
+            "remote access explicitly and set an API key."
+        )
+    if not api_key:
+        raise BindRefused(f"serving the API on non-loopback {host!r} requires an API key")
+
+
+def _bind_string(host: str, port: int) -> str:
+    bare = host.strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as given to ``--api``; ValueError if bad."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in [0, 65535], got {port}")
+    return host.strip("[]"), port
+
+
+async def serve_api(
+    backend: CompletionBackend,
+    host: str = DEFAULT_API_HOST,
+    port: int = DEFAULT_API_PORT,
+    *,
+    api_key: str | None = None,
+    allow_remote: bool = False,
+    shutdown: trio.Event | None = None,
+    task_status: TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled (or ``shutdown`` is set: graceful). Use with
+    ``url = await nursery.start(serve_api, backend, host, port)``; ``url`` is the base
+    URL actually bound (port 0 picks a free port), e.g. ``http://127.0.0.1:8080``."""
+    check_bind(host, allow_remote=allow_remote, api_key=api_key)
+    config = Config()
+    config.bind = [_bind_string(host, port)]
+    config.graceful_timeout = GRACEFUL_SHUTDOWN_S
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
+    config.include_server_header = False
+    config.accesslog = None
+    # Through our logging setup (levels, handlers) rather than hypercorn's own stderr writer.
+    config.errorlog = logging.getLogger("meshnode.api.http")
+    app = create_app(backend, api_key=api_key)
+
+    async def started(*, task_status: TaskStatus[list[str]]) -> None:
+        await serve(
+            # hypercorn's ASGI types are TypedDicts, Starlette's are plain mappings.
+            app,  # type: ignore[arg-type]
+            config,
+            shutdown_trigger=shutdown.wait if shutdown is not None else None,
+            task_status=task_status,
+        )
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(started)
+        url = binds[0]
+        log.info("OpenAI-compatible API on %s/v1", url)
+        task_status.started(url)

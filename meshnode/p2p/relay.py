@@ -1,0 +1,166 @@
+"""Circuit relay v2: reach providers that cannot accept inbound connections.
+
+Bootstrap nodes run a relay server (the "hop" role). A provider behind NAT connects to
+one, reserves a slot, and advertises ``<relay addr>/p2p-circuit/p2p/<its id>``. A client
+dials that address: the relay joins two streams, and the client and provider then run
+Noise and yamux *over* the joined stream, so the relay forwards ciphertext only (job
+payloads are additionally sealed end to end to the provider's job key).
+
+py-libp2p 0.8.1 constraints handled here:
+- ``Swarm.dial_peer`` skips every ``/p2p-circuit`` address ("this node has no relay
+  transport"), so ``host.connect`` never uses a relay. ``RelayClient.dial`` calls the
+  circuit transport directly; the connection it returns is registered with the swarm,
+  so ``host.new_stream`` to that peer reuses it.
+- ``BasicHost.get_addrs`` strips everything after the first ``/p2p/`` of an announced
+  address, which mangles circuit addresses; circuit addresses therefore travel in the
+  signed advert (``RelayClient.circuit_addrs``), not in identify or DHT provider records.
+- the circuit transport reserves a slot on *every* dial when the CLIENT role is on;
+  dialers here run with the STOP role only, and reserve explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.tools.anyio_service import background_trio_service
+
+from meshnode.p2p.host import parse_peer_addr
+
+log = logging.getLogger(__name__)
+
+# A relayed connection carries a client's jobs to one provider; a long generation runs
+# for minutes, so circuits live half an hour before the client must re-dial.
+RELAY_CIRCUIT_DURATION_S = 30 * 60
+# Prompts and token streams are small (1 MiB frame cap); 64 MiB per circuit serves
+# hundreds of jobs while bounding what one circuit costs the relay operator.
+RELAY_CIRCUIT_BYTES = 64 * 1024 * 1024
+# Concurrent circuits into one reserved provider: its job slots are a handful, so more
+# than 16 waiting clients only queue there.
+RELAY_MAX_CIRCUITS_PER_PEER = 16
+# Providers one bootstrap relay holds slots for; beyond this they must use another relay.
+RELAY_MAX_RESERVATIONS = 128
+# Reservations lapse after 15 min unless refreshed (py-libp2p refreshes 30 s before
+# expiry), so a provider that vanished frees its slot soon.
+RELAY_RESERVATION_TTL_S = 15 * 60
+# Connecting to the relay and one HOP round trip.
+RESERVE_TIMEOUT_S = 15.0
+# Relay dial + CONNECT round trip + STOP round trip + Noise and yamux over the circuit.
+RELAY_DIAL_TIMEOUT_S = 20.0
+# Registering two stream handlers; only a wedged host takes longer.
+START_TIMEOUT_S = 10.0
+
+RELAY_LIMITS = RelayLimits(
+    duration=RELAY_CIRCUIT_DURATION_S,
+    data=RELAY_CIRCUIT_BYTES,
+    max_circuit_conns=RELAY_MAX_CIRCUITS_PER_PEER,
+    max_reservations=RELAY_MAX_RESERVATIONS,
+    reservation_ttl=RELAY_RESERVATION_TTL_S,
+)
+
+
+class RelayError(Exception):
+    """A relay reservation or dial failed; the message says which and why."""
+
+
+def circuit_addr(relay_addr: str, peer_id: str) -> str:
+    """``/ip4/.../tcp/.../p2p/<relay>/p2p-circuit/p2p/<peer>``: a peer behind a relay."""
+    parse_peer_addr(relay_addr)  # raises ValueError for an undialable relay address
+    return f"{relay_addr}/p2p-circuit/p2p/{peer_id}"
+
+
+def is_circuit_addr(addr: str) -> bool:
+    return "/p2p-circuit" in addr
+
+
+@asynccontextmanager
+async def running_relay_server(host: IHost) -> AsyncIterator[CircuitV2Protocol]:
+    """Serve as a relay (HOP) for the block."""
+    protocol = CircuitV2Protocol(host, limits=RELAY_LIMITS, allow_hop=True)
+    async with background_trio_service(protocol):
+        with trio.fail_after(START_TIMEOUT_S):
+            await protocol.event_started.wait()
+        yield protocol
+
+
+class RelayClient:
+    """Accepts relayed connections (STOP), reserves slots, and dials through relays."""
+
+    def __init__(self, host: IHost) -> None:
+        self.host = host
+        self.protocol = CircuitV2Protocol(host, allow_hop=False)
+        self.transport = CircuitV2Transport(
+            host, self.protocol, RelayConfig(roles=RelayRole.STOP)
+        )
+        self._circuits: list[str] = []
+
+    @property
+    def circuit_addrs(self) -> list[str]:
+        """Circuit addresses of this host through every relay it holds a slot on."""
+        return list(self._circuits)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[RelayClient]:
+        async with background_trio_service(self.protocol):
+            with trio.fail_after(START_TIMEOUT_S):
+                await self.protocol.event_started.wait()
+            yield self
+
+    async def reserve(self, relay_addr: str, nursery: trio.Nursery) -> str:
+        """Reserve a slot on the relay at ``relay_addr``; the circuit address to
+        advertise. The reservation is refreshed by a task in ``nursery``."""
+        info = parse_peer_addr(relay_addr)
+        try:
+            with trio.fail_after(RESERVE_TIMEOUT_S):
+                await self.host.connect(info)
+                stream = await self.host.new_stream(info.peer_id, [HOP_PROTOCOL_ID])
+                try:
+                    ok = await self.transport.reserve(stream, info.peer_id, nursery)
+                finally:
+                    await stream.close()
+        except trio.TooSlowError as exc:
+            raise RelayError(f"relay {relay_addr} did not answer within "
+                             f"{RESERVE_TIMEOUT_S:.0f} s") from exc
+        except RelayError:
+            raise
+        except Exception as exc:
+            raise RelayError(f"could not reach relay {relay_addr}: {exc}") from exc
+        if not ok:
+            raise RelayError(
+                f"relay {relay_addr} refused a reservation (full, or not a relay server)"
+            )
+        addr = circuit_addr(relay_addr, self.host.get_id().to_base58())
+        if addr not in self._circuits:
+            self._circuits.append(addr)
+        return addr
+
+    async def dial(self, addr: str) -> ID:
+        """Connect to the peer behind a circuit address; its peer id. Afterwards
+        ``host.new_stream`` to that peer runs over the relayed connection."""
+        if not is_circuit_addr(addr):
+            raise ValueError(f"not a circuit address: {addr!r}")
+        try:
+            maddr = multiaddr.Multiaddr(addr)
+            _, target = self.transport.parse_circuit_ma(maddr)
+        except Exception as exc:
+            raise ValueError(f"not a circuit address: {addr!r} ({exc})") from exc
+        try:
+            with trio.fail_after(RELAY_DIAL_TIMEOUT_S):
+                await self.transport.dial(maddr)
+        except trio.TooSlowError as exc:
+            raise RelayError(
+                f"circuit {addr} not established within {RELAY_DIAL_TIMEOUT_S:.0f} s"
+            ) from exc
+        except Exception as exc:
+            raise RelayError(f"circuit {addr} failed: {exc}") from exc
+        return target

@@ -1,0 +1,115 @@
+"""Shared set-up for the payment tests: one emulated chain running the real contract,
+funded wallets for a client and a provider, and both sides' payment contexts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytoniq_core.boc.address import Address
+from pytoniq_core.boc.cell import Cell
+
+from meshnode.core.messages import Open
+from meshnode.core.meter import Price
+from meshnode.pay.chain import SendResult
+from meshnode.pay.channel_messages import ClosingConfig
+from meshnode.pay.channels import ClientChannel, Payee
+from meshnode.pay.emulator import EmulatedChain
+from meshnode.pay.wiring import ClientPayments, ProviderPayments
+
+TON = 10**9
+DEPOSIT = 2 * TON
+START = 1_700_000_000
+QUARANTINE_S = 3600
+CONDITIONAL_CLOSE_S = 60
+FINE = TON // 100
+CLOSING = ClosingConfig(QUARANTINE_S, FINE, CONDITIONAL_CLOSE_S)
+PRICE = Price(prompt_per_1k=1_000_000, completion_per_1k=3_000_000)
+"""1000 nanoton per prompt token, 3000 per completion token."""
+WINDOW_TOKENS = 4
+"""Small enough that a 24-token job is asked to pay several times."""
+
+CLIENT_WALLET = Address((0, bytes([0xC1]) * 32))
+PROVIDER_WALLET = Address((0, bytes([0xB0]) * 32))
+
+
+class CountingChain:
+    """The emulated chain, counting the messages sent through it (a spy, not a fake)."""
+
+    def __init__(self, chain: EmulatedChain) -> None:
+        self.inner = chain
+        self.sends = 0
+
+    def now(self) -> int:
+        return self.inner.now()
+
+    def balance(self, address: Address) -> int:
+        return self.inner.balance(address)
+
+    def send(
+        self,
+        sender: Address,
+        destination: Address,
+        value: int,
+        body: Cell,
+        state_init: Cell | None = None,
+    ) -> SendResult:
+        self.sends += 1
+        return self.inner.send(sender, destination, value, body, state_init)
+
+    def get_int(self, address: Address, method: str) -> int:
+        return self.inner.get_int(address, method)
+
+    def get_stack(self, address: Address, method: str) -> list[Any]:
+        return self.inner.get_stack(address, method)
+
+
+@dataclass
+class PayNet:
+    chain: CountingChain
+    client: ClientPayments
+    provider: ProviderPayments
+
+    @property
+    def payee(self) -> Payee:
+        return Payee(self.provider.keys.channel_public, PROVIDER_WALLET)
+
+    async def open_channel(self, deposit: int = DEPOSIT) -> ClientChannel:
+        return await ClientChannel.open(
+            self.chain,
+            CLIENT_WALLET,
+            self.client.keys.channel_signer(),
+            self.payee,
+            deposit,
+            code=self.client.code,
+            ledger=self.client.ledger,
+            book=self.client.book,
+            closing=CLOSING,
+        )
+
+
+def pay_net(tmp: Path, code: Cell, *, window: int = WINDOW_TOKENS) -> PayNet:
+    emulated = EmulatedChain(start_time=START)
+    emulated.add_wallet(CLIENT_WALLET, 100 * TON)
+    emulated.add_wallet(PROVIDER_WALLET, TON)
+    chain = CountingChain(emulated)
+    return PayNet(
+        chain=chain,
+        client=ClientPayments.at(tmp / "client", chain, CLIENT_WALLET, code),
+        provider=ProviderPayments.at(tmp / "provider", chain, PROVIDER_WALLET, PRICE, window, code),
+    )
+
+
+def job_open(channel_id: int | None, job_id: bytes | None = None) -> Open:
+    """An Open as a client would send it (for driving the gate without a network)."""
+    return Open(
+        job_id=job_id or os.urandom(16),
+        model_id="00" * 32,
+        params={},
+        max_tokens=64,
+        channel_id=channel_id,
+        client_pub=bytes(32),
+        header=bytes(24),
+    )

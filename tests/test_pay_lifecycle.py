@@ -1,0 +1,251 @@
+"""A payment channel's life: open on chain, announce, pay by vouchers, close.
+
+The real contract runs in the emulated chain; client and provider talk over real libp2p
+hosts on 127.0.0.1 where the test is about the channel protocol. Vouchers are driven
+through the provider's real gate and the client's real payer, without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from pay_net import (
+    CLIENT_WALLET,
+    DEPOSIT,
+    FINE,
+    PRICE,
+    PROVIDER_WALLET,
+    QUARANTINE_S,
+    WINDOW_TOKENS,
+    PayNet,
+    job_open,
+    pay_net,
+)
+from pytoniq_core.boc.cell import Cell
+
+from meshnode.core.voucher import VoucherState
+from meshnode.identity import NodeIdentity
+from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
+from meshnode.pay.channel_messages import (
+    CHANNEL_STATE_CLOSURE_STARTED,
+    CHANNEL_STATE_UNINITED,
+    FEE_RESERVE,
+)
+from meshnode.pay.channel_protocol import Announce
+from meshnode.pay.channel_service import ChannelRefused
+from meshnode.pay.channels import ChannelError, ClientChannel, WatchAction
+from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.onchain import raw_address
+from meshnode.pay.payer import ChannelPayer
+
+TOKENS_PER_VOUCHER = 3
+
+
+@pytest.fixture(scope="module")
+def code() -> Cell:
+    try:
+        return load_payment_channel_code()
+    except ContractCodeError as exc:
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+
+
+@pytest.fixture
+def net(tmp_path: Path, code: Cell) -> PayNet:
+    return pay_net(tmp_path, code)
+
+
+@asynccontextmanager
+async def linked(net: PayNet) -> AsyncIterator[tuple[IHost, ID]]:
+    """A provider host serving /meshnode/channel/1 and a client host connected to it."""
+    async with running_host(NodeIdentity.generate()) as provider_host:
+        net.provider.service.install(provider_host)
+        async with running_host(NodeIdentity.generate()) as client_host:
+            info = parse_peer_addr(full_addrs(provider_host)[0])
+            await client_host.connect(info)
+            yield client_host, info.peer_id
+
+
+async def pay_in_steps(net: PayNet, channel: ClientChannel, steps: int) -> ChannelPayer:
+    """One job of ``steps`` payment rounds through the provider's gate and client's payer."""
+    gate = net.provider.gates(job_open(channel.channel_id))
+    payer = channel.payer(PRICE, WINDOW_TOKENS)
+    payer.begin("hi")
+    await gate.start(prompt_tokens=2)
+    delivered = 0
+    for _ in range(steps):
+        delivered += TOKENS_PER_VOUCHER
+        await gate.accept_voucher(
+            await payer.voucher_for(gate.owed(delivered), delivered), delivered
+        )
+    assert gate.settled(delivered)
+    await gate.finish()
+    return payer
+
+
+async def test_open_deploys_the_deposit_and_inits_the_channel(net: PayNet) -> None:
+    channel = await net.open_channel()
+    status = await channel.status()
+    assert status.is_open
+    assert (status.balance_a, status.balance_b) == (DEPOSIT, 0)
+    assert net.chain.balance(channel.address) == DEPOSIT + FEE_RESERVE
+
+
+async def test_provider_learns_an_announced_channel_from_the_chain(net: PayNet) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+    record = net.provider.ledger.channel(channel.channel_id)
+    assert record is not None
+    assert (record.client_key, record.deposit) == (channel.signer.public_key, DEPOSIT)
+    assert channel.entry.counter_state is not None  # kept for a unilateral close
+
+
+async def test_announce_of_a_channel_that_is_not_on_chain_is_refused(net: PayNet) -> None:
+    never_deployed = Announce(
+        channel_id=77,
+        key_a=net.client.keys.channel_public,
+        address_a=raw_address(CLIENT_WALLET),
+        quarantine_duration=QUARANTINE_S,
+        misbehavior_fine=FINE,
+        conditional_close_duration=60,
+        excess_fee=0,
+    )
+    with pytest.raises(ChannelRefused) as info:
+        await net.provider.service.learn(never_deployed)
+    assert info.value.code == "not_on_chain"
+    assert net.provider.ledger.channel(77) is None
+
+
+async def test_a_quarantine_too_short_to_challenge_in_is_refused(net: PayNet) -> None:
+    channel = await net.open_channel()
+    config = channel.entry.config
+    hasty = Announce(
+        channel_id=config.channel_id,
+        key_a=config.key_a,
+        address_a=raw_address(CLIENT_WALLET),
+        quarantine_duration=60,
+        misbehavior_fine=FINE,
+        conditional_close_duration=60,
+        excess_fee=0,
+    )
+    with pytest.raises(ChannelRefused) as info:
+        await net.provider.service.learn(hasty)
+    assert info.value.code == "quarantine_too_short"
+
+
+async def test_every_accepted_voucher_is_in_the_ledger_when_accept_returns(net: PayNet) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+    gate = net.provider.gates(job_open(channel.channel_id))
+    payer = channel.payer(PRICE, WINDOW_TOKENS)
+    payer.begin("hi")
+    await gate.start(prompt_tokens=2)
+    for delivered in (3, 6, 9):
+        await gate.accept_voucher(
+            await payer.voucher_for(gate.owed(delivered), delivered), delivered
+        )
+        stored = net.provider.ledger.latest_voucher(channel.channel_id)
+        assert stored is not None and stored.voucher == payer.vouchers[-1]
+    await gate.finish()
+
+
+async def test_cooperative_close_pays_exactly_the_last_voucher(net: PayNet) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+        payer = await pay_in_steps(net, channel, steps=4)
+        last = payer.vouchers[-1]
+        a_before = net.chain.balance(CLIENT_WALLET)
+        b_before = net.chain.balance(PROVIDER_WALLET)
+        await channel.close(client_host, provider)
+    assert last.sent > 0
+    assert net.chain.balance(PROVIDER_WALLET) - b_before == last.sent
+    assert net.chain.balance(CLIENT_WALLET) - a_before == DEPOSIT - last.sent + FEE_RESERVE
+    assert net.chain.balance(channel.address) == 0
+    assert (await channel.status()).state == CHANNEL_STATE_UNINITED
+
+
+async def test_provider_will_not_cosign_a_close_below_its_latest_voucher(net: PayNet) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+        payer = await pay_in_steps(net, channel, steps=3)
+        channel.latest = payer.vouchers[0]  # a client pretending it paid less
+        with pytest.raises(ChannelError) as info:
+            await channel.close(client_host, provider)
+    assert info.value.code == "stale_voucher"
+    assert (await channel.status()).is_open
+
+
+async def test_watcher_challenges_a_stale_close_and_the_client_is_fined(net: PayNet) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+    payer = await pay_in_steps(net, channel, steps=4)
+    stale, latest = payer.vouchers[0], payer.vouchers[-1]
+    assert stale.seqno < latest.seqno and stale.sent < latest.sent
+    watcher = net.provider.watcher
+    watcher.interval_s = 0.01
+    await channel.start_uncooperative_close(stale)
+    assert (await channel.status()).quarantine_seqno_a == stale.seqno
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watcher.run)
+        with trio.fail_after(10):
+            while not watcher.actions:
+                await trio.sleep(0.01)
+        assert watcher.actions == [WatchAction(channel.channel_id, "challenged")]
+        assert (await channel.status()).quarantine_seqno_a == latest.seqno
+        a_before = net.chain.balance(CLIENT_WALLET)
+        b_before = net.chain.balance(PROVIDER_WALLET)
+        net.chain.inner.advance(QUARANTINE_S + 61)  # quarantine and settling time are over
+        with trio.fail_after(10):
+            while len(watcher.actions) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert watcher.actions[1] == WatchAction(channel.channel_id, "finished")
+    assert net.chain.balance(PROVIDER_WALLET) - b_before == latest.sent + FINE
+    assert net.chain.balance(CLIENT_WALLET) - a_before == DEPOSIT - latest.sent - FINE + FEE_RESERVE
+
+
+async def test_watcher_leaves_a_close_with_the_latest_voucher_alone(net: PayNet) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+    await pay_in_steps(net, channel, steps=2)
+    await channel.start_uncooperative_close()
+    assert await net.provider.watcher.check_once() == []
+    assert (await channel.status()).state == CHANNEL_STATE_CLOSURE_STARTED
+
+
+@pytest.mark.parametrize("jobs, steps", [(1, 1), (5, 12)])
+async def test_a_channel_costs_three_chain_messages_whatever_it_carries(
+    net: PayNet, jobs: int, steps: int
+) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+        vouchers = 0
+        for _ in range(jobs):
+            vouchers += len((await pay_in_steps(net, channel, steps)).vouchers)
+        await channel.close(client_host, provider)
+    assert vouchers == jobs * steps
+    assert net.chain.sends == 3  # deploy with deposit, init, cooperative close
+
+
+async def test_a_zero_voucher_closes_a_channel_that_never_carried_a_job(net: PayNet) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+        a_before = net.chain.balance(CLIENT_WALLET)
+        await channel.close(client_host, provider)
+    assert net.chain.balance(CLIENT_WALLET) - a_before == DEPOSIT + FEE_RESERVE
+    assert channel.latest is not None and channel.latest.state == VoucherState(
+        channel.channel_id, 1, 0
+    )

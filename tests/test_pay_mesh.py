@@ -1,0 +1,162 @@
+"""Paid jobs over the mesh: a priced provider on 127.0.0.1 running the tiny llama model,
+a client paying by vouchers on a channel opened in the emulated chain (real contract)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from libp2p.peer.id import ID
+from pay_net import CLIENT_WALLET, DEPOSIT, PRICE, PROVIDER_WALLET, WINDOW_TOKENS, PayNet, pay_net
+from pytoniq_core.boc.cell import Cell
+
+from meshnode.core.advert import Advert
+from meshnode.core.voucher import VoucherSigner
+from meshnode.identity import NodeIdentity
+from meshnode.jobs.client import JobError
+from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
+from meshnode.pay.channel_messages import FEE_RESERVE
+from meshnode.pay.channels import ClientChannel
+from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.ledger import ChannelRecord, Ledger
+
+if TYPE_CHECKING:
+    from meshnode.engine.llama import LlamaEngine
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def code() -> Cell:
+    try:
+        return load_payment_channel_code()
+    except ContractCodeError as exc:
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+
+
+def steady(engine: LlamaEngine) -> dict[str, Any]:
+    from meshnode.engine.llama import steady_logit_bias
+
+    return {"temperature": 0.0, "seed": 7, "logit_bias": steady_logit_bias(engine)}
+
+
+@dataclasses.dataclass
+class Mesh:
+    net: PayNet
+    provider: ProviderNode
+    client: ClientNode
+    advert: Advert
+    channel: ClientChannel
+
+    @property
+    def provider_id(self) -> ID:
+        return ID.from_base58(self.advert.peer_id)
+
+
+@asynccontextmanager
+async def mesh(tmp_path: Path, code: Cell, engine: LlamaEngine) -> AsyncIterator[Mesh]:
+    net = pay_net(tmp_path, code)
+    settings = ProviderSettings(
+        price_prompt_per_1k=PRICE.prompt_per_1k, price_completion_per_1k=PRICE.completion_per_1k
+    )
+    async with provider_node(
+        engine,
+        identity=NodeIdentity.generate(),
+        settings=settings,
+        gate_factory=net.provider.gates,
+    ) as prov:
+        net.provider.service.install(prov.host)
+        async with client_node(allow_insecure=True) as client:  # dev provider, no TEE here
+            advert = await client.connect(prov.addrs[0])
+            channel = await net.open_channel()
+            await channel.announce(client.host, ID.from_base58(advert.peer_id))
+            yield Mesh(net, prov, client, advert, channel)
+
+
+async def test_a_job_is_paid_by_vouchers_and_the_bill_matches_them(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        payer = m.channel.payer(PRICE, WINDOW_TOKENS)
+        res = await m.client.ask(
+            m.advert, "hello world", max_tokens=MAX_TOKENS, params=steady(tiny_engine), payer=payer
+        )
+    assert res.usage.completion_tokens == MAX_TOKENS
+    # The credit window is 4 tokens: the provider had to ask several times.
+    assert len(payer.vouchers) >= MAX_TOKENS // WINDOW_TOKENS - 1
+    expected = PRICE.cost(res.usage.prompt_tokens, res.usage.completion_tokens)
+    assert res.usage.cost_nanoton == expected
+    assert payer.vouchers[-1].sent - payer.job_base == expected
+    stored = m.net.provider.ledger.latest_voucher(m.channel.channel_id)
+    assert stored is not None and stored.voucher == payer.vouchers[-1]
+
+
+async def test_jobs_then_a_cooperative_close_pay_the_provider_exactly_the_last_voucher(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        costs = []
+        for prompt in ("hello world", "a second job"):
+            res = await m.client.ask(
+                m.advert,
+                prompt,
+                max_tokens=MAX_TOKENS,
+                params=steady(tiny_engine),
+                payer=m.channel.payer(PRICE, WINDOW_TOKENS),
+            )
+            costs.append(res.usage.cost_nanoton)
+        last = m.channel.latest
+        assert last is not None and last.sent == sum(costs)
+        a_before = m.net.chain.balance(CLIENT_WALLET)
+        b_before = m.net.chain.balance(PROVIDER_WALLET)
+        await m.channel.close(m.client.host, m.provider_id)
+    assert m.net.chain.balance(PROVIDER_WALLET) - b_before == last.sent
+    assert m.net.chain.balance(CLIENT_WALLET) - a_before == DEPOSIT - last.sent + FEE_RESERVE
+    assert m.net.chain.balance(m.channel.address) == 0
+    assert m.net.chain.sends == 3  # deploy, init, close: not one per job or token
+
+
+async def test_a_priced_provider_refuses_a_job_without_a_channel(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        with pytest.raises(JobError) as info:
+            await m.client.ask(m.advert, "free lunch?", max_tokens=4, params=steady(tiny_engine))
+    assert info.value.code == "payment_required"
+    assert info.value.before_first_token
+
+
+async def test_a_forged_voucher_ends_the_job_and_the_node_keeps_serving(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        forger_ledger = Ledger(tmp_path / "forger")
+        forger_ledger.add_channel(ChannelRecord(m.channel.channel_id, bytes(32), DEPOSIT, 0.0))
+        forged = dataclasses.replace(
+            m.channel, signer=VoucherSigner(bytes([9]) * 32), ledger=forger_ledger
+        )
+        with pytest.raises(JobError) as info:
+            await m.client.ask(
+                m.advert,
+                "hello world",
+                max_tokens=MAX_TOKENS,
+                params=steady(tiny_engine),
+                payer=forged.payer(PRICE, WINDOW_TOKENS),
+            )
+        assert info.value.code == "voucher_bad_signature"
+        assert m.net.provider.ledger.latest_voucher(m.channel.channel_id) is None
+        res = await m.client.ask(
+            m.advert,
+            "hello world",
+            max_tokens=MAX_TOKENS,
+            params=steady(tiny_engine),
+            payer=m.channel.payer(PRICE, WINDOW_TOKENS),
+        )
+    assert res.usage.completion_tokens == MAX_TOKENS
+    assert m.provider.jobs.stats.errors.get("voucher_bad_signature") == 1
