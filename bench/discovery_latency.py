@@ -29,9 +29,9 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from discovery_mesh import model_id, running_mesh  # noqa: E402
+from discovery_mesh import model_id, running_mesh
 
-from meshnode.p2p.dht import find_provider_ids  # noqa: E402
+from meshnode.p2p.dht import find_provider_ids
 
 RESULTS = Path(__file__).resolve().parent / "results" / "discovery_latency.json"
 DEFAULT_SIZES = (20, 40)  # modest: every node shares the same 2 cores

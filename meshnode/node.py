@@ -27,7 +27,7 @@ from meshnode.attest.local import make_evidence
 from meshnode.attest.policy_file import load_policy
 from meshnode.attest.tdx_tsm import TdxEvidenceProducer
 from meshnode.attest.verifier import EvidenceVerifier
-from meshnode.core.advert import Advert, Capacity, Load, ModelOffer, encode_signed
+from meshnode.core.advert import Advert, Capacity, Load, ModelOffer, TonPayee, encode_signed
 from meshnode.core.attest_binding import EPOCH_SECONDS, epoch_at
 from meshnode.core.attest_policy import Reason, Verdict
 from meshnode.core.directory import Directory, InsertResult
@@ -65,6 +65,7 @@ class ProviderSettings:
     price_completion_per_1k: int = 0
     tee: str = "dev"  # "dev" (no TEE, clients must opt in) or "tdx" (configfs-tsm quote)
     tokens_per_s_hint: float = 0.0  # advertised until the first job measures real speed
+    ton: TonPayee | None = None  # channel key + wallet clients open payment channels to
 
 
 class ProviderNode:
@@ -149,6 +150,7 @@ class ProviderNode:
             issued_at=now,
             expires_at=now + ADVERT_LIFETIME_S,
             attestation=self.evidence.to_dict() if self.evidence is not None else b"",
+            ton=self.settings.ton,
         )
 
     def signed_advert(self) -> bytes:

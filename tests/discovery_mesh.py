@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
-import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
@@ -57,8 +56,14 @@ class FakeProvider:
             peer_pubkey=self.identity.peer_public,
             addrs=tuple(full_addrs(self.host) + circuits),
             models=tuple(
-                ModelOffer(id=m, name=f"model-{m[:8]}", quant="Q4_K_M", ctx=4096,
-                           price_prompt_per_1k=1, price_completion_per_1k=2)
+                ModelOffer(
+                    id=m,
+                    name=f"model-{m[:8]}",
+                    quant="Q4_K_M",
+                    ctx=4096,
+                    price_prompt_per_1k=1,
+                    price_completion_per_1k=2,
+                )
                 for m in self.models
             ),
             capacity=Capacity(slots=1, tokens_per_s=50.0),
@@ -160,7 +165,3 @@ async def running_mesh(
             await nursery.start(fake.announcer.run)
             providers.append(fake)
         yield Mesh(bootstrap, boot_addr, providers, stack)
-
-
-def is_loopback(addr: str) -> bool:
-    return multiaddr.Multiaddr(addr).value_for_protocol("ip4") == "127.0.0.1"

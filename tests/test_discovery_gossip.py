@@ -64,7 +64,7 @@ async def test_every_advert_published_arrives() -> None:
                 assert p.announcer is not None
                 p.announcer.load_changed()
             await trio.sleep(0.6)
-        published = {p.peer_id: set(p.published[before[p.peer_id]:]) for p in mesh.providers}
+        published = {p.peer_id: set(p.published[before[p.peer_id] :]) for p in mesh.providers}
         wanted = {(pid, seq) for pid, seqs in published.items() for seq in seqs}
         with trio.fail_after(MESH_WAIT_S):
             while not wanted <= accepted:

@@ -325,3 +325,12 @@ def test_malformed_stats_are_refused_and_change_nothing(data: dict[str, object])
     with pytest.raises(StatsFormatError):
         router.import_stats(data)
     assert router.export_stats() == before
+
+
+def test_abandoned_job_frees_inflight_without_penalty() -> None:
+    router = Router(seed=1)
+    router.record_start("p", 0.0)
+    assert router.stats("p").inflight == 1
+    router.record_abandoned("p", 1.0)
+    stats = router.stats("p")
+    assert stats.inflight == 0 and stats.failures == 0 and stats.penalty(1.0) == 0.0

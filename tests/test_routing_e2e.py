@@ -142,3 +142,22 @@ async def test_provider_killed_mid_generation_stream_continues(
 def _tail(text: str, pieces: list[str], first_tokens: int) -> str:
     """The text after the first provider's chunks (each steady chunk is one token)."""
     return "".join(pieces[first_tokens:])
+
+
+async def test_request_error_is_not_retried_elsewhere(engines: list[LlamaEngine]) -> None:
+    from meshnode.jobs.client import JobError
+
+    async with (
+        provider_node(engines[0], identity=NodeIdentity.generate()) as a,
+        provider_node(engines[1], identity=NodeIdentity.generate()) as b,
+        client_node(allow_insecure=True) as client,
+    ):
+        for p in (a, b):
+            await client.connect(p.addrs[0])
+        bad = {"logit_bias": {engines[0].n_vocab + 5: -100.0}}  # no such token id
+        with pytest.raises(JobError) as info:
+            await client.complete(engines[0].info.model_id, "hi", max_tokens=4, params=bad)
+        assert info.value.code == "bad_request"
+        assert a.jobs.stats.errors.get("bad_request", 0) + b.jobs.stats.errors.get(
+            "bad_request", 0
+        ) == 1

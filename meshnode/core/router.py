@@ -352,6 +352,12 @@ class Router:
         if rtt_sample_s is not None:
             self.record_rtt(peer_id, rtt_sample_s, now)
 
+    def record_abandoned(self, peer_id: str, now: float) -> None:
+        """A job ended in a way that says nothing about the provider (the request was
+        invalid): it no longer counts as in flight, and nothing else changes."""
+        stats = self._peer(peer_id, now)
+        stats.inflight = max(0, stats.inflight - 1)
+
     def record_failure(self, peer_id: str, now: float) -> None:
         """A job failed (refused, timed out, broke mid-stream): add a decaying penalty."""
         stats = self._peer(peer_id, now)

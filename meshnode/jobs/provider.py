@@ -29,7 +29,7 @@ from meshnode.core.messages import (
     check_prompt_body,
 )
 from meshnode.core.wire import WireError
-from meshnode.engine.base import Engine, SamplingParams
+from meshnode.engine.base import Engine, InvalidRequest, PromptTooLong, SamplingParams
 from meshnode.jobs.payment_gate import FreeGate, PaymentGate, PaymentRejected
 from meshnode.p2p.framed import FramedStream, StreamClosed
 
@@ -125,6 +125,10 @@ class JobProvider:
             self.stats.jobs_cancelled += 1
             log.info("client %s went away: %s", peer, exc)
             return
+        if isinstance(exc, PromptTooLong):
+            exc = JobRefused("prompt_too_long", str(exc))
+        elif isinstance(exc, InvalidRequest):  # includes bad sampling params for this model
+            exc = JobRefused("bad_request", str(exc))
         if isinstance(exc, WireError | JobRefused | PaymentRejected):
             code = getattr(exc, "code", "protocol")
             log.warning("job stream from %s closed: %s: %s", peer, code, exc)

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ATTEMPTS = 4
 # Long CPU generations take minutes; beyond ten the user has given up anyway.
 DEFAULT_DEADLINE_S = 600.0
+# Errors that are the request's fault: every provider would refuse it the same way.
+NON_RETRYABLE = frozenset({"bad_params", "bad_request", "prompt_too_long", "overbilled"})
 # Rough characters per token, only for the router's estimate before any tokenizer runs.
 CHARS_PER_TOKEN = 4
 
@@ -157,6 +159,9 @@ class RoutedJobs:
                         payer=self.payer_for(choice.advert),
                     )
                 except (JobError, OSError, trio.TooSlowError) as exc:
+                    if isinstance(exc, JobError) and exc.code in NON_RETRYABLE:
+                        self.router.record_abandoned(choice.peer_id, self.clock())
+                        raise
                     got = exc.received_tokens if isinstance(exc, JobError) else 0
                     code = exc.code if isinstance(exc, JobError) else type(exc).__name__
                     self.router.record_failure(choice.peer_id, self.clock())

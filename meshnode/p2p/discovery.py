@@ -28,6 +28,7 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
+from trio_typing import TaskStatus
 
 from meshnode.core.advert import AdvertRejected, decode_and_verify
 from meshnode.core.directory import Directory, InsertResult, Provider
@@ -101,7 +102,7 @@ class BootstrapNode:
         self.dht: MeshKadDHT | None = None
         self.gossip: AdvertGossip | None = None
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         dht = self.dht = make_dht(self.host, server=True)
         gossip = self.gossip = AdvertGossip(self.host)
         async with AsyncExitStack() as stack:
@@ -169,7 +170,7 @@ class ProviderAnnouncer:
         """Ask for an early gossip publish (debounced to the load interval)."""
         self._load_changed.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(trio.open_nursery())
             if self.relay_addrs:
@@ -273,7 +274,7 @@ class ClientDiscovery:
             self.on_insert(result)
         return result
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with AsyncExitStack() as stack:
             self.dht = make_dht(self.host, server=False)
             await stack.enter_async_context(background_trio_service(self.dht))

@@ -99,9 +99,7 @@ class RelayClient:
     def __init__(self, host: IHost) -> None:
         self.host = host
         self.protocol = CircuitV2Protocol(host, allow_hop=False)
-        self.transport = CircuitV2Transport(
-            host, self.protocol, RelayConfig(roles=RelayRole.STOP)
-        )
+        self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=RelayRole.STOP))
         self._circuits: list[str] = []
 
     @property
@@ -129,8 +127,9 @@ class RelayClient:
                 finally:
                     await stream.close()
         except trio.TooSlowError as exc:
-            raise RelayError(f"relay {relay_addr} did not answer within "
-                             f"{RESERVE_TIMEOUT_S:.0f} s") from exc
+            raise RelayError(
+                f"relay {relay_addr} did not answer within {RESERVE_TIMEOUT_S:.0f} s"
+            ) from exc
         except RelayError:
             raise
         except Exception as exc:
