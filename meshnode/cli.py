@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -199,6 +200,68 @@ def ask(
         return 0
 
     raise typer.Exit(_run(main))
+
+
+@app.command()
+def client(
+    peer: Annotated[
+        list[str] | None, typer.Option("--peer", help="Provider multiaddr (repeatable).")
+    ] = None,
+    api: Annotated[
+        str, typer.Option("--api", help="Serve the OpenAI-compatible API on HOST:PORT.")
+    ] = "127.0.0.1:8080",
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="MESHNODE_API_KEY", help="Require this bearer key."),
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow a non-loopback bind (needs a key).")
+    ] = False,
+    strategy: Annotated[
+        str, typer.Option(help="random|round_robin|least_loaded|p2c|cheapest|fastest")
+    ] = "p2c",
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow providers without a TEE (dev evidence).")
+    ] = False,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a light client with an OpenAI-compatible endpoint on loopback."""
+    from meshnode.api.backend import RoutedBackend
+    from meshnode.api.server import BindRefused, check_bind, parse_listen, serve_api
+    from meshnode.core.router import Strategy
+    from meshnode.node import client_node
+
+    _setup_logging(verbose)
+    try:
+        api_host, api_port = parse_listen(api)
+        check_bind(api_host, allow_remote=allow_remote, api_key=api_key)
+        chosen = Strategy(strategy)
+    except (ValueError, BindRefused) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+    async def main() -> None:
+        stats = data_dir(home) / "client" / "peer-stats.json"
+        async with client_node(
+            allow_insecure=insecure, strategy=chosen, stats_path=stats
+        ) as node, trio.open_nursery() as nursery:
+            for addr in peer or []:
+                try:
+                    advert = await node.connect(addr)
+                except Exception as exc:  # one bad address must not stop the client
+                    err.print(f"[red]cannot use {addr}:[/] {type(exc).__name__}: {exc}")
+                    continue
+                out.print(f"provider {advert.peer_id}: {node.verification(advert.peer_id)}")
+            url = await nursery.start(
+                partial(serve_api, RoutedBackend(node), api_host, api_port,
+                        api_key=api_key, allow_remote=allow_remote)
+            )
+            out.print(f"[bold green]OpenAI-compatible API[/] at {url}/v1")
+            if insecure:
+                out.print("[yellow]--insecure: answers may come from providers without a TEE[/]")
+
+    _run(main)
 
 
 @app.command()
