@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from meshnode.jobs.payment_gate import Payer
 from meshnode.jobs.provider import GateFactory, JobProvider
 from meshnode.jobs.routed import PayerFor, RoutedJobs, RoutedResult
 from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, fetch_signed_advert, serve_advert
+from meshnode.p2p.discovery import ClientDiscovery, ProviderAnnouncer
 from meshnode.p2p.host import (
     DEFAULT_LISTEN,
     DIAL_TIMEOUT_S,
@@ -48,6 +49,7 @@ from meshnode.p2p.host import (
     parse_peer_addr,
     running_host,
 )
+from meshnode.p2p.relay import RelayClient, is_circuit_addr
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ ADVERT_LIFETIME_S = 300.0
 
 @dataclass
 class ProviderSettings:
-    listen: str = DEFAULT_LISTEN
+    listen: str | None = DEFAULT_LISTEN  # None: no inbound address (use `relay`)
     slots: int = 1
     max_queue: int = 4
     price_prompt_per_1k: int = 0
@@ -66,6 +68,8 @@ class ProviderSettings:
     tee: str = "dev"  # "dev" (no TEE, clients must opt in) or "tdx" (configfs-tsm quote)
     tokens_per_s_hint: float = 0.0  # advertised until the first job measures real speed
     ton: TonPayee | None = None  # channel key + wallet clients open payment channels to
+    bootstrap: tuple[str, ...] = ()  # multiaddrs to join the mesh through (DHT + gossip)
+    relay: tuple[str, ...] = ()  # relays to reserve a slot on when not directly reachable
 
 
 class ProviderNode:
@@ -96,6 +100,7 @@ class ProviderNode:
             else DevEvidenceProducer(identity.signing_key)
         )
         self.producer = producer
+        self.announcer: ProviderAnnouncer | None = None
 
     async def refresh_evidence(self, now: float | None = None) -> None:
         """Fresh evidence binding our keys for the current epoch."""
@@ -129,7 +134,7 @@ class ProviderNode:
         return Advert(
             peer_id=self.peer_id,
             peer_pubkey=self.identity.peer_public,
-            addrs=tuple(self.addrs),
+            addrs=tuple(self.addrs + (self.announcer.circuit_addrs if self.announcer else [])),
             models=(
                 ModelOffer(
                     id=info.model_id,
@@ -185,6 +190,16 @@ async def provider_node(
         node.install()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.keep_evidence_fresh)
+            if settings.bootstrap or settings.relay:
+                announcer = node.announcer = ProviderAnnouncer(
+                    host,
+                    node.signed_advert,
+                    [engine.info.model_id],
+                    settings.bootstrap,
+                    relay_addrs=settings.relay,
+                )
+                node.jobs.on_load_change = lambda _active, _queued: announcer.load_changed()
+                await nursery.start(announcer.run)
             yield node
             nursery.cancel_scope.cancel()
 
@@ -209,6 +224,9 @@ class ClientNode:
         self.router = Router(strategy=strategy)
         self.verifier = EvidenceVerifier(load_policy(policy_path), allow_insecure=allow_insecure)
         self.insecure: dict[str, bool] = {}
+        self.discovery: ClientDiscovery | None = None
+        self.relay: RelayClient | None = None
+        self._unverified = trio.Event()
         self.stats_path = stats_path
         if stats_path is not None and stats_path.exists():
             try:
@@ -230,16 +248,42 @@ class ClientNode:
 
     async def add_advert(self, data: bytes) -> InsertResult:
         """Insert a signed advert and verify its attestation if it is new."""
+        result = self.directory.insert(data, time.time())
+        if result.accepted and result.needs_verification:
+            await self.verify_pending()
+        return result
+
+    def on_discovered(self, result: InsertResult) -> None:
+        """Discovery inserted an advert (sync callback): verification runs in its task."""
+        if result.accepted and result.needs_verification:
+            self._unverified.set()
+
+    async def verify_pending(self) -> None:
         now = time.time()
-        result = self.directory.insert(data, now)
-        if result.accepted and result.needs_verification and result.listing is not None:
-            advert = result.listing.advert
+        for listing in self.directory.pending_verification(now):
+            advert = listing.advert
             verdict = await self._verify(advert, now)
             self.directory.set_verification(
                 advert.peer_id, verdict.ok, f"{verdict.reason}: {verdict.message}", seq=advert.seq
             )
             self.insecure[advert.peer_id] = verdict.insecure
-        return result
+
+    async def verify_loop(self) -> None:
+        while True:
+            await self._unverified.wait()
+            self._unverified = trio.Event()
+            await self.verify_pending()
+
+    async def find(self, model: str) -> int:
+        """Providers of `model` that pass verification, asking the mesh if none is known."""
+        now = time.time()
+        known = [p for p in self.directory.providers_for(model, now) if p.listing.verified]
+        if not known and self.discovery is not None:
+            await self.discovery.find(model)
+            await self.verify_pending()
+            known = [p for p in self.directory.providers_for(model, time.time())
+                     if p.listing.verified]
+        return len(known)
 
     async def _verify(self, advert: Advert, now: float) -> Verdict:
         try:
@@ -271,9 +315,22 @@ class ClientNode:
         peer = ID.from_base58(advert.peer_id)
         if self.host.get_network().connections.get(peer):
             return
-        addrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in advert.addrs]
-        with trio.fail_after(DIAL_TIMEOUT_S):
-            await self.host.connect(PeerInfo(peer, addrs))
+        direct = [a for a in advert.addrs if not is_circuit_addr(a)]
+        relayed = [a for a in advert.addrs if is_circuit_addr(a)]
+        if direct:
+            try:
+                addrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in direct]
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    await self.host.connect(PeerInfo(peer, addrs))
+                return
+            except Exception:
+                if not relayed or self.relay is None:
+                    raise
+        if relayed and self.relay is not None:
+            with trio.fail_after(DIAL_TIMEOUT_S):
+                await self.relay.dial(relayed[0])
+            return
+        raise ConnectionError(f"provider {advert.peer_id} advertises no address we can dial")
 
     def verification(self, peer_id: str) -> str:
         listing = self.directory.get(peer_id, time.time())
@@ -324,6 +381,7 @@ class ClientNode:
         on_text: OnText | None = None,
     ) -> RoutedResult:
         """A job on the best provider of `model` (id or name), with failover."""
+        await self.find(model)
         return await self.jobs.complete(
             model, prompt, max_tokens=max_tokens, params=params or {}, on_text=on_text
         )
@@ -356,9 +414,11 @@ async def client_node(
     strategy: Strategy = Strategy.POWER_OF_TWO,
     stats_path: Path | None = None,
     payer_for: PayerFor | None = None,
+    bootstrap: Sequence[str] = (),
 ) -> AsyncIterator[ClientNode]:
     """A light client. Its identity is ephemeral by default: a client has no reputation
-    to keep, and a fresh peer id per session is better for privacy."""
+    to keep, and a fresh peer id per session is better for privacy. With `bootstrap`
+    it joins the mesh (DHT client mode + advert gossip) and can dial relayed providers."""
     async with running_host(identity or NodeIdentity.generate(), listen) as host:
         node = ClientNode(
             host,
@@ -367,8 +427,18 @@ async def client_node(
             stats_path=stats_path,
             payer_for=payer_for,
         )
-        try:
-            yield node
-        finally:
-            with trio.CancelScope(shield=True):
-                await node.save_stats()
+        async with AsyncExitStack() as stack:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(node.verify_loop)
+            if bootstrap:
+                node.relay = await stack.enter_async_context(RelayClient(host).running())
+                node.discovery = ClientDiscovery(
+                    host, node.directory, bootstrap, on_insert=node.on_discovered
+                )
+                await nursery.start(node.discovery.run)
+            try:
+                yield node
+            finally:
+                with trio.CancelScope(shield=True):
+                    await node.save_stats()
+                nursery.cancel_scope.cancel()

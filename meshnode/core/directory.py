@@ -64,6 +64,7 @@ class Listing:
     verification_reason: str
     received_at: float
     evidence_since_seq: int  # first seq that carried the current evidence and keys
+    signed: bytes = b""  # the advert as received, so it can be passed on unchanged
 
     @property
     def peer_id(self) -> str:
@@ -199,6 +200,7 @@ class Directory:
                 verification_reason=current.verification_reason,
                 received_at=now,
                 evidence_since_seq=current.evidence_since_seq,
+                signed=data,
             )
         else:
             listing = Listing(
@@ -207,6 +209,7 @@ class Directory:
                 verification_reason="attestation not checked yet",
                 received_at=now,
                 evidence_since_seq=advert.seq,
+                signed=data,
             )
         self._entries[advert.peer_id] = listing
         self.accepted += 1
@@ -292,6 +295,7 @@ class Directory:
             verification_reason=reason[:MAX_VERIFICATION_REASON_LEN],
             received_at=current.received_at,
             evidence_since_seq=current.evidence_since_seq,
+            signed=current.signed,
         )
         return True
 

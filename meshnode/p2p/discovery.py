@@ -42,6 +42,7 @@ from meshnode.p2p.dht import (
     join,
     make_dht,
 )
+from meshnode.p2p.directory_sync import fetch_snapshot, install_snapshot_server
 from meshnode.p2p.gossip import ADVERT_TOPIC, AdvertGossip
 from meshnode.p2p.host import parse_peer_addr
 from meshnode.p2p.relay import RelayClient, RelayError, running_relay_server
@@ -114,6 +115,7 @@ class BootstrapNode:
             if self.peers:
                 await join(dht, self.host, self.peers)
             nursery.start_soon(dht.prune_loop)
+            install_snapshot_server(self.host, self.directory)
             nursery.start_soon(gossip.feed, self.directory)
             nursery.start_soon(_expire_loop, self.directory, time.time)
             task_status.started()
@@ -173,6 +175,15 @@ class ProviderAnnouncer:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(trio.open_nursery())
+            if self.use_dht:
+                self.dht = make_dht(self.host, server=self.dht_server)
+                await stack.enter_async_context(background_trio_service(self.dht))
+            if self.use_gossip:
+                self.gossip = AdvertGossip(self.host)
+                await stack.enter_async_context(self.gossip.running())
+            # Reserve only now: py-libp2p's pubsub ignores connections made before it
+            # started, so connecting to the relay (a bootstrap node) earlier would leave
+            # this provider without gossip peers.
             if self.relay_addrs:
                 self.relay_client = RelayClient(self.host)
                 await stack.enter_async_context(self.relay_client.running())
@@ -188,12 +199,6 @@ class ProviderAnnouncer:
                         f"no relay of {len(self.relay_addrs)} gave a slot; this provider "
                         "cannot be reached (check the relay addresses)"
                     )
-            if self.use_dht:
-                self.dht = make_dht(self.host, server=self.dht_server)
-                await stack.enter_async_context(background_trio_service(self.dht))
-            if self.use_gossip:
-                self.gossip = AdvertGossip(self.host)
-                await stack.enter_async_context(self.gossip.running())
             inner = await stack.enter_async_context(trio.open_nursery())
             if self.dht is not None:
                 await join(self.dht, self.host, self.bootstrap)
@@ -287,8 +292,21 @@ class ClientDiscovery:
             if self.gossip is not None:
                 nursery.start_soon(self.gossip.feed, self.directory, self.on_insert)
             nursery.start_soon(_expire_loop, self.directory, self.clock)
+            await self.load_snapshots()
             task_status.started()
             await trio.sleep_forever()
+
+    async def load_snapshots(self) -> int:
+        """Insert the adverts the bootstrap peers hold (cold start in one round trip)."""
+        accepted = 0
+        for info in self.bootstrap:
+            try:
+                adverts = await fetch_snapshot(self.host, info.peer_id)
+            except Exception as exc:  # an old or broken bootstrap peer: gossip/DHT remain
+                log.info("no directory snapshot from %s: %s", info.peer_id, exc)
+                continue
+            accepted += sum(self._insert(data).accepted for data in adverts)
+        return accepted
 
     async def find(self, model: str, timeout: float = FIND_TIMEOUT_S) -> list[Provider]:
         """Live providers of ``model`` (id or name): the directory's if it has any, else

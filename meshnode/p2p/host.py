@@ -88,10 +88,11 @@ def connection_config() -> ConnectionConfig:
 
 @asynccontextmanager
 async def running_host(
-    identity: NodeIdentity, listen: str = DEFAULT_LISTEN
+    identity: NodeIdentity, listen: str | None = DEFAULT_LISTEN
 ) -> AsyncIterator[IHost]:
+    """A started host; `listen=None` listens nowhere (reachable only through a relay)."""
     host = make_host(identity)
-    async with host.run(listen_addrs=[multiaddr.Multiaddr(listen)]):
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(listen)] if listen else []):
         try:
             yield host
         finally:
