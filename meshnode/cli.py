@@ -32,6 +32,28 @@ HomeOpt = Annotated[
     typer.Option("--home", help="Data dir for keys and state (default $MESHNODE_HOME or XDG)."),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+BootstrapOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--bootstrap",
+        help="Bootstrap peer multiaddr (repeatable; default: bootstrap/peers.toml).",
+    ),
+]
+InsecureOpt = Annotated[
+    bool, typer.Option("--insecure", help="Allow providers without a TEE (dev evidence).")
+]
+
+
+def _bootstrap(given: list[str] | None) -> list[str]:
+    from meshnode.bootstrap_peers import BootstrapListError, load_bootstrap_peers
+
+    if given:
+        return given
+    try:
+        return load_bootstrap_peers()
+    except BootstrapListError as exc:
+        err.print(f"[red]bad bootstrap list:[/] {exc}")
+        raise typer.Exit(2) from None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -102,10 +124,17 @@ def serve(
     price_completion: Annotated[
         int, typer.Option("--price-completion", help="Nanoton per 1k completion tokens.")
     ] = 0,
+    bootstrap: BootstrapOpt = None,
+    relay: Annotated[
+        list[str] | None,
+        typer.Option("--relay", help="Reserve a slot on this relay (when not reachable)."),
+    ] = None,
     home: HomeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Serve a GGUF model to the mesh (prints the peer id and multiaddrs)."""
+    """Serve a GGUF model to the mesh (prints the peer id and multiaddrs).
+
+    `--listen none` accepts no inbound connection: give `--relay` to be reachable."""
     from meshnode.node import ProviderSettings, provider_node
 
     _setup_logging(verbose)
@@ -120,7 +149,9 @@ def serve(
         identity, created = load_or_create(data_dir(home))
         engine = await _load_engine(model, ctx, n_gpu_layers)
         settings = ProviderSettings(
-            listen=listen,
+            listen=None if listen.lower() == "none" else listen,
+            bootstrap=tuple(_bootstrap(bootstrap)),
+            relay=tuple(relay or ()),
             slots=slots,
             max_queue=queue,
             tee=tee,
@@ -133,6 +164,12 @@ def serve(
             out.print(f"peer id   {node.peer_id}" + (" (new identity)" if created else ""))
             for addr in node.addrs:
                 out.print(f"listening {addr}")
+            if node.announcer is not None:
+                for addr in node.announcer.circuit_addrs:
+                    out.print(f"relayed   {addr}")
+                out.print(f"announcing to the mesh via {len(settings.bootstrap)} bootstrap peer(s)")
+            else:
+                out.print("[dim]no bootstrap peers: reachable by address only[/]")
             if tee == "dev":
                 out.print("[yellow]attestation: dev (no TEE) — clients must opt in[/]")
             else:
@@ -144,58 +181,81 @@ def serve(
 
 @app.command()
 def ask(
-    prompt: Annotated[str, typer.Argument(help="The prompt to send.")],
-    peer: Annotated[str, typer.Option("--peer", help="Provider multiaddr with /p2p/ID.")],
+    prompt: Annotated[str, typer.Argument(help="The prompt to send (raw completion text).")],
+    peer: Annotated[
+        str | None, typer.Option("--peer", help="Provider multiaddr with /p2p/ID.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model name or id: found through the mesh.")
+    ] = None,
+    bootstrap: BootstrapOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 128,
     temperature: Annotated[float, typer.Option()] = 0.7,
     seed: Annotated[int | None, typer.Option()] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Allow providers without a TEE (dev evidence).")
-    ] = False,
+    insecure: InsecureOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Send one prompt to a provider and print the tokens as they arrive."""
+    """Send one prompt to a provider (--peer) or to the best provider of --model, and
+    print the tokens as they arrive."""
     from meshnode.jobs.client import JobError
+    from meshnode.jobs.routed import NoProvider
     from meshnode.node import client_node
 
     _setup_logging(verbose)
+    if (peer is None) == (model is None):
+        err.print("[red]give exactly one of --peer MULTIADDR or --model NAME[/]")
+        raise typer.Exit(2)
+    boot = _bootstrap(bootstrap) if model is not None else []
+    if model is not None and not boot:
+        err.print("[red]--model needs a bootstrap peer (--bootstrap or bootstrap/peers.toml)[/]")
+        raise typer.Exit(2)
+    params: dict[str, Any] = {"temperature": temperature}
+    if seed is not None:
+        params["seed"] = seed
+
+    async def on_text(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
     async def main() -> int:
-        async with client_node(allow_insecure=insecure) as client:
+        async with client_node(allow_insecure=insecure, bootstrap=boot) as client:
             try:
-                advert = await client.connect(peer)
-            except (ValueError, OSError, trio.TooSlowError) as exc:
-                err.print(f"[red]cannot reach {peer}:[/] {exc}")
-                return 3
-            except Exception as exc:  # libp2p raises its own dial errors
-                err.print(f"[red]cannot reach {peer}:[/] {type(exc).__name__}: {exc}")
-                return 3
-
-            async def on_text(text: str) -> None:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-
-            params: dict[str, Any] = {"temperature": temperature}
-            if seed is not None:
-                params["seed"] = seed
-            try:
-                res = await client.ask(
-                    advert, prompt, max_tokens=max_tokens, params=params, on_text=on_text
-                )
+                if peer is not None:
+                    try:
+                        advert = await client.connect(peer)
+                    except Exception as exc:  # libp2p raises its own dial errors
+                        err.print(f"[red]cannot reach {peer}:[/] {type(exc).__name__}: {exc}")
+                        return 3
+                    res = await client.ask(advert, prompt, max_tokens=max_tokens,
+                                           params=params, on_text=on_text)
+                    used, usage, insecure_run = (
+                        [advert.peer_id], res.usage, client.insecure.get(advert.peer_id, True)
+                    )
+                    ttft, elapsed = res.ttft_s, res.elapsed_s
+                else:
+                    assert model is not None
+                    routed = await client.complete(model, prompt, max_tokens=max_tokens,
+                                                   params=params, on_text=on_text)
+                    used, usage = routed.providers, routed.usage
+                    insecure_run = client.ran_insecure(routed)
+                    ttft, elapsed = routed.ttft_s, routed.elapsed_s
             except PermissionError as exc:
                 err.print(f"[red]refused:[/] {exc} (--insecure allows dev providers)")
                 return 5
+            except NoProvider as exc:
+                err.print(f"[red]no provider:[/] {exc}")
+                return 6
             except JobError as exc:
                 err.print(f"\n[red]job failed:[/] {exc}")
                 return 4
-            insecure_run = client.insecure.get(advert.peer_id, True)
         sys.stdout.write("\n")
         if insecure_run:
             err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
                       "could read the prompt[/]")
         err.print(
-            f"[dim]{res.usage.completion_tokens} tokens, first after {res.ttft_s * 1000:.0f} ms, "
-            f"{res.elapsed_s:.2f} s total, finish: {res.usage.finish_reason}[/]"
+            f"[dim]{usage.completion_tokens} tokens from {', '.join(p[-8:] for p in used)}, "
+            f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
+            f"finish: {usage.finish_reason}[/]"
         )
         return 0
 
@@ -220,9 +280,8 @@ def client(
     strategy: Annotated[
         str, typer.Option(help="random|round_robin|least_loaded|p2c|cheapest|fastest")
     ] = "p2c",
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Allow providers without a TEE (dev evidence).")
-    ] = False,
+    bootstrap: BootstrapOpt = None,
+    insecure: InsecureOpt = False,
     home: HomeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -244,7 +303,8 @@ def client(
     async def main() -> None:
         stats = data_dir(home) / "client" / "peer-stats.json"
         async with client_node(
-            allow_insecure=insecure, strategy=chosen, stats_path=stats
+            allow_insecure=insecure, strategy=chosen, stats_path=stats,
+            bootstrap=_bootstrap(bootstrap),
         ) as node, trio.open_nursery() as nursery:
             for addr in peer or []:
                 try:
@@ -280,15 +340,6 @@ def demo(
     from meshnode.demo import run_demo
 
     raise typer.Exit(_run(lambda: run_demo(out, err, prompt, max_tokens, tiny)))
-
-
-def main() -> None:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
-
-
-if __name__ == "__main__":
-    main()
 
 
 @app.command()
@@ -360,3 +411,176 @@ def verify_quote(
         err.print(f"[red]verification failed:[/] {exc}")
         raise typer.Exit(1) from None
     out.print_json(json.dumps(claims.to_dict()))
+
+
+
+def _directory_snapshot(
+    bootstrap: list[str] | None, insecure: bool, wait_s: float
+) -> tuple[list[Any], list[Any], dict[str, bool]]:
+    from meshnode.node import client_node
+
+    boot = _bootstrap(bootstrap)
+    if not boot:
+        err.print("[red]no bootstrap peers (--bootstrap or bootstrap/peers.toml)[/]")
+        raise typer.Exit(2)
+
+    async def main() -> tuple[list[Any], list[Any], dict[str, bool]]:
+        import time
+
+        async with client_node(allow_insecure=insecure, bootstrap=boot) as client:
+            await trio.sleep(wait_s)  # gossip brings whatever the snapshot missed
+            await client.verify_pending()
+            now = time.time()
+            return client.directory.peers(now), client.directory.models(now), client.insecure
+
+    result: tuple[list[Any], list[Any], dict[str, bool]] = _run(main)
+    return result
+
+
+WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to listen to gossip first.")]
+
+
+@app.command()
+def peers(
+    bootstrap: BootstrapOpt = None, wait: WaitOpt = 2.0, insecure: InsecureOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Join the mesh as a light client and list the providers it knows."""
+    from rich.table import Table
+
+    _setup_logging(verbose)
+    listings, _, insecure_by_peer = _directory_snapshot(bootstrap, insecure, wait)
+    table = Table(title=f"{len(listings)} provider(s)")
+    for col in ("peer", "models", "load", "tok/s", "attestation", "addresses"):
+        table.add_column(col)
+    for lst in listings:
+        a = lst.advert
+        table.add_row(
+            a.peer_id,
+            ", ".join(m.name for m in a.models),
+            f"{a.load.busy_slots}/{a.capacity.slots} +{a.load.queue_len}",
+            f"{a.capacity.tokens_per_s:.1f}",
+            f"{lst.verification.value}"
+            + (" (no TEE)" if insecure_by_peer.get(a.peer_id) else "")
+            + f": {lst.verification_reason[:40]}",
+            "\n".join(a.addrs),
+        )
+    out.print(table)
+
+
+@app.command()
+def models(
+    bootstrap: BootstrapOpt = None, wait: WaitOpt = 2.0, insecure: InsecureOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Join the mesh as a light client and list the models it serves."""
+    from rich.table import Table
+
+    _setup_logging(verbose)
+    _, summaries, _ = _directory_snapshot(bootstrap, insecure, wait)
+    table = Table(title=f"{len(summaries)} model(s)")
+    for col in ("name", "id", "quant", "ctx", "providers", "verified", "min price /1k (nTON)"):
+        table.add_column(col)
+    for m in summaries:
+        table.add_row(
+            m.name, m.id[:16] + "…", m.quant, str(m.ctx), str(m.providers),
+            str(m.verified_providers),
+            f"{m.min_price_prompt_per_1k} / {m.min_price_completion_per_1k}",
+        )
+    out.print(table)
+
+
+@app.command("bootstrap")
+def bootstrap_cmd(
+    listen: Annotated[str, typer.Option(help="libp2p listen multiaddr.")] = (
+        "/ip4/0.0.0.0/tcp/4001"
+    ),
+    peer: Annotated[
+        list[str] | None, typer.Option("--peer", help="Other bootstrap nodes to join.")
+    ] = None,
+    no_relay: Annotated[bool, typer.Option("--no-relay", help="Do not relay.")] = False,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a bootstrap node: DHT server, advert gossip, circuit relay; serves no model."""
+    from meshnode.p2p.discovery import BootstrapNode
+    from meshnode.p2p.host import full_addrs, running_host
+
+    _setup_logging(verbose)
+
+    async def main() -> None:
+        identity, _ = load_or_create(data_dir(home))
+        async with running_host(identity, listen) as host, trio.open_nursery() as nursery:
+            node = BootstrapNode(host, peer or [], relay=not no_relay)
+            await nursery.start(node.run)
+            out.print("[bold green]bootstrap node up[/] (DHT server, gossip"
+                      + ("" if no_relay else ", relay") + ")")
+            for addr in full_addrs(host):
+                out.print(f"join with --bootstrap {addr}")
+
+    _run(main)
+
+
+@app.command()
+def testnet(
+    providers: Annotated[int, typer.Option("--providers", help="How many providers.")] = 3,
+    models_: Annotated[
+        int, typer.Option("--models", help="Distinct tiny models among them.")
+    ] = 2,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Serve this GGUF on every provider instead.")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A local mesh on loopback: one bootstrap node and N providers, until Ctrl-C."""
+    from contextlib import AsyncExitStack
+
+    from meshnode.engine.llama import LlamaEngine
+    from meshnode.engine.tinymodel import write_tiny_llama
+    from meshnode.identity import NodeIdentity
+    from meshnode.node import ProviderSettings, provider_node
+    from meshnode.p2p.discovery import BootstrapNode
+    from meshnode.p2p.host import full_addrs, running_host
+
+    _setup_logging(verbose)
+    if providers < 1 or models_ < 1:
+        err.print("[red]--providers and --models must be at least 1[/]")
+        raise typer.Exit(2)
+
+    async def main() -> None:
+        cache = data_dir() / "models" / "testnet"
+        cache.mkdir(parents=True, exist_ok=True)
+        async with AsyncExitStack() as stack:
+            host = await stack.enter_async_context(running_host(NodeIdentity.generate()))
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            await nursery.start(BootstrapNode(host).run)
+            boot = full_addrs(host)[0]
+            for i in range(providers):
+                if model is not None:
+                    path = model
+                else:
+                    seed = i % models_
+                    path = cache / f"tiny-{seed}.gguf"
+                    if not path.exists():
+                        write_tiny_llama(path, seed=seed, name=f"tiny-{seed}")
+                engine = await LlamaEngine.load(path, n_ctx=512 if model is None else 4096)
+                stack.push_async_callback(engine.aclose)
+                node = await stack.enter_async_context(provider_node(
+                    engine, identity=NodeIdentity.generate(),
+                    settings=ProviderSettings(bootstrap=(boot,)),
+                ))
+                out.print(f"provider {i}: {engine.info.name} {node.peer_id}")
+            out.print(f"[bold green]testnet up[/]: join with --bootstrap {boot}")
+            out.print("[yellow]providers use dev attestation: clients need --insecure[/]")
+            await trio.sleep_forever()
+
+    _run(main)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()
