@@ -219,10 +219,11 @@ class ClientNode:
         payer_for: PayerFor | None = None,
     ) -> None:
         self.host = host
-        self.allow_insecure = allow_insecure
+        policy = load_policy(policy_path)
+        self.allow_insecure = allow_insecure or policy.allow_dev
         self.directory = Directory()
         self.router = Router(strategy=strategy)
-        self.verifier = EvidenceVerifier(load_policy(policy_path), allow_insecure=allow_insecure)
+        self.verifier = EvidenceVerifier(policy, allow_insecure=self.allow_insecure)
         self.insecure: dict[str, bool] = {}
         self.discovery: ClientDiscovery | None = None
         self.relay: RelayClient | None = None
@@ -415,6 +416,7 @@ async def client_node(
     stats_path: Path | None = None,
     payer_for: PayerFor | None = None,
     bootstrap: Sequence[str] = (),
+    policy_path: Path | None = None,
 ) -> AsyncIterator[ClientNode]:
     """A light client. Its identity is ephemeral by default: a client has no reputation
     to keep, and a fresh peer id per session is better for privacy. With `bootstrap`
@@ -426,6 +428,7 @@ async def client_node(
             strategy=strategy,
             stats_path=stats_path,
             payer_for=payer_for,
+            policy_path=policy_path,
         )
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(trio.open_nursery())

@@ -161,3 +161,34 @@ async def test_request_error_is_not_retried_elsewhere(engines: list[LlamaEngine]
         assert a.jobs.stats.errors.get("bad_request", 0) + b.jobs.stats.errors.get(
             "bad_request", 0
         ) == 1
+
+
+async def test_peer_statistics_survive_a_client_restart(
+    engines: list[LlamaEngine], tmp_path: Path
+) -> None:
+    stats = tmp_path / "peer-stats.json"
+    async with provider_node(engines[0], identity=NodeIdentity.generate()) as prov:
+        async with client_node(allow_insecure=True, stats_path=stats) as first:
+            await first.connect(prov.addrs[0])
+            await first.complete(engines[0].info.model_id, "hi", max_tokens=4,
+                                 params=steady(engines[0]))
+            learned = first.router.stats(prov.peer_id)
+        assert learned.successes == 1 and learned.rtt_s is not None
+        async with client_node(allow_insecure=True, stats_path=stats) as second:
+            again = second.router.stats(prov.peer_id)
+    assert again.successes == 1 and again.rtt_s == learned.rtt_s
+
+
+async def test_policy_may_allow_dev_providers(engines: list[LlamaEngine], tmp_path: Path) -> None:
+    from meshnode.attest.policy_file import DEFAULT_POLICY_PATH
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        DEFAULT_POLICY_PATH.read_text().replace("allow_dev = false", "allow_dev = true")
+    )
+    async with provider_node(engines[0], identity=NodeIdentity.generate()) as prov:
+        async with client_node(policy_path=policy) as client:
+            await client.connect(prov.addrs[0])
+            res = await client.complete(engines[0].info.model_id, "hi", max_tokens=3,
+                                        params=steady(engines[0]))
+            assert res.usage.completion_tokens == 3 and client.ran_insecure(res)

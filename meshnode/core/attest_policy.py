@@ -109,6 +109,9 @@ class AttestationPolicy:
     allow_dynamic_platform: bool = False
     allow_cached_keys: bool = False
     allow_smt: bool = False
+    # Providers without a TEE (dev evidence). Off in any real policy: a dev provider can
+    # read every prompt. A client's --insecure flag allows them too, per run.
+    allow_dev: bool = False
     tcb_grace_days: int = 0
     pccs_url: str = "https://api.trustedservices.intel.com"
     version: int = POLICY_VERSION
@@ -250,6 +253,7 @@ _TOP_KEYS = {
     "allow_dynamic_platform",
     "allow_cached_keys",
     "allow_smt",
+    "allow_dev",
     "tcb_grace_days",
     "pccs_url",
     "measurements",
@@ -291,7 +295,7 @@ def parse_policy(text: str, source: str = "<policy>") -> AttestationPolicy:
             raise ld.error("rejected_advisories", f"{a!r} is not an id like INTEL-SA-00334")
 
     flags = {}
-    for flag in ("allow_dynamic_platform", "allow_cached_keys", "allow_smt"):
+    for flag in ("allow_dynamic_platform", "allow_cached_keys", "allow_smt", "allow_dev"):
         flags[flag] = ld.typed(doc.get(flag, False), bool, flag)
 
     grace = ld.typed(doc.get("tcb_grace_days", 0), int, "tcb_grace_days")

@@ -82,6 +82,9 @@ class JobResult:
     ttft_s: float
     elapsed_s: float
     provider: str
+    # Open sent → Accept received: one round trip plus the provider's admission work,
+    # the router's latency sample for this peer.
+    accept_s: float = 0.0
 
 
 async def run_job(
@@ -154,6 +157,7 @@ async def _exchange(
         )
     )
     await fs.send(Sealed(sealer.seal({"k": "prompt", "prompt": req.prompt})))
+    sent_at = time.perf_counter()
 
     reply = await fs.recv(ACCEPT_TIMEOUT_S)
     if isinstance(reply, Busy):
@@ -163,6 +167,7 @@ async def _exchange(
     if not isinstance(reply, Accept):
         raise SchemaError(f"expected accept, got {type(reply).__name__}")
     opener = Opener(keys.recv, reply.header, ad=job_id)
+    accept_s = time.perf_counter() - sent_at
 
     received = 0
     ttft = 0.0
@@ -183,6 +188,7 @@ async def _exchange(
                     ttft_s=ttft,
                     elapsed_s=time.perf_counter() - start,
                     provider=str(peer),
+                    accept_s=accept_s,
                 )
             chunk, n, total = check_tokens_body(body)
             if total != received + n or total > req.max_tokens:

@@ -181,6 +181,7 @@ class RoutedJobs:
                     duration_s=time.perf_counter() - t0,
                     completion_tokens=res.usage.completion_tokens,
                     first_token_s=res.ttft_s if res.usage.completion_tokens else None,
+                    rtt_sample_s=res.accept_s,
                 )
                 earlier = delivered
                 delivered += res.usage.completion_tokens
