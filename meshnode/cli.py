@@ -8,7 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import trio
 import typer
@@ -17,6 +17,9 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from meshnode.identity import KeyFileError, data_dir, load_or_create
+
+if TYPE_CHECKING:
+    from meshnode.pay.chain_choice import ChainChoice
 
 app = typer.Typer(
     help="meshnode: a peer-to-peer mesh for confidential LLM inference.",
@@ -41,6 +44,18 @@ BootstrapOpt = Annotated[
 ]
 InsecureOpt = Annotated[
     bool, typer.Option("--insecure", help="Allow providers without a TEE (dev evidence).")
+]
+ChainOpt = Annotated[
+    str,
+    typer.Option(
+        "--chain",
+        help="TON chain for payments: 'local' (emulated, real contract code, state in "
+        "$MESHNODE_CHAIN_STATE or ~/.cache/meshnode) or 'liteclient' (not in this build).",
+    ),
+]
+NetworkConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--network-config", help="TON global config for --chain liteclient."),
 ]
 
 
@@ -78,6 +93,62 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
     except KeyFileError as exc:
         err.print(f"[red]key file problem:[/] {exc}")
         raise typer.Exit(2) from None
+
+
+def _chain_choice(chain: str, network_config: Path | None) -> ChainChoice:
+    from meshnode.pay.chain_choice import ChainChoice, ChainKind, ChainUnavailable
+
+    try:
+        choice = ChainChoice(ChainKind(chain.lower()), network_config)
+        choice.check()
+    except ValueError:
+        err.print(f"[red]--chain must be 'local' or 'liteclient', not {chain!r}[/]")
+        raise typer.Exit(2) from None
+    except ChainUnavailable as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    return choice
+
+
+def _channel_id(text: str) -> int:
+    from meshnode.channel_ops import parse_channel_id
+
+    try:
+        return parse_channel_id(text)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
+def _run_paying(fn: Callable[[], Awaitable[T]]) -> T:
+    """`_run` for commands that touch channels: their errors become clear exits."""
+    from meshnode.channel_ops import ChannelCommandError
+    from meshnode.pay.channels import ChannelError
+    from meshnode.pay.contract_code import ContractCodeError
+    from meshnode.pay.emulator import EmulatorError
+    from meshnode.pay.local_chain import LocalChainError
+    from meshnode.pay.wallet_keys import PaymentKeyError
+
+    try:
+        return _run(fn)
+    except Exception as raised:
+        # Errors inside a node's nursery arrive wrapped in (nested) exception groups.
+        exc: BaseException = raised
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if isinstance(exc, ChannelCommandError):
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(exc.exit_code) from None
+        if isinstance(exc, ChannelError):
+            err.print(f"[red]channel error:[/] {exc}")
+            raise typer.Exit(1) from None
+        if isinstance(exc, EmulatorError):
+            err.print(f"[red]the chain refused:[/] {exc}")
+            raise typer.Exit(1) from None
+        if isinstance(exc, (LocalChainError, PaymentKeyError, ContractCodeError, KeyFileError)):
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from None
+        raise
 
 
 async def _load_engine(path: Path, n_ctx: int, n_gpu_layers: int) -> Any:
@@ -129,15 +200,45 @@ def serve(
         list[str] | None,
         typer.Option("--relay", help="Reserve a slot on this relay (when not reachable)."),
     ] = None,
+    chain: Annotated[
+        str | None,
+        typer.Option(
+            "--chain",
+            help="Take payments on this TON chain: 'local' or 'none' (default: local when "
+            "a price is set, else none).",
+        ),
+    ] = None,
+    network_config: NetworkConfigOpt = None,
+    credit_window: Annotated[
+        int | None,
+        typer.Option("--credit-window", help="Tokens produced ahead of payment."),
+    ] = None,
     home: HomeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve a GGUF model to the mesh (prints the peer id and multiaddrs).
 
-    `--listen none` accepts no inbound connection: give `--relay` to be reachable."""
+    `--listen none` accepts no inbound connection: give `--relay` to be reachable.
+    With a price, clients pay per token over TON payment channels (`--chain`)."""
+    from meshnode.channel_ops import DEFAULT_CREDIT_WINDOW_TOKENS, format_ton, provider_payments
+    from meshnode.core.meter import Price
     from meshnode.node import ProviderSettings, provider_node
 
     _setup_logging(verbose)
+    if price_prompt < 0 or price_completion < 0:
+        err.print("[red]prices cannot be negative[/]")
+        raise typer.Exit(2)
+    priced = price_prompt > 0 or price_completion > 0
+    chain = chain or ("local" if priced else "none")
+    choice = None if chain.lower() == "none" else _chain_choice(chain, network_config)
+    if choice is not None and not priced:
+        err.print("[red]a free provider takes no payments: set --price-prompt/"
+                  "--price-completion, or drop --chain[/]")
+        raise typer.Exit(2)
+    window = DEFAULT_CREDIT_WINDOW_TOKENS if credit_window is None else credit_window
+    if window < 1:
+        err.print("[red]--credit-window must be at least 1 token[/]")
+        raise typer.Exit(2)
     if not model.is_file():
         err.print(f"[red]model file not found:[/] {model}")
         raise typer.Exit(2)
@@ -147,6 +248,11 @@ def serve(
 
     async def main() -> None:
         identity, created = load_or_create(data_dir(home))
+        pay = None
+        if choice is not None:
+            pay = await provider_payments(
+                data_dir(home), choice, Price(price_prompt, price_completion), window
+            )
         engine = await _load_engine(model, ctx, n_gpu_layers)
         settings = ProviderSettings(
             listen=None if listen.lower() == "none" else listen,
@@ -157,8 +263,18 @@ def serve(
             tee=tee,
             price_prompt_per_1k=price_prompt,
             price_completion_per_1k=price_completion,
+            ton=pay.payee if pay is not None else None,
         )
-        async with provider_node(engine, identity=identity, settings=settings) as node:
+        async with (
+            provider_node(
+                engine, identity=identity, settings=settings,
+                gate_factory=pay.payments.gates if pay is not None else None,
+            ) as node,
+            trio.open_nursery() as nursery,
+        ):
+            if pay is not None:
+                pay.payments.service.install(node.host)
+                await nursery.start(pay.payments.watcher.run)
             out.print(f"[bold green]serving[/] {engine.info.name} ({engine.info.quant})")
             out.print(f"model id  {engine.info.model_id}")
             out.print(f"peer id   {node.peer_id}" + (" (new identity)" if created else ""))
@@ -174,9 +290,18 @@ def serve(
                 out.print("[yellow]attestation: dev (no TEE) — clients must opt in[/]")
             else:
                 out.print("[green]attestation: TDX quote bound to this node's keys[/]")
+            if pay is not None:
+                assert choice is not None
+                out.print(f"payments  TON channels on the {choice.kind} chain, wallet "
+                          f"{pay.payee.wallet_address}, credit window {window} tokens")
+                if pay.funded:
+                    out.print(f"[yellow]funded[/]    {format_ton(pay.funded)} from the "
+                              "local-chain faucet (dev chain: not real TON)")
+            elif priced:
+                out.print("[yellow]--chain none: prices are advertised but not collected[/]")
             await trio.sleep_forever()
 
-    _run(main)
+    _run_paying(main)
 
 
 @app.command()
@@ -192,19 +317,34 @@ def ask(
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 128,
     temperature: Annotated[float, typer.Option()] = 0.7,
     seed: Annotated[int | None, typer.Option()] = None,
+    channel: Annotated[
+        str | None,
+        typer.Option("--channel", help="Pay with this channel (from `channel open`; --peer)."),
+    ] = None,
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
     insecure: InsecureOpt = False,
+    home: HomeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Send one prompt to a provider (--peer) or to the best provider of --model, and
     print the tokens as they arrive."""
+    from meshnode.channel_ops import channel_payer, client_payments, format_ton
     from meshnode.jobs.client import JobError
     from meshnode.jobs.routed import NoProvider
     from meshnode.node import client_node
+    from meshnode.pay.payer import ChannelPayer
 
     _setup_logging(verbose)
     if (peer is None) == (model is None):
         err.print("[red]give exactly one of --peer MULTIADDR or --model NAME[/]")
         raise typer.Exit(2)
+    channel_id, choice = None, None
+    if channel is not None:
+        if peer is None:
+            err.print("[red]--channel pays one provider: give it with --peer[/]")
+            raise typer.Exit(2)
+        channel_id, choice = _channel_id(channel), _chain_choice(chain, network_config)
     boot = _bootstrap(bootstrap) if model is not None else []
     if model is not None and not boot:
         err.print("[red]--model needs a bootstrap peer (--bootstrap or bootstrap/peers.toml)[/]")
@@ -226,8 +366,26 @@ def ask(
                     except Exception as exc:  # libp2p raises its own dial errors
                         err.print(f"[red]cannot reach {peer}:[/] {type(exc).__name__}: {exc}")
                         return 3
-                    res = await client.ask(advert, prompt, max_tokens=max_tokens,
-                                           params=params, on_text=on_text)
+                    payer: ChannelPayer | None = None
+                    if channel_id is not None and choice is not None:
+                        payments = client_payments(data_dir(home), choice)
+                        payer = await channel_payer(payments, channel_id, advert)
+                    try:
+                        res = await client.ask(advert, prompt, max_tokens=max_tokens,
+                                               params=params, on_text=on_text, payer=payer)
+                    except JobError:
+                        if payer is None and any(
+                            m.price_prompt_per_1k or m.price_completion_per_1k
+                            for m in advert.models
+                        ):
+                            err.print("\n[yellow]this provider charges per token: open a "
+                                      "channel (meshnode channel open) and pass --channel[/]")
+                        raise
+                    if payer is not None:
+                        total = payer.paid_for_job + payer.job_base
+                        err.print(f"[dim]paid {format_ton(payer.paid_for_job)} in "
+                                  f"{len(payer.vouchers)} voucher(s); channel total "
+                                  f"{format_ton(total)}[/]")
                     used, usage, insecure_run = (
                         [advert.peer_id], res.usage, client.insecure.get(advert.peer_id, True)
                     )
@@ -259,7 +417,7 @@ def ask(
         )
         return 0
 
-    raise typer.Exit(_run(main))
+    raise typer.Exit(_run_paying(main))
 
 
 @app.command()
@@ -575,6 +733,107 @@ def testnet(
             await trio.sleep_forever()
 
     _run(main)
+
+
+channel_app = typer.Typer(
+    help="TON payment channels from this node (the client) to providers.",
+    no_args_is_help=True,
+)
+app.add_typer(channel_app, name="channel")
+ChannelIdArg = Annotated[str, typer.Argument(help="Channel id as printed by `channel open`.")]
+PeerOpt = Annotated[str, typer.Option("--peer", help="Provider multiaddr with /p2p/ID.")]
+
+
+@channel_app.command("open")
+def channel_open(
+    peer: PeerOpt,
+    deposit: Annotated[str, typer.Option("--deposit", help="TON to lock in the channel.")],
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    insecure: InsecureOpt = False,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Open a channel to a provider: deploy it with the deposit, init it, announce it."""
+    from meshnode.channel_ops import format_ton, open_paid_channel, parse_ton
+    from meshnode.pay.onchain import raw_address
+
+    _setup_logging(verbose)
+    try:
+        amount = parse_ton(deposit)
+    except ValueError as exc:
+        err.print(f"[red]--deposit: {exc}[/]")
+        raise typer.Exit(2) from None
+    choice = _chain_choice(chain, network_config)
+    opened = _run_paying(
+        lambda: open_paid_channel(data_dir(home), choice, peer, amount, insecure=insecure)
+    )
+    if opened.funded:
+        out.print(f"[yellow]funded[/]   {format_ton(opened.funded)} into local wallet "
+                  f"{raw_address(opened.wallet)} from the local-chain faucet (dev chain: "
+                  "not real TON)")
+    out.print(f"[bold green]channel[/]  {opened.channel_id:#x}")
+    out.print(f"address  {raw_address(opened.address)}")
+    out.print(f"deposit  {format_ton(opened.deposit)}")
+    out.print(f"provider {opened.provider_peer_id} (wallet {raw_address(opened.provider_wallet)})")
+
+
+@channel_app.command("status")
+def channel_status(
+    channel_id: ChannelIdArg,
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """What the chain and this node's ledger say about one channel."""
+    from rich.table import Table
+
+    from meshnode.channel_ops import format_ton, read_status, state_name
+    from meshnode.pay.onchain import raw_address
+
+    _setup_logging(verbose)
+    cid = _channel_id(channel_id)
+    choice = _chain_choice(chain, network_config)
+    status = _run_paying(lambda: read_status(data_dir(home), choice, cid))
+    out.print(f"channel {cid:#x} at {raw_address(status.address)}")
+    table = Table(show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("state", state_name(status.state))
+    table.add_row("deposit", format_ton(status.deposit))
+    table.add_row("on-chain balance A (client)", format_ton(status.balance_a))
+    table.add_row("on-chain balance B (provider)", format_ton(status.balance_b))
+    table.add_row("latest voucher seqno", str(status.paid_seqno))
+    table.add_row("latest voucher sent", format_ton(status.paid_sent))
+    if status.quarantine_seqno_a is not None:
+        table.add_row("quarantined seqno", str(status.quarantine_seqno_a))
+    out.print(table)
+
+
+@channel_app.command("close")
+def channel_close(
+    channel_id: ChannelIdArg,
+    peer: PeerOpt,
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Close cooperatively: the provider co-signs a split paying exactly the last voucher."""
+    from meshnode.channel_ops import close_paid_channel, format_ton, state_name
+    from meshnode.pay.onchain import raw_address
+
+    _setup_logging(verbose)
+    cid = _channel_id(channel_id)
+    choice = _chain_choice(chain, network_config)
+    closed = _run_paying(lambda: close_paid_channel(data_dir(home), choice, cid, peer))
+    out.print(f"[bold green]closed[/]   {cid:#x} cooperatively "
+              f"(state now: {state_name(closed.status.state)})")
+    out.print(f"paid     {format_ton(closed.paid_to_provider)} to provider wallet "
+              f"{raw_address(closed.provider_wallet)} (voucher seqno {closed.paid_seqno})")
+    out.print(f"refunded {format_ton(closed.refunded)} to this node's wallet "
+              "(rest of the deposit + fee reserve)")
 
 
 def main() -> None:

@@ -170,12 +170,14 @@ class JobProvider:
         self._admitted += 1
         self._load_changed()
         try:
-            await gate.start(self.engine.count_tokens(prompt))
+            prompt_tokens = self.engine.count_tokens(prompt)
+            await gate.start(prompt_tokens)
             sealer = Sealer(keys.send, ad=first.job_id)
             await fs.send(Accept(header=sealer.header))
             async with self._limiter:
                 self._load_changed()
-                await self._generate(fs, first, prompt, params, sealer, peer, gate)
+                await self._generate(fs, first, prompt, prompt_tokens, params, sealer, peer,
+                                     gate)
         finally:
             # Shielded: a cancelled job must still record its usage and free its channel.
             with trio.CancelScope(shield=True), trio.move_on_after(GATE_FINISH_TIMEOUT_S):
@@ -188,13 +190,13 @@ class JobProvider:
         fs: FramedStream,
         job: Open,
         prompt: str,
+        prompt_tokens: int,
         params: SamplingParams,
         sealer: Sealer,
         peer: str,
         gate: PaymentGate,
     ) -> None:
         self.stats.jobs_started += 1
-        prompt_tokens = self.engine.count_tokens(prompt)
         delivered = 0
         paid = trio.Event()
         client_gone: list[BaseException] = []
@@ -203,6 +205,8 @@ class JobProvider:
             nonlocal paid
             try:
                 while True:
+                    # No timeout of its own: this reader lives exactly as long as the
+                    # generation, which is bounded by max_tokens and PAYMENT_TIMEOUT_S.
                     msg = await fs.recv(float("inf"))
                     if isinstance(msg, VoucherMsg):
                         await gate.accept_voucher(msg.boc, delivered)
