@@ -74,7 +74,7 @@ class ChannelCommandError(Exception):
         self.exit_code = exit_code
 
 
-EXIT_UNREACHABLE = 3
+EXIT_UNREACHABLE = 3  # the same exit codes as `meshnode ask`
 EXIT_NOT_VERIFIED = 5
 
 
@@ -158,6 +158,7 @@ async def open_paid_channel(
 ) -> OpenedChannel:
     """Connect to ``peer``, read its advert and TON payee, fund, open and announce."""
     payments = client_payments(home, choice)
+    await on_chain(payments.chain.balance, payments.wallet)  # an unusable chain fails first
     async with client_node(allow_insecure=insecure) as client:
         advert = await _connect(client, peer)
         listing = client.directory.get(advert.peer_id, time.time())

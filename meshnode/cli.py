@@ -131,11 +131,14 @@ def _run_paying(fn: Callable[[], Awaitable[T]]) -> T:
 
     try:
         return _run(fn)
-    except Exception as raised:
+    except BaseException as raised:
         # Errors inside a node's nursery arrive wrapped in (nested) exception groups.
         exc: BaseException = raised
         while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
+        if isinstance(exc, KeyboardInterrupt):
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
         if isinstance(exc, ChannelCommandError):
             err.print(f"[red]{exc}[/]")
             raise typer.Exit(exc.exit_code) from None
