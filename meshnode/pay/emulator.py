@@ -189,7 +189,7 @@ def _slice(cell: Cell) -> Slice:
 
 
 @dataclass
-class _Account:
+class Account:
     balance: int = 0
     code: Cell | None = None
     data: Cell | None = None
@@ -212,7 +212,7 @@ class EmulatedChain:
     start_time: int
     library: TvmLibrary = field(default_factory=TvmLibrary)
     _now: int = 0
-    _accounts: dict[tuple[int, bytes], _Account] = field(default_factory=dict)
+    _accounts: dict[tuple[int, bytes], Account] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._now = self.start_time
@@ -261,7 +261,16 @@ class EmulatedChain:
     # --- test controls ----------------------------------------------------------------
 
     def add_wallet(self, address: Address, balance: int) -> None:
-        self._accounts.setdefault(_key(address), _Account()).balance += balance
+        self._accounts.setdefault(_key(address), Account()).balance += balance
+
+    @property
+    def accounts(self) -> dict[tuple[int, bytes], Account]:
+        """Every account, keyed by (workchain, hash): the whole chain state, for
+        persisting it (meshnode.pay.local_chain)."""
+        return self._accounts
+
+    def restore(self, accounts: dict[tuple[int, bytes], Account]) -> None:
+        self._accounts = accounts
 
     def advance(self, seconds: int) -> None:
         self._now += seconds
@@ -292,7 +301,7 @@ class EmulatedChain:
         return SendResult(result.exit_code, result.gas_used, tuple(transfers))
 
     def _execute(self, message: _Message) -> tuple[SendResult, list[_Message]]:
-        account = self._accounts.setdefault(_key(message.destination), _Account())
+        account = self._accounts.setdefault(_key(message.destination), Account())
         if account.code is None and message.state_init is not None:
             self._deploy(account, message.destination, message.state_init)
         account.balance += message.value
@@ -317,14 +326,14 @@ class EmulatedChain:
         account.data = new_data
         return SendResult(exit_code, gas_used), emitted
 
-    def _bounce(self, account: _Account, message: _Message) -> list[_Message]:
+    def _bounce(self, account: Account, message: _Message) -> list[_Message]:
         if not message.bounce or message.value == 0:
             return []
         account.balance -= message.value
         bounced = _Message(message.destination, message.source, message.value, _EMPTY, bounce=False)
         return [bounced]
 
-    def _deploy(self, account: _Account, address: Address, state_init: Cell) -> None:
+    def _deploy(self, account: Account, address: Address, state_init: Cell) -> None:
         if bytes(state_init.hash) != address.hash_part:
             raise EmulatorError("state_init does not match the destination address")
         if state_init.bits.to01() != "00110" or len(state_init.refs) != 2:
@@ -332,7 +341,7 @@ class EmulatedChain:
         account.code, account.data = state_init.refs[0], state_init.refs[1]
 
     def _apply_actions(
-        self, account: _Account, inbound: _Message, actions: Cell | None
+        self, account: Account, inbound: _Message, actions: Cell | None
     ) -> list[_Message]:
         ordered: list[Slice] = []
         node = actions
@@ -351,7 +360,7 @@ class EmulatedChain:
         return emitted
 
     def _send_action(
-        self, account: _Account, inbound: _Message, mode: int, message: Cell
+        self, account: Account, inbound: _Message, mode: int, message: Cell
     ) -> list[_Message]:
         cs = _slice(message)
         if cs.load_bit():

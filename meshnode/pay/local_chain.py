@@ -34,7 +34,7 @@ from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.voucher import cell_to_boc
 from meshnode.pay.chain import Chain, SendResult
-from meshnode.pay.emulator import EmulatedChain, TvmLibrary, _Account
+from meshnode.pay.emulator import EmulatedChain, TvmLibrary, Account
 
 STATE_ENV = "MESHNODE_CHAIN_STATE"
 STATE_FORMAT = "meshnode-local-ton-chain-v1"
@@ -82,7 +82,7 @@ def _b64(cell: Cell | None) -> str | None:
     return None if cell is None else base64.b64encode(cell_to_boc(cell)).decode("ascii")
 
 
-def _encode(accounts: dict[tuple[int, bytes], _Account]) -> dict[str, Any]:
+def _encode(accounts: dict[tuple[int, bytes], Account]) -> dict[str, Any]:
     return {
         _raw(key): {"balance": a.balance, "code": _b64(a.code), "data": _b64(a.data)}
         for key, a in sorted(accounts.items())
@@ -97,7 +97,7 @@ def _decode_cell(value: object) -> Cell | None:
     return Cell.one_from_boc(base64.b64decode(value, validate=True))
 
 
-def _decode_account(raw_address: str, value: object) -> tuple[tuple[int, bytes], _Account]:
+def _decode_account(raw_address: str, value: object) -> tuple[tuple[int, bytes], Account]:
     wc, _, account = raw_address.partition(":")
     key = (int(wc), bytes.fromhex(account))
     if len(key[1]) != 32:
@@ -107,7 +107,7 @@ def _decode_account(raw_address: str, value: object) -> tuple[tuple[int, bytes],
     balance = value.get("balance")
     if not isinstance(balance, int) or isinstance(balance, bool) or balance < 0:
         raise ValueError(f"account {raw_address} has a bad balance")
-    return key, _Account(balance, _decode_cell(value.get("code")), _decode_cell(value.get("data")))
+    return key, Account(balance, _decode_cell(value.get("code")), _decode_cell(value.get("data")))
 
 
 class LocalChain:
@@ -169,10 +169,10 @@ class LocalChain:
             self._last_now = now
             chain = EmulatedChain(start_time=now, library=self._library)
             # The emulator's own account table: the state file is exactly that table.
-            chain._accounts = accounts
+            chain.restore(accounts)
             before = _encode(accounts)
             result = operation(chain)
-            after = _encode(chain._accounts)
+            after = _encode(chain.accounts)
             if after != before:
                 self._save(now, after)
             return result
@@ -200,7 +200,7 @@ class LocalChain:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
-    def _load(self) -> tuple[int, dict[tuple[int, bytes], _Account]]:
+    def _load(self) -> tuple[int, dict[tuple[int, bytes], Account]]:
         try:
             with open(self.path, "rb") as f:
                 raw = f.read(MAX_STATE_BYTES + 1)
