@@ -18,6 +18,7 @@ import trio
 from pytoniq_core.boc.address import Address
 from rich.console import Console
 
+from meshnode.channel_ops import format_ton, state_name
 from meshnode.core.advert import TonPayee
 from meshnode.core.meter import Price
 from meshnode.engine.demo_model import (
@@ -41,10 +42,6 @@ DEMO_WINDOW_TOKENS = 8  # small, so the client is asked to pay several times per
 CLIENT_WALLET = Address("0:" + "c1" * 32)
 PROVIDER_WALLET_RAW = "0:" + "b0" * 32
 PROVIDER_WALLET = Address(PROVIDER_WALLET_RAW)
-
-
-def _ton(nano: int) -> str:
-    return f"{nano / NANO:.6f} TON"
 
 
 def _pick_model(tiny: bool) -> DemoModel:
@@ -123,7 +120,7 @@ async def _ask_and_pay(
     channel = await open_channel(pay_c, client.host, advert, DEMO_DEPOSIT)
     out.print(
         f"[bold]channel[/]  {channel.channel_id:#x} opened on the emulated TON chain "
-        f"(real contract code), deposit {_ton(DEMO_DEPOSIT)}"
+        f"(real contract code), deposit {format_ton(DEMO_DEPOSIT)}"
     )
     payer = (await pay_c.channel(channel.channel_id)).payer(DEMO_PRICE)
     out.print(f"[bold]>[/] {prompt}")
@@ -146,13 +143,14 @@ async def _ask_and_pay(
     out.print("[yellow]this answer ran WITHOUT a TEE (dev provider)[/]")
     latest = pay_c.ledger.latest_voucher(channel.channel_id)
     out.print(
-        f"[bold]paid[/]     {_ton(res.usage.cost_nanoton)} in signed vouchers "
+        f"[bold]paid[/]     {format_ton(res.usage.cost_nanoton)} in signed vouchers "
         f"(last seqno {latest.voucher.seqno if latest else 0})"
     )
     status = await close_channel(pay_c, client.host, prov.peer_id, channel.channel_id)
     after = chain.balance(CLIENT_WALLET), chain.balance(PROVIDER_WALLET)
     out.print(
-        f"[bold]closed[/]   cooperatively (state {status.state}); provider wallet "
-        f"+{_ton(after[1] - before[1])}, client wallet {_ton(after[0] - before[0])} "
+        f"[bold]closed[/]   cooperatively (on-chain state: {state_name(status.state)}); "
+        f"provider wallet "
+        f"+{format_ton(after[1] - before[1])}, client wallet {format_ton(after[0] - before[0])} "
         f"(emulator charges no fees)"
     )
