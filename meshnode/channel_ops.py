@@ -138,7 +138,7 @@ async def _connect(client: ClientNode, peer: str) -> Advert:
 
 def client_payments(home: Path, choice: ChainChoice) -> ClientPayments:
     keys, _ = load_or_create_payment_keys(home)
-    return ClientPayments.at(home, choice.open(), choice.wallet(keys))
+    return ClientPayments.at(home, choice.open(keys), choice.wallet(keys))
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ async def provider_payments(
     home: Path, choice: ChainChoice, price: Price, credit_window_tokens: int
 ) -> ProviderPaymentSetup:
     keys, _ = load_or_create_payment_keys(home)
-    chain = choice.open()
+    chain = choice.open(keys)
     wallet = choice.wallet(keys)
     funded = await _fund_from_faucet(chain, wallet, PROVIDER_GAS_FLOOR)
     payments = ProviderPayments.at(home, chain, wallet, price, credit_window_tokens)

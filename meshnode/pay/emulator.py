@@ -111,6 +111,8 @@ class TvmLibrary:
             ctypes.c_char_p,
             ctypes.c_uint64,
         ]
+        lib.tvm_emulator_send_external_message.restype = ctypes.c_char_p
+        lib.tvm_emulator_send_external_message.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.tvm_emulator_run_get_method.restype = ctypes.c_char_p
         lib.tvm_emulator_run_get_method.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
         lib.tvm_emulator_destroy.restype = None
@@ -151,6 +153,18 @@ class TvmLibrary:
         try:
             self._lib.tvm_emulator_set_gas_limit(vm, GAS_LIMIT)
             return self._reply(self._lib.tvm_emulator_send_internal_message(vm, _b64(body), value))
+        finally:
+            self._lib.tvm_emulator_destroy(vm)
+
+    def external_message(
+        self, code: Cell, data: Cell, address: Address, now: int, balance: int, body: Cell
+    ) -> dict[str, Any]:
+        """Run the contract's ``recv_external`` on ``body`` (e.g. a wallet's signed
+        transfer); the reply's ``accepted`` says whether it paid for its own gas."""
+        vm = self._vm(code, data, address, now, balance)
+        try:
+            self._lib.tvm_emulator_set_gas_limit(vm, GAS_LIMIT)
+            return self._reply(self._lib.tvm_emulator_send_external_message(vm, _b64(body)))
         finally:
             self._lib.tvm_emulator_destroy(vm)
 

@@ -34,7 +34,7 @@ from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.voucher import cell_to_boc
 from meshnode.pay.chain import Chain, SendResult
-from meshnode.pay.emulator import EmulatedChain, TvmLibrary, Account
+from meshnode.pay.emulator import Account, EmulatedChain, TvmLibrary
 
 STATE_ENV = "MESHNODE_CHAIN_STATE"
 STATE_FORMAT = "meshnode-local-ton-chain-v1"
