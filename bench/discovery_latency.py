@@ -59,6 +59,7 @@ async def _measure(n: int, lookups: int) -> dict[str, Any]:
         cold_s = time.perf_counter() - t0
         assert found, f"no provider found for {target}"
         assert client.dht is not None
+        await client.dht_joined.wait()  # the routing table fills behind the snapshot
         find_providers, full_lookup = [], []
         for i in range(lookups):
             key = model_id(f"bench-{n}-{(i * 7) % n}")

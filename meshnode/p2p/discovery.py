@@ -271,6 +271,7 @@ class ClientDiscovery:
         self.clock = clock
         self.gossip: AdvertGossip | None = None
         self.dht: MeshKadDHT | None = None
+        self.dht_joined = trio.Event()
         self.dht_lookups = 0
 
     def _insert(self, data: bytes) -> InsertResult:
@@ -287,14 +288,24 @@ class ClientDiscovery:
                 self.gossip = AdvertGossip(self.host, clock=self.clock)
                 await stack.enter_async_context(self.gossip.running())
             nursery = await stack.enter_async_context(trio.open_nursery())
-            if await join(self.dht, self.host, self.bootstrap) == 0 and self.bootstrap:
+            if await _connect_all(self.host, self.bootstrap) == 0 and self.bootstrap:
                 log.warning("no bootstrap peer reachable; discovery has nothing to ask")
             if self.gossip is not None:
                 nursery.start_soon(self.gossip.feed, self.directory, self.on_insert)
             nursery.start_soon(_expire_loop, self.directory, self.clock)
+            # The snapshot makes the client useful in one round trip; filling the DHT
+            # routing table takes several, so it runs behind it and `find` waits for it.
             await self.load_snapshots()
+            nursery.start_soon(self._join_dht)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _join_dht(self) -> None:
+        assert self.dht is not None
+        try:
+            await join(self.dht, self.host, self.bootstrap)
+        finally:
+            self.dht_joined.set()
 
     async def load_snapshots(self) -> int:
         """Insert the adverts the bootstrap peers hold (cold start in one round trip)."""
@@ -325,6 +336,7 @@ class ClientDiscovery:
         were accepted."""
         assert self.dht is not None
         dht = self.dht
+        await self.dht_joined.wait()  # bounded: join has its own dial/refresh timeouts
         self.dht_lookups += 1
         peers = await find_provider_ids(dht, model_id)
         accepted = 0
