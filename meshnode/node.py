@@ -143,6 +143,7 @@ class ProviderNode:
                     ctx=info.n_ctx,
                     price_prompt_per_1k=self.settings.price_prompt_per_1k,
                     price_completion_per_1k=self.settings.price_completion_per_1k,
+                    chat_format=info.chat_format,
                 ),
             ),
             capacity=Capacity(

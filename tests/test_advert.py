@@ -272,3 +272,19 @@ def test_malformed_wallet_address_is_rejected() -> None:
     ton = TonPayee(channel_pubkey=b"\x09" * 32, wallet_address="not a wallet")
     data = sign_body(encode_body(make_advert(ton=ton)), SEED)
     assert rejection(data) is RejectReason.MALFORMED
+
+
+def test_chat_format_round_trips_and_is_optional_on_the_wire() -> None:
+    with_chat = make_advert()
+    offer = dataclasses.replace(with_chat.models[0], chat_format="qa")
+    signed = encode_signed(dataclasses.replace(with_chat, models=(offer,)), SEED)
+    assert decode_and_verify(signed, NOW).models[0].chat_format == "qa"
+    plain = decode_and_verify(encode_signed(make_advert(), SEED), NOW)
+    assert plain.models[0].chat_format == ""
+    assert b"chat" not in encode_body(make_advert())
+
+
+def test_malformed_chat_format_is_rejected() -> None:
+    offer = dataclasses.replace(make_advert().models[0], chat_format="Not A Name!")
+    body = encode_body(dataclasses.replace(make_advert(), models=(offer,)))
+    assert rejection(sign_body(body, SEED)) is RejectReason.MALFORMED

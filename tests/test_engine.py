@@ -371,3 +371,13 @@ async def test_a_closed_engine_refuses_new_streams(tiny_gguf_path: Path) -> None
     with pytest.raises(EngineError, match="closed"):
         async with engine.stream(PROMPT, SamplingParams(), 4):
             pass
+
+
+def test_chat_format_follows_the_gguf_template() -> None:
+    from meshnode.engine.base import chat_format_of
+
+    assert chat_format_of(None) == "qa"  # a base model: question/answer framing
+    assert chat_format_of("{{ '<start_of_turn>' + role }}") == "gemma"
+    assert chat_format_of("{{ '<|im_start|>' }}") == "chatml"
+    assert chat_format_of("{{ '<|start_header_id|>' }}") == "llama3"
+    assert chat_format_of("{{ something else }}") == ""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from meshnode.api.chat_format import guess_chat_format
+from meshnode.api.chat_format import CHAT_FORMATS, guess_chat_format
 from meshnode.core.advert import Advert
 from meshnode.core.directory import ModelSummary
 from meshnode.jobs.client import JobError
@@ -99,7 +99,9 @@ class ModelCard:
             verified_providers=summary.verified_providers,
             price_prompt_per_1k=summary.min_price_prompt_per_1k,
             price_completion_per_1k=summary.min_price_completion_per_1k,
-            chat_format=chat_format or guess_chat_format(summary.name),
+            chat_format=chat_format
+            or _known(summary.chat_format)
+            or guess_chat_format(summary.name),
         )
 
 
@@ -166,7 +168,8 @@ def _advert_cards(
             verified_providers=1 if verified else 0,
             price_prompt_per_1k=offer.price_prompt_per_1k,
             price_completion_per_1k=offer.price_completion_per_1k,
-            chat_format=chat_formats.get(offer.id) or guess_chat_format(offer.name),
+            chat_format=chat_formats.get(offer.id) or _known(offer.chat_format)
+            or guess_chat_format(offer.name),
         )
         for offer in advert.models
     ]
@@ -268,3 +271,8 @@ class RoutedBackend:
             provider=last,
             insecure=self._client.ran_insecure(result),
         )
+
+
+def _known(advertised: str) -> str:
+    """The provider's advertised chat format if this client knows it, else ""."""
+    return advertised if advertised in CHAT_FORMATS else ""

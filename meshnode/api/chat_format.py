@@ -147,12 +147,27 @@ def _render_generic(messages: Sequence[ChatMessage]) -> str:
     return "".join(out)
 
 
+def _render_qa(messages: Sequence[ChatMessage]) -> str:
+    # System text leads as context; each user turn is a question, each assistant turn
+    # its answer; the prompt ends where the model's answer begins.
+    out = [f"{m.content}\n\n" for m in messages if m.role == "system"]
+    for m in messages:
+        if m.role == "user":
+            out.append(f"Question: {m.content}\n")
+        elif m.role == "assistant":
+            out.append(f"Answer: {m.content}\n")
+    out.append("Answer:")
+    return "".join(out)
+
+
 CHAT_FORMATS: Mapping[str, ChatFormat] = {
     f.name: f
     for f in (
         ChatFormat("gemma", _render_gemma),
         ChatFormat("chatml", _render_chatml),
         ChatFormat("llama3", _render_llama3),
+        # Base models (no chat template) continue text; Q/A framing gets answers from them.
+        ChatFormat("qa", _render_qa, stop=("\nQuestion:",)),
         # A plain transcript has no end-of-turn token; the next speaker's label ends it.
         ChatFormat("generic", _render_generic, stop=("\nUser:", "\nSystem:")),
     )

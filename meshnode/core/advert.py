@@ -64,6 +64,7 @@ MAX_CLOCK_SKEW_S = 120.0
 MAX_ADVERT_LIFETIME_S = 900.0
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_CHAT_FORMAT = re.compile(r"[a-z0-9_-]{1,32}")  # names like "gemma", "chatml", "qa"
 _RAW_TON_ADDR = re.compile(r"-?[0-9]{1,3}:[0-9a-fA-F]{64}")
 _FRIENDLY_TON_ADDR = re.compile(r"[A-Za-z0-9_\-+/]{48}")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**64 - 1  # msgpack int range
@@ -117,6 +118,7 @@ class ModelOffer:
     ctx: int  # context length in tokens
     price_prompt_per_1k: int  # nanoton per 1000 prompt tokens
     price_completion_per_1k: int  # nanoton per 1000 completion tokens
+    chat_format: str = ""  # how clients turn a chat into a prompt; "" = unknown (guess)
 
 
 @dataclass(frozen=True)
@@ -196,16 +198,17 @@ def _sorted_map(items: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _offer_to_wire(offer: ModelOffer) -> dict[str, Any]:
-    return _sorted_map(
-        {
-            "id": offer.id,
-            "name": offer.name,
-            "quant": offer.quant,
-            "ctx": offer.ctx,
-            "pp": offer.price_prompt_per_1k,
-            "pc": offer.price_completion_per_1k,
-        }
-    )
+    wire: dict[str, Any] = {
+        "id": offer.id,
+        "name": offer.name,
+        "quant": offer.quant,
+        "ctx": offer.ctx,
+        "pp": offer.price_prompt_per_1k,
+        "pc": offer.price_completion_per_1k,
+    }
+    if offer.chat_format:  # optional: adverts without it keep their exact encoding
+        wire["chat"] = offer.chat_format
+    return _sorted_map(wire)
 
 
 def _advert_to_wire(advert: Advert) -> dict[str, Any]:
@@ -326,7 +329,12 @@ def _key(value: Any, what: str, length: int) -> bytes:
 
 
 def _offer_from_wire(value: Any) -> ModelOffer:
-    m = _map(value, {"id", "name", "quant", "ctx", "pp", "pc"}, "model")
+    keys = {"id", "name", "quant", "ctx", "pp", "pc"}
+    m = _map(value, keys | {"chat"} if isinstance(value, dict) and "chat" in value else keys,
+             "model")
+    chat = m.get("chat", "")
+    if chat != "" and (not isinstance(chat, str) or _CHAT_FORMAT.fullmatch(chat) is None):
+        raise _malformed(f"model chat format {str(chat)[:40]!r} is not a short identifier")
     model_id = m["id"]
     if not isinstance(model_id, str) or _SHA256_HEX.fullmatch(model_id) is None:
         raise AdvertRejected(
@@ -340,6 +348,7 @@ def _offer_from_wire(value: Any) -> ModelOffer:
         ctx=_int(m["ctx"], "model ctx", 1, MAX_CONTEXT_TOKENS),
         price_prompt_per_1k=_int(m["pp"], "prompt price", 0, MAX_PRICE_NANOTON_PER_1K),
         price_completion_per_1k=_int(m["pc"], "completion price", 0, MAX_PRICE_NANOTON_PER_1K),
+        chat_format=chat,
     )
 
 

@@ -101,6 +101,7 @@ class ModelSummary:
     verified_providers: int
     min_price_prompt_per_1k: int
     min_price_completion_per_1k: int
+    chat_format: str = ""
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,7 @@ class Directory:
                     verified_providers=sum(1 for listing, _ in offers if listing.verified),
                     min_price_prompt_per_1k=min(o.price_prompt_per_1k for _, o in offers),
                     min_price_completion_per_1k=min(o.price_completion_per_1k for _, o in offers),
+                    chat_format=first.chat_format,
                 )
             )
         return sorted(summaries, key=lambda s: (s.name, s.id))

@@ -214,6 +214,28 @@ class ModelInfo:
     quant: str
     n_ctx: int
     path: Path
+    # How a chat becomes this model's prompt ("gemma", "chatml", "llama3", "qa" for a base
+    # model without a template); "" when unknown. Advertised so clients format chats.
+    chat_format: str = ""
+
+
+# Markers of the chat templates we know, as found in a GGUF's tokenizer.chat_template.
+_TEMPLATE_MARKERS = (
+    ("<start_of_turn>", "gemma"),
+    ("<|im_start|>", "chatml"),
+    ("<|start_header_id|>", "llama3"),
+)
+
+
+def chat_format_of(template: str | None) -> str:
+    """The chat format a GGUF's template implies: a base model (no template) continues
+    text, so it gets Question/Answer framing; an unknown template gives ""."""
+    if not template:
+        return "qa"
+    for marker, fmt in _TEMPLATE_MARKERS:
+        if marker in template:
+            return fmt
+    return ""
 
 
 class Generation(Protocol):

@@ -34,6 +34,7 @@ from meshnode.engine.base import (
     SamplingParams,
     TokenChunk,
     Usage,
+    chat_format_of,
 )
 from meshnode.engine.textstream import TextAssembler
 
@@ -195,6 +196,7 @@ class LlamaEngine:
             quant=_quant_name(metadata),
             n_ctx=int(llm.n_ctx()),
             path=path,
+            chat_format=chat_format_of(metadata.get("tokenizer.chat_template")),
         )
         return cls(llm, info)
 
