@@ -257,6 +257,7 @@ def serve(
                 data_dir(home), choice, Price(price_prompt, price_completion), window
             )
         engine = await _load_engine(model, ctx, n_gpu_layers)
+        await engine.warm_up()
         settings = ProviderSettings(
             listen=None if listen.lower() == "none" else listen,
             bootstrap=tuple(_bootstrap(bootstrap)),

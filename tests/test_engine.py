@@ -381,3 +381,10 @@ def test_chat_format_follows_the_gguf_template() -> None:
     assert chat_format_of("{{ '<|im_start|>' }}") == "chatml"
     assert chat_format_of("{{ '<|start_header_id|>' }}") == "llama3"
     assert chat_format_of("{{ something else }}") == ""
+
+
+async def test_warm_up_decodes_one_token_and_frees_the_engine(tiny_engine: LlamaEngine) -> None:
+    before = tiny_engine.decoded_tokens_total
+    await tiny_engine.warm_up()
+    assert tiny_engine.decoded_tokens_total == before + 1
+    assert not tiny_engine.busy
