@@ -57,6 +57,7 @@ async def _measure(n: int, lookups: int) -> dict[str, Any]:
         target = model_id(f"bench-{n}-{n // 2}")
         found = await client.find(target, timeout=30)
         cold_s = time.perf_counter() - t0
+        cold_lookups = client.dht_lookups
         assert found, f"no provider found for {target}"
         assert client.dht is not None
         await client.dht_joined.wait()  # the routing table fills behind the snapshot
@@ -92,6 +93,7 @@ async def _measure(n: int, lookups: int) -> dict[str, Any]:
         "providers": n,
         "mesh_start_s": round(mesh_up_s, 2),
         "client_start_to_first_advert_ms": round(cold_s * 1000, 1),
+        "first_advert_via": "dht" if cold_lookups else "bootstrap snapshot",
         "dht_find_providers": _summary(find_providers),
         "dht_lookup_with_adverts": _summary(full_lookup),
         "gossip_publish_to_directory": _summary(gossip) if gossip else None,

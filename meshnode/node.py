@@ -20,6 +20,8 @@ import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from meshnode.attest.dev import DevEvidenceProducer
 from meshnode.attest.evidence import Evidence, EvidenceProducer
@@ -53,8 +55,8 @@ from meshnode.p2p.relay import RelayClient, is_circuit_addr
 
 log = logging.getLogger(__name__)
 
-# Adverts live 5 minutes and are re-signed at half-life, so a client holding one never
-# sees it expire while the provider is up, and a dead provider drops out within minutes.
+# Adverts live 5 minutes and a fresh one is signed for every publish (each minute, and on
+# load changes), so a live provider never lapses and a dead one drops out within minutes.
 ADVERT_LIFETIME_S = 300.0
 
 
@@ -311,9 +313,6 @@ class ClientNode:
         return result.listing.advert
 
     async def ensure_connected(self, advert: Advert) -> None:
-        from libp2p.peer.id import ID
-        from libp2p.peer.peerinfo import PeerInfo
-
         peer = ID.from_base58(advert.peer_id)
         if self.host.get_network().connections.get(peer):
             return
@@ -360,8 +359,6 @@ class ClientNode:
         offer = advert.offer_for(model) if model else advert.models[0]
         if offer is None:
             raise LookupError(f"provider {advert.peer_id} does not serve {model!r}")
-        from libp2p.peer.id import ID
-
         return await run_job(
             self.host,
             ID.from_base58(advert.peer_id),
