@@ -97,11 +97,10 @@ class ProviderNode:
         # Sequence numbers must rise across restarts too; milliseconds since the epoch do.
         self._seq = int(time.time() * 1000)
         self.evidence: Evidence | None = None
-        producer: EvidenceProducer = (
+        self.producer: EvidenceProducer = (
             TdxEvidenceProducer() if settings.tee == "tdx"
             else DevEvidenceProducer(identity.signing_key)
         )
-        self.producer = producer
         self.announcer: ProviderAnnouncer | None = None
 
     async def refresh_evidence(self, now: float | None = None) -> None:
@@ -120,6 +119,8 @@ class ProviderNode:
             next_epoch = (epoch_at(now) + 1) * EPOCH_SECONDS
             await trio.sleep(max(1.0, next_epoch - now))
             await self.refresh_evidence()
+            if self.announcer is not None:
+                self.announcer.load_changed()  # spread the new evidence now, not in a minute
 
     @property
     def peer_id(self) -> str:
