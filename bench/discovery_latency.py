@@ -36,6 +36,7 @@ from meshnode.p2p.dht import find_provider_ids
 RESULTS = Path(__file__).resolve().parent / "results" / "discovery_latency.json"
 DEFAULT_SIZES = (20, 40)  # modest: every node shares the same 2 cores
 DEFAULT_LOOKUPS = 8  # models looked up per size; each lookup is ~0.1 s on loopback
+DEFAULT_SETTLE_S = 5.0  # a few gossip heartbeats and DHT announce rounds
 GOSSIP_WAIT_S = 20.0  # a publish that takes longer than this to arrive counts as lost
 
 
@@ -47,11 +48,14 @@ def _summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def _measure(n: int, lookups: int) -> dict[str, Any]:
+async def _measure(n: int, lookups: int, settle_s: float) -> dict[str, Any]:
     models = [[model_id(f"bench-{n}-{i}")] for i in range(n)]
     started = time.perf_counter()
     async with running_mesh(models, republish_s=3600.0, load_interval_s=0.0) as mesh:
         mesh_up_s = time.perf_counter() - started
+        # A client normally joins an established mesh, not one still booting: let the
+        # providers' first DHT announcements and gossip publishes finish first.
+        await trio.sleep(settle_s)
         t0 = time.perf_counter()
         client = await mesh.add_client()
         target = model_id(f"bench-{n}-{n // 2}")
@@ -101,20 +105,23 @@ async def _measure(n: int, lookups: int) -> dict[str, Any]:
     }
 
 
-async def _main(sizes: list[int], lookups: int) -> list[dict[str, Any]]:
-    return [await _measure(n, lookups) for n in sizes]
+async def _main(sizes: list[int], lookups: int, settle_s: float) -> list[dict[str, Any]]:
+    return [await _measure(n, lookups, settle_s) for n in sizes]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--lookups", type=int, default=DEFAULT_LOOKUPS)
+    parser.add_argument("--settle", type=float, default=DEFAULT_SETTLE_S,
+                        help="seconds between mesh start and the client joining")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # py-libp2p logs every reset stream at shutdown
-    runs = trio.run(_main, args.sizes, args.lookups)
+    runs = trio.run(_main, args.sizes, args.lookups, args.settle)
     out = {
         "runs": runs,
         "note": "one process, 127.0.0.1, all nodes share the CPU; no network delay",
+        "settle_s": args.settle,
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
