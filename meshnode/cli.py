@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -84,9 +85,35 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("meshnode").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+class _Terminated(Exception):
+    """SIGTERM (systemd stop, docker stop, kill): shut down like Ctrl-C."""
+
+
+async def _until_sigterm(fn: Callable[[], Awaitable[T]]) -> T:
+    result: list[T] = []
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def body() -> None:
+                result.append(await fn())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(body)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()  # every task unwinds, hosts close cleanly
+                break
+    if not result:
+        raise _Terminated
+    return result[0]
+
+
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
     try:
-        return trio.run(fn)
+        result: T = trio.run(_until_sigterm, fn)
+        return result
+    except _Terminated:
+        err.print("[yellow]terminated[/]")
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None

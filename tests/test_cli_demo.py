@@ -24,3 +24,25 @@ def test_demo_streams_a_paid_answer_and_closes_the_channel(tmp_path: Path) -> No
     assert "12 completion tokens" in out and "finish: length" in out
     assert "WITHOUT a TEE" in out
     assert "paid" in out and "closed   cooperatively (on-chain state: closed)" in out
+
+
+def test_serve_shuts_down_cleanly_on_sigterm(tmp_path: Path, tiny_gguf_path: Path) -> None:
+    import signal
+    import time
+
+    env = {**os.environ, "MESHNODE_HOME": str(tmp_path), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshnode.cli", "serve", "--model", str(tiny_gguf_path),
+         "--listen", "/ip4/127.0.0.1/tcp/0", "--ctx", "512"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if "listening" in proc.stdout.readline():
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert "terminated" in err and "Traceback" not in err
