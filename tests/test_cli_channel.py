@@ -9,11 +9,12 @@ a channel. They share a LocalChain state file under tmp_path, never ~/.cache.
 from __future__ import annotations
 
 import os
+import queue
 import re
-import select
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,18 +144,37 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshnode.cli", *args]
 
 
+_LINES: dict[int, queue.Queue[str | None]] = {}
+
+
+def _line_queue(process: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    """Lines of the process's stdout, read by a thread. (select() on the pipe would miss
+    lines already pulled into Python's buffer by an earlier readline.)"""
+    lines = _LINES.get(process.pid)
+    if lines is None:
+        lines = _LINES[process.pid] = queue.Queue()
+        stdout = process.stdout
+        assert stdout is not None
+
+        def pump() -> None:
+            for line in stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
 def _read_until(process: subprocess.Popen[str], pattern: re.Pattern[str],
                 lines: list[str]) -> re.Match[str]:
-    assert process.stdout is not None
+    pending = _line_queue(process)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if not ready:
-            if process.poll() is not None:
-                break
-            continue
-        line = process.stdout.readline()
-        if not line:
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = pending.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
             break
         lines.append(line)
         if found := pattern.search(line):
