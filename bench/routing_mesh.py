@@ -51,6 +51,9 @@ class _PacedGeneration:
         await trio.sleep(chunk.n_tokens / self._rate)
         return chunk
 
+    def ready(self) -> list[TokenChunk]:
+        return []  # paced: every chunk waits its turn
+
     @property
     def finish_reason(self) -> Any:
         return self._inner.finish_reason

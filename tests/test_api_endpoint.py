@@ -179,11 +179,12 @@ async def test_chat_stream_delivers_the_same_text_and_usage_counts_every_token(
     with_choices = [c for c in chunks if c.choices]
     assert with_choices[-1].choices[0].finish_reason == "length"
     assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
-    # The last chunk carries only usage; every token of it was streamed (with byte tokens
-    # banned, each streamed delta is exactly one token).
+    # The last chunk carries only usage. A delta holds one token or, when the provider
+    # batched tokens the engine produced while it was sending, several.
     usage_chunk = chunks[-1]
     assert usage_chunk.choices == [] and usage_chunk.usage is not None
-    assert usage_chunk.usage.completion_tokens == 20 == len(content)
+    assert usage_chunk.usage.completion_tokens == 20
+    assert 1 <= len(content) <= 20
     assert usage_chunk.usage.prompt_tokens == mesh.engine.count_tokens(prompt)
     assert len({c.id for c in chunks}) == 1
 
@@ -222,7 +223,8 @@ async def test_completion_stream_matches_and_ends_with_usage(mesh: Mesh) -> None
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert "".join(texts) == await engine_text(mesh.engine, "the river", 10)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(texts)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+    assert 1 <= len(texts) <= 10
 
 
 async def test_the_model_can_be_named_by_its_name(mesh: Mesh) -> None:

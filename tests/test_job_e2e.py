@@ -109,3 +109,41 @@ async def test_client_disconnect_stops_engine(engine: LlamaEngine) -> None:
             assert engine.decoded_tokens_total == decoded
             assert decoded < 4000
             assert prov.jobs.stats.jobs_cancelled == 1
+
+
+async def test_tokens_queued_behind_a_slow_client_arrive_batched_and_intact(
+    engine: LlamaEngine,
+) -> None:
+    async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
+        async with client_node(allow_insecure=True) as client:
+            advert = await client.connect(prov.addrs[0])
+            pieces: list[str] = []
+
+            async def slow_reader(t: str) -> None:
+                pieces.append(t)
+                await trio.sleep(0.05)  # the engine keeps decoding meanwhile
+
+            res = await client.ask(advert, "hello world", max_tokens=60,
+                                   params=steady(engine), on_text=slow_reader)
+    assert res.usage.completion_tokens == 60
+    assert len(pieces) < 60  # several tokens per frame once the client fell behind
+    from meshnode.engine.base import SamplingParams
+
+    direct = []
+    async with engine.stream("hello world", SamplingParams.from_dict(steady(engine)), 60) as g:
+        async for chunk in g:
+            direct.append(chunk.text)
+    assert "".join(pieces) == "".join(direct)
+
+
+def test_a_batch_never_outruns_the_credit_window() -> None:
+    from meshnode.engine.base import TokenChunk
+    from meshnode.jobs.provider import _payable_batch
+
+    class Window:
+        def may_produce(self, delivered: int) -> bool:
+            return delivered <= 5
+
+    chunks = [TokenChunk("a", 2), TokenChunk("b", 2), TokenChunk("c", 2)]
+    assert [c.text for c in _payable_batch(chunks, 0, Window())] == ["a", "b"]  # type: ignore[arg-type]
+    assert [c.text for c in _payable_batch(chunks[1:], 0, Window())] == ["b", "c"]  # type: ignore[arg-type]

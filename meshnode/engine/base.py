@@ -245,6 +245,11 @@ class Generation(Protocol):
 
     async def __anext__(self) -> TokenChunk: ...
 
+    def ready(self) -> list[TokenChunk]:
+        """Chunks already produced, without waiting (possibly none): lets a consumer that
+        fell behind send them as one batch."""
+        ...
+
     @property
     def finish_reason(self) -> FinishReason | None: ...
 

@@ -122,6 +122,14 @@ class LlamaGeneration:
                 raise EngineError(f"generation failed: {self._error}") from self._error
             raise StopAsyncIteration from None
 
+    def ready(self) -> list[TokenChunk]:
+        out: list[TokenChunk] = []
+        while True:
+            try:
+                out.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return out  # the end (or an error) is reported by the next __anext__
+
     @property
     def finish_reason(self) -> FinishReason | None:
         return self._finish_reason

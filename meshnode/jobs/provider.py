@@ -29,7 +29,13 @@ from meshnode.core.messages import (
     check_prompt_body,
 )
 from meshnode.core.wire import WireError
-from meshnode.engine.base import Engine, InvalidRequest, PromptTooLong, SamplingParams
+from meshnode.engine.base import (
+    Engine,
+    InvalidRequest,
+    PromptTooLong,
+    SamplingParams,
+    TokenChunk,
+)
 from meshnode.jobs.payment_gate import FreeGate, PaymentGate, PaymentRejected
 from meshnode.p2p.framed import FramedStream, StreamClosed
 
@@ -46,6 +52,9 @@ GATE_FINISH_TIMEOUT_S = 10.0
 # Advertised speed follows the last ~5 jobs: steady against one odd prompt, quick to
 # reflect a change of load or hardware.
 SPEED_EWMA_ALPHA = 0.2
+# A batch of queued chunks stays well inside the client's per-chunk text limit
+# (messages.MAX_CHUNK_TEXT), so a long burst is split rather than refused.
+MAX_BATCH_CHARS = 16 * 1024
 MIN_DECODE_S = 1e-3  # guards the rate of a job whose tokens all arrived in one instant
 
 
@@ -228,25 +237,32 @@ class JobProvider:
             with gen_scope:
                 async with self.engine.stream(prompt, params, job.max_tokens) as gen:
                     async for chunk in gen:
-                        while not gate.may_produce(delivered + chunk.n_tokens):
-                            waiting = paid
+                        # Chunks the engine produced while we were sending go out as one
+                        # sealed frame: per-frame cost, not per-token, when decode is fast.
+                        pending = [chunk, *gen.ready()]
+                        while pending:
+                            while not gate.may_produce(delivered + pending[0].n_tokens):
+                                waiting = paid
+                                await fs.send(
+                                    NeedPayment(owed=gate.owed(delivered + pending[0].n_tokens),
+                                                delivered=delivered)
+                                )
+                                with trio.fail_after(PAYMENT_TIMEOUT_S):
+                                    await waiting.wait()
+                            batch = _payable_batch(pending, delivered, gate)
+                            del pending[: len(batch)]
+                            n = sum(c.n_tokens for c in batch)
+                            if not delivered:
+                                first_at = trio.current_time()
+                            delivered += n
                             await fs.send(
-                                NeedPayment(owed=gate.owed(delivered + chunk.n_tokens),
-                                            delivered=delivered)
-                            )
-                            with trio.fail_after(PAYMENT_TIMEOUT_S):
-                                await waiting.wait()
-                        if not delivered:
-                            first_at = trio.current_time()
-                        delivered += chunk.n_tokens
-                        await fs.send(
-                            Sealed(
-                                sealer.seal(
-                                    {"k": "tokens", "text": chunk.text,
-                                     "n": chunk.n_tokens, "total": delivered}
+                                Sealed(
+                                    sealer.seal(
+                                        {"k": "tokens", "text": "".join(c.text for c in batch),
+                                         "n": n, "total": delivered}
+                                    )
                                 )
                             )
-                        )
                 finish = gen.finish_reason or "stop"
                 while not gate.settled(delivered):  # the last tokens went out on credit
                     waiting = paid
@@ -270,6 +286,22 @@ class JobProvider:
             log.info("job %s for %s: %d+%d tokens", job.job_id.hex()[:8], peer,
                      prompt_tokens, delivered)
             nursery.cancel_scope.cancel()
+
+
+def _payable_batch(
+    pending: list[TokenChunk], delivered: int, gate: PaymentGate
+) -> list[TokenChunk]:
+    """The longest prefix of `pending` (at least one chunk, already paid for) that the
+    credit window allows and that fits one token frame."""
+    batch = [pending[0]]
+    tokens, chars = delivered + pending[0].n_tokens, len(pending[0].text)
+    for chunk in pending[1:]:
+        tokens += chunk.n_tokens
+        chars += len(chunk.text)
+        if chars > MAX_BATCH_CHARS or not gate.may_produce(tokens):
+            break
+        batch.append(chunk)
+    return batch
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -52,6 +52,7 @@ class Segment:
     completion_tokens: int
     cost_nanoton: int
     error: str | None = None  # why this provider stopped early, if it did
+    chars: int = 0  # characters of the answer this provider delivered
 
 
 @dataclass
@@ -107,11 +108,14 @@ class RoutedJobs:
         tried: set[str] = set()
         ttft = 0.0
 
+        seg_chars = 0
+
         async def show(text: str) -> None:
-            nonlocal ttft
+            nonlocal ttft, seg_chars
             if not pieces:
                 ttft = time.perf_counter() - start
             pieces.append(text)
+            seg_chars += len(text)
             if on_text is not None:
                 await on_text(text)
 
@@ -147,6 +151,7 @@ class RoutedJobs:
                     params=params,
                 )
                 self.router.record_start(choice.peer_id, now)
+                seg_chars = 0
                 t0 = time.perf_counter()
                 try:
                     await self.dial(choice.advert)
@@ -166,7 +171,7 @@ class RoutedJobs:
                     code = exc.code if isinstance(exc, JobError) else type(exc).__name__
                     self.router.record_failure(choice.peer_id, self.clock())
                     delivered += got
-                    segments.append(Segment(choice.peer_id, got, 0, error=code))
+                    segments.append(Segment(choice.peer_id, got, 0, error=code, chars=seg_chars))
                     log.info("provider %s failed (%s) after %d tokens; failing over",
                              choice.peer_id, code, got)
                     continue
@@ -186,7 +191,8 @@ class RoutedJobs:
                 earlier = delivered
                 delivered += res.usage.completion_tokens
                 segments.append(
-                    Segment(choice.peer_id, res.usage.completion_tokens, res.usage.cost_nanoton)
+                    Segment(choice.peer_id, res.usage.completion_tokens, res.usage.cost_nanoton,
+                            chars=seg_chars)
                 )
                 if self.on_settled is not None:
                     await self.on_settled()
