@@ -7,15 +7,20 @@ with `stream=True` in-process.
 
     .venv/bin/python bench/mesh_vs_direct.py [--tiny] [--runs 5] [--tokens 64]
 
-Writes bench/results/mesh_vs_direct.json.
+Writes bench/results/mesh_vs_direct[_tiny][_same_process].json. By default the provider is a
+`meshnode serve` process, as users run it; --same-process puts both halves in this process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -58,27 +63,63 @@ def direct_run(
     return {"ttft_s": first, "total_s": total, "chunks": n}
 
 
-async def mesh_runs(
-    engine: LlamaEngine, prompt: str, tokens: int, runs: int, bias: dict[int, float]
+async def _client_runs(
+    addr: str, prompt: str, tokens: int, runs: int, bias: dict[int, float]
 ) -> list[dict[str, float]]:
     out = []
-    async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
-        async with client_node(allow_insecure=True) as client:
-            advert = await client.connect(prov.addrs[0])
-            params = {"temperature": 0.0, "logit_bias": bias}
-            await client.ask(advert, prompt, max_tokens=4, params=params)  # warm-up
-            for _ in range(runs):
-                res = await client.ask(advert, prompt, max_tokens=tokens, params=params)
-                decode_s = res.elapsed_s - res.ttft_s
-                out.append(
-                    {
-                        "ttft_s": res.ttft_s,
-                        "total_s": res.elapsed_s,
-                        "tokens": res.usage.completion_tokens,
-                        "decode_tok_s": (res.usage.completion_tokens - 1) / decode_s,
-                    }
-                )
+    async with client_node(allow_insecure=True) as client:
+        advert = await client.connect(addr)
+        params = {"temperature": 0.0, "logit_bias": bias}
+        await client.ask(advert, prompt, max_tokens=4, params=params)  # warm-up
+        for _ in range(runs):
+            res = await client.ask(advert, prompt, max_tokens=tokens, params=params)
+            decode_s = res.elapsed_s - res.ttft_s
+            out.append(
+                {
+                    "ttft_s": res.ttft_s,
+                    "total_s": res.elapsed_s,
+                    "tokens": res.usage.completion_tokens,
+                    "decode_tok_s": (res.usage.completion_tokens - 1) / decode_s,
+                }
+            )
     return out
+
+
+async def mesh_runs_same_process(
+    path: Path, prompt: str, tokens: int, runs: int, bias: dict[int, float]
+) -> list[dict[str, float]]:
+    """Provider and client in this process: they share one GIL with the decode thread."""
+    engine = await LlamaEngine.load(path, n_ctx=N_CTX)
+    try:
+        async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
+            return await _client_runs(prov.addrs[0], prompt, tokens, runs, bias)
+    finally:
+        await engine.aclose()
+
+
+def mesh_runs_two_processes(
+    path: Path, prompt: str, tokens: int, runs: int, bias: dict[int, float]
+) -> list[dict[str, float]]:
+    """The provider as users run it: `meshnode serve` in its own process."""
+    with tempfile.TemporaryDirectory() as home, subprocess.Popen(
+        [sys.executable, "-m", "meshnode.cli", "serve", "--model", str(path), "--listen",
+         "/ip4/127.0.0.1/tcp/0", "--ctx", str(N_CTX), "--home", home],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "COLUMNS": "300"},
+    ) as serve:
+        try:
+            assert serve.stdout is not None
+            addr = ""
+            for line in serve.stdout:
+                if line.startswith("listening"):
+                    addr = line.split()[1]
+                    break
+            if not addr:
+                raise RuntimeError("meshnode serve exited before listening")
+            return trio.run(_client_runs, addr, prompt, tokens, runs, bias)
+        finally:
+            serve.terminate()
+            serve.wait(timeout=30)
 
 
 def main() -> None:
@@ -86,6 +127,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="use the generated tiny model")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--same-process", action="store_true",
+                    help="run provider and client in this process (they share the GIL)")
     args = ap.parse_args()
 
     cache = data_dir() / "models"
@@ -96,7 +139,6 @@ def main() -> None:
         path, name = model.path, model.name
         prompt = format_prompt(model, "Tell me a short story about a lighthouse keeper.")
 
-    engine = trio.run(lambda: LlamaEngine.load(path, n_ctx=N_CTX))
     llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_batch=512, verbose=False)
     bias = _no_eog_bias(llm)
     if args.tiny:
@@ -110,7 +152,10 @@ def main() -> None:
         r = direct_run(llm, prompt, args.tokens, bias)
         r["decode_tok_s"] = (args.tokens - 1) / (r["total_s"] - r["ttft_s"])
         direct.append(r)
-    mesh = trio.run(mesh_runs, engine, prompt, args.tokens, args.runs, bias)
+    if args.same_process:
+        mesh = trio.run(mesh_runs_same_process, path, prompt, args.tokens, args.runs, bias)
+    else:
+        mesh = mesh_runs_two_processes(path, prompt, args.tokens, args.runs, bias)
 
     def med(rows: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in rows)
@@ -121,6 +166,7 @@ def main() -> None:
         "prompt_tokens": len(llm.tokenize(prompt.encode(), add_bos=True, special=True)),
         "completion_tokens": args.tokens,
         "runs": args.runs,
+        "layout": "one process" if args.same_process else "provider = `meshnode serve` process",
         "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform()},
         "direct": {
             "ttft_ms": med(direct, "ttft_s") * 1000,
@@ -134,7 +180,7 @@ def main() -> None:
         "decode_tok_s": summary["mesh"]["decode_tok_s"] / summary["direct"]["decode_tok_s"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_tiny" if args.tiny else ""
+    suffix = ("_tiny" if args.tiny else "") + ("_same_process" if args.same_process else "")
     (RESULTS / f"mesh_vs_direct{suffix}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "raw"}, indent=2))
 
