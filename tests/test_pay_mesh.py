@@ -160,3 +160,31 @@ async def test_a_forged_voucher_ends_the_job_and_the_node_keeps_serving(
         )
     assert res.usage.completion_tokens == MAX_TOKENS
     assert m.provider.jobs.stats.errors.get("voucher_bad_signature") == 1
+
+
+async def test_a_prompt_costing_more_than_the_window_is_paid_before_decoding(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    long_prompt = " ".join(["the river"] * 40)  # far more prompt cost than a 4-token window
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        before = tiny_engine.decoded_tokens_total
+        payer = m.channel.payer(PRICE, WINDOW_TOKENS)
+        decoded_at_first_voucher: list[int] = []
+
+        class Watching:
+            """The real payer, noting how far the engine had decoded when asked to pay."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(payer, name)
+
+            async def voucher_for(self, owed: int, received: int) -> bytes:
+                if not decoded_at_first_voucher:
+                    decoded_at_first_voucher.append(tiny_engine.decoded_tokens_total - before)
+                boc: bytes = await payer.voucher_for(owed, received)
+                return boc
+
+        res = await m.client.ask(m.advert, long_prompt, max_tokens=8,
+                                 params=steady(tiny_engine), payer=Watching())  # type: ignore[arg-type]
+    assert PRICE.cost(res.usage.prompt_tokens, 0) > PRICE.window_cost(WINDOW_TOKENS)
+    assert decoded_at_first_voucher == [0]  # llama.cpp had not started on the prompt
+    assert res.usage.completion_tokens == 8

@@ -235,6 +235,13 @@ class JobProvider:
             gen_scope = trio.CancelScope()
             nursery.start_soon(watch_client, gen_scope)
             with gen_scope:
+                # The prompt is the first thing the client owes: a prompt costing more than
+                # the credit window is paid for before llama.cpp spends time on it.
+                while not gate.may_produce(0):
+                    waiting = paid
+                    await fs.send(NeedPayment(owed=gate.owed(0), delivered=0))
+                    with trio.fail_after(PAYMENT_TIMEOUT_S):
+                        await waiting.wait()
                 async with self.engine.stream(prompt, params, job.max_tokens) as gen:
                     async for chunk in gen:
                         # Chunks the engine produced while we were sending go out as one
