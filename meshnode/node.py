@@ -357,6 +357,7 @@ class ClientNode:
                 f"provider {advert.peer_id} is not verified ({reason}); a dev provider needs "
                 "the explicit insecure flag"
             )
+        advert = listing.advert  # the verified advert, not whatever copy the caller holds
         offer = advert.offer_for(model) if model else advert.models[0]
         if offer is None:
             raise LookupError(f"provider {advert.peer_id} does not serve {model!r}")

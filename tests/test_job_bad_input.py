@@ -155,3 +155,41 @@ async def test_dialer_without_noise_is_refused(
             await host.connect(parse_peer_addr(prov.addrs[0]))
             await host.new_stream(prov.host.get_id(), [TProtocol(JOB_PROTOCOL)])
         assert prov.host.get_id() not in host.get_network().connections
+
+
+async def test_client_refuses_a_provider_that_inflates_the_token_count() -> None:
+    from meshnode.core.crypto import Opener, provider_session
+    from meshnode.core.messages import Accept
+    from meshnode.jobs.client import JobError, JobRequest, run_job
+    from meshnode.p2p.framed import FramedStream
+    from meshnode.p2p.host import full_addrs, running_host
+
+    liar_id = NodeIdentity.generate()
+
+    async def liar(stream: Any) -> None:
+        fs = FramedStream(stream)
+        first = await fs.recv(10)
+        assert isinstance(first, Open)
+        keys = provider_session(liar_id.job_key, first.client_pub)
+        Opener(keys.recv, first.header, first.job_id).open(
+            (await fs.recv(10)).ciphertext  # type: ignore[attr-defined]
+        )
+        sealer = Sealer(keys.send, first.job_id)
+        await fs.send(Accept(header=sealer.header))
+        await fs.send(Sealed(sealer.seal({"k": "tokens", "text": "ok", "n": 4000,
+                                          "total": 4000})))
+        await trio.sleep(5)
+
+    async with running_host(liar_id) as host, client_node() as client:
+        host.set_stream_handler(TProtocol(JOB_PROTOCOL), liar)
+        info = parse_peer_addr(full_addrs(host)[0])
+        await client.host.connect(info)
+        got: list[str] = []
+
+        async def on_text(t: str) -> None:
+            got.append(t)
+
+        with pytest.raises(JobError) as err:
+            await run_job(client.host, info.peer_id, liar_id.job_public,
+                          JobRequest("ab" * 32, "hi", 8000, {}), on_text=on_text)
+    assert err.value.code == "schema" and got == []

@@ -187,3 +187,32 @@ async def test_policy_may_allow_dev_providers(engines: list[LlamaEngine], tmp_pa
             res = await client.complete(engines[0].info.model_id, "hi", max_tokens=3,
                                         params=steady(engines[0]))
             assert res.usage.completion_tokens == 3 and client.ran_insecure(res)
+
+
+async def test_unverified_majority_cannot_choose_the_model_file(
+    engines: list[LlamaEngine],
+) -> None:
+    import dataclasses
+    import time as _time
+
+    from test_advert import make_advert
+
+    from meshnode.core.advert import encode_signed
+    from meshnode.jobs.routed import pick_model_id
+
+    name = engines[0].info.name
+    async with provider_node(engines[0], identity=NodeIdentity.generate()) as prov:
+        async with client_node(allow_insecure=True) as client:
+            await client.connect(prov.addrs[0])
+            now = _time.time()
+            for i in range(1, 4):  # unverifiable peers: same name, another file
+                seed = bytes([i]) * 32
+                fake = make_advert(seed, issued_at=now, expires_at=now + 300)
+                offer = dataclasses.replace(fake.models[0], id="ee" * 32, name=name)
+                client.directory.insert(
+                    encode_signed(dataclasses.replace(fake, models=(offer,)), seed), now
+                )
+            everyone = client.directory.providers_for(name, now)
+            assert pick_model_id(everyone) == "ee" * 32  # counted blindly, fakes would win
+            res = await client.complete(name, "hi", max_tokens=3, params=steady(engines[0]))
+    assert res.providers == [prov.peer_id]

@@ -42,6 +42,10 @@ ACCEPT_TIMEOUT_S = 15.0
 # prompt before its first token; two minutes covers both without hanging forever.
 TOKEN_TIMEOUT_S = 120.0
 
+# Tokens billed beyond the text's byte count: none in practice; a little room for a
+# tokenizer that maps a token to an empty piece now and then.
+TOKEN_COUNT_SLACK = 8
+
 OnText = Callable[[str], Awaitable[None]]
 
 
@@ -170,6 +174,7 @@ async def _exchange(
     accept_s = time.perf_counter() - sent_at
 
     received = 0
+    text_bytes = 0
     ttft = 0.0
     while True:
         msg = await fs.recv(TOKEN_TIMEOUT_S)
@@ -193,6 +198,13 @@ async def _exchange(
             chunk, n, total = check_tokens_body(body)
             if total != received + n or total > req.max_tokens:
                 raise SchemaError(f"token count jumped from {received} to {total}")
+            text_bytes += len(chunk.encode())
+            # Every billed token shows at least one byte of text (tokens that never do are
+            # not sent as chunks), so a provider cannot bill "ok" as 4000 tokens.
+            if n < 1 or not chunk or total > text_bytes + TOKEN_COUNT_SLACK:
+                raise SchemaError(
+                    f"provider claims {total} tokens for {text_bytes} bytes of text"
+                )
             received = counted[0] = total
             if not text:
                 ttft = time.perf_counter() - start

@@ -125,7 +125,11 @@ class RoutedJobs:
                 providers = self.directory.providers_for(model, now)
                 if not providers:
                     raise NoProvider(f"no provider known for model {model!r}")
-                model_id = pick_model_id(providers)
+                # Pick the file among providers the router may use, so unverified peers
+                # advertising a made-up id under a popular name cannot outvote real ones.
+                usable = [p for p in providers
+                          if p.listing.verified or self.router.allow_unverified]
+                model_id = pick_model_id(usable or providers)
                 by_peer = {p.peer_id: p for p in providers if p.offer.id == model_id}
                 estimate = JobEstimate(
                     model_id=model_id,
