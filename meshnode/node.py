@@ -38,10 +38,10 @@ from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.router import Router, StatsFormatError, Strategy
 from meshnode.engine.base import Engine
 from meshnode.identity import NodeIdentity, load_or_create
-from meshnode.jobs.client import JobRequest, JobResult, OnText, run_job
+from meshnode.jobs.client import JobError, JobRequest, JobResult, OnText, run_job
 from meshnode.jobs.payment_gate import Payer
 from meshnode.jobs.provider import GateFactory, JobProvider
-from meshnode.jobs.routed import PayerFor, RoutedJobs, RoutedResult
+from meshnode.jobs.routed import DEFAULT_DEADLINE_S, PayerFor, RoutedJobs, RoutedResult
 from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, fetch_signed_advert, serve_advert
 from meshnode.p2p.discovery import ClientDiscovery, ProviderAnnouncer
 from meshnode.p2p.host import (
@@ -229,6 +229,7 @@ class ClientNode:
         self.router = Router(strategy=strategy)
         self.verifier = EvidenceVerifier(policy, allow_insecure=self.allow_insecure)
         self.insecure: dict[str, bool] = {}
+        self.job_deadline_s = DEFAULT_DEADLINE_S  # bounds a whole job on one provider
         self.discovery: ClientDiscovery | None = None
         self.relay: RelayClient | None = None
         self._unverified = trio.Event()
@@ -361,16 +362,22 @@ class ClientNode:
         offer = advert.offer_for(model) if model else advert.models[0]
         if offer is None:
             raise LookupError(f"provider {advert.peer_id} does not serve {model!r}")
-        return await run_job(
-            self.host,
-            ID.from_base58(advert.peer_id),
-            advert.job_pubkey,
-            JobRequest(
-                model_id=offer.id, prompt=prompt, max_tokens=max_tokens, params=params or {}
-            ),
-            on_text=on_text,
-            payer=payer,
-        )
+        # Each wait inside the job has its own timeout; this bounds the whole job, so a
+        # provider trickling tokens (or payment requests) cannot hold the caller forever.
+        with trio.move_on_after(self.job_deadline_s) as deadline:
+            return await run_job(
+                self.host,
+                ID.from_base58(advert.peer_id),
+                advert.job_pubkey,
+                JobRequest(
+                    model_id=offer.id, prompt=prompt, max_tokens=max_tokens, params=params or {}
+                ),
+                on_text=on_text,
+                payer=payer,
+            )
+        assert deadline.cancelled_caught
+        raise JobError("deadline", f"no complete answer within {self.job_deadline_s:.0f} s",
+                       before_first_token=False)
 
     async def complete(
         self,

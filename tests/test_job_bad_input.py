@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,14 +17,21 @@ from libp2p.custom_types import TProtocol
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from nacl.public import PrivateKey
 
-from meshnode.core.crypto import Sealer, client_session
-from meshnode.core.messages import JOB_PROTOCOL, ErrorMsg, Open, Sealed, parse_message
+from meshnode.attest.dev import DevEvidenceProducer
+from meshnode.attest.local import make_evidence
+from meshnode.core.advert import Advert, Capacity, Load, ModelOffer, encode_signed
+from meshnode.core.crypto import Opener, Sealer, client_session, provider_session
+from meshnode.core.messages import JOB_PROTOCOL, Accept, ErrorMsg, Open, Sealed, parse_message
+from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.wire import FrameDecoder, encode_frame, encode_uvarint
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity
+from meshnode.jobs.client import JobError, JobRequest, run_job
 from meshnode.node import ClientNode, ProviderNode, client_node, provider_node
-from meshnode.p2p.host import parse_peer_addr
+from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, serve_advert
+from meshnode.p2p.framed import FramedStream
+from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
 
 pytestmark = pytest.mark.slow
 
@@ -158,11 +166,6 @@ async def test_dialer_without_noise_is_refused(
 
 
 async def test_client_refuses_a_provider_that_inflates_the_token_count() -> None:
-    from meshnode.core.crypto import Opener, provider_session
-    from meshnode.core.messages import Accept
-    from meshnode.jobs.client import JobError, JobRequest, run_job
-    from meshnode.p2p.framed import FramedStream
-    from meshnode.p2p.host import full_addrs, running_host
 
     liar_id = NodeIdentity.generate()
 
@@ -193,3 +196,51 @@ async def test_client_refuses_a_provider_that_inflates_the_token_count() -> None
             await run_job(client.host, info.peer_id, liar_id.job_public,
                           JobRequest("ab" * 32, "hi", 8000, {}), on_text=on_text)
     assert err.value.code == "schema" and got == []
+
+
+async def test_a_provider_trickling_tokens_cannot_hold_a_client_past_its_deadline() -> None:
+
+
+    slow_id = NodeIdentity.generate()
+    model = "ab" * 32
+
+    async def trickle(stream: Any) -> None:
+        fs = FramedStream(stream)
+        first = await fs.recv(10)
+        assert isinstance(first, Open)
+        keys = provider_session(slow_id.job_key, first.client_pub)
+        Opener(keys.recv, first.header, first.job_id).open(
+            (await fs.recv(10)).ciphertext  # type: ignore[attr-defined]
+        )
+        sealer = Sealer(keys.send, first.job_id)
+        await fs.send(Accept(header=sealer.header))
+        for total in range(1, 10_000):
+            await fs.send(Sealed(sealer.seal({"k": "tokens", "text": "a", "n": 1,
+                                              "total": total})))
+            await trio.sleep(0.2)
+
+    async with running_host(slow_id) as host, client_node(allow_insecure=True) as client:
+
+        now = time.time()
+        evidence = await make_evidence(DevEvidenceProducer(slow_id.signing_key),
+                                       slow_id.job_public, slow_id.peer_public, now)
+
+        signed = encode_signed(Advert(
+            peer_id=peer_id_from_ed25519(slow_id.peer_public), peer_pubkey=slow_id.peer_public,
+            addrs=tuple(full_addrs(host)),
+            models=(ModelOffer(model, "slow", "F32", 512, 0, 0),),
+            capacity=Capacity(1, 1.0), load=Load(0, 0), job_pubkey=slow_id.job_public,
+            seq=1, issued_at=now, expires_at=now + 300, attestation=evidence.to_dict(),
+        ), slow_id.peer_seed)
+
+        async def advert_handler(stream: Any) -> None:
+            await serve_advert(stream, signed)
+
+        host.set_stream_handler(TProtocol(JOB_PROTOCOL), trickle)
+        host.set_stream_handler(TProtocol(ADVERT_PROTOCOL), advert_handler)
+        advert = await client.connect(full_addrs(host)[0])
+        client.job_deadline_s = 1.0
+        t0 = time.monotonic()
+        with pytest.raises(JobError) as err:
+            await client.ask(advert, "hi", max_tokens=5000)
+        assert err.value.code == "deadline" and time.monotonic() - t0 < 5
