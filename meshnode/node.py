@@ -90,6 +90,7 @@ class ProviderNode:
         self.jobs = JobProvider(
             engine,
             identity.job_secret,
+            peer_id=peer_id_from_ed25519(identity.peer_public),
             slots=settings.slots,
             max_queue=settings.max_queue,
             gate_factory=gate_factory,

@@ -11,12 +11,17 @@ from typing import Any
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
+from meshnode.core.channel_auth import sign_job_auth
 from meshnode.core.messages import Open
 from meshnode.core.meter import Price
+from meshnode.core.peerid import peer_id_from_ed25519
+from meshnode.core.voucher import VoucherSigner
+from meshnode.jobs.payment_gate import PaymentGate
 from meshnode.pay.chain import SendResult
 from meshnode.pay.channel_messages import ClosingConfig
 from meshnode.pay.channels import ClientChannel, Payee
 from meshnode.pay.emulator import EmulatedChain
+from meshnode.pay.gate import ChannelGates
 from meshnode.pay.wiring import ClientPayments, ProviderPayments
 
 TON = 10**9
@@ -33,6 +38,8 @@ WINDOW_TOKENS = 4
 
 CLIENT_WALLET = Address((0, bytes([0xC1]) * 32))
 PROVIDER_WALLET = Address((0, bytes([0xB0]) * 32))
+PROVIDER_PEER_ID = peer_id_from_ed25519(bytes([0xB0]) * 32)
+"""The provider's peer id when a test drives its gate without a network."""
 
 
 class CountingChain:
@@ -102,14 +109,32 @@ def pay_net(tmp: Path, code: Cell, *, window: int = WINDOW_TOKENS) -> PayNet:
     )
 
 
-def job_open(channel_id: int | None, job_id: bytes | None = None) -> Open:
-    """An Open as a client would send it (for driving the gate without a network)."""
+def job_open(
+    channel_id: int | None,
+    job_id: bytes | None = None,
+    *,
+    signer: VoucherSigner | None = None,
+    provider_peer_id: str = PROVIDER_PEER_ID,
+) -> Open:
+    """An Open as a client would send it (for driving the gate without a network),
+    with the channel proof when given the channel's client key."""
+    job_id = job_id or os.urandom(16)
+    client_pub = bytes(32)
+    auth = None
+    if signer is not None and channel_id is not None:
+        auth = sign_job_auth(signer, job_id, client_pub, channel_id, provider_peer_id)
     return Open(
-        job_id=job_id or os.urandom(16),
+        job_id=job_id,
         model_id="00" * 32,
         params={},
         max_tokens=64,
         channel_id=channel_id,
-        client_pub=bytes(32),
+        client_pub=client_pub,
         header=bytes(24),
+        auth=auth,
     )
+
+
+def channel_gate(gates: ChannelGates, channel: ClientChannel) -> PaymentGate:
+    """The provider's gate for one job on ``channel``, opened by the channel's client."""
+    return gates(job_open(channel.channel_id, signer=channel.signer), PROVIDER_PEER_ID)

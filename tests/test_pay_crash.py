@@ -48,6 +48,9 @@ class PausingPayer:
     def begin(self, prompt: str) -> None:
         self.inner.begin(prompt)
 
+    def authorize(self, job_id: bytes, client_pub: bytes, provider_peer_id: str) -> bytes:
+        return self.inner.authorize(job_id, client_pub, provider_peer_id)
+
     def check_usage(self, usage: Usage) -> None:
         self.inner.check_usage(usage)
 

@@ -24,7 +24,7 @@ from pay_net import (
     QUARANTINE_S,
     WINDOW_TOKENS,
     PayNet,
-    job_open,
+    channel_gate,
     pay_net,
 )
 from pytoniq_core.boc.cell import Cell
@@ -73,7 +73,7 @@ async def linked(net: PayNet) -> AsyncIterator[tuple[IHost, ID]]:
 
 async def pay_in_steps(net: PayNet, channel: ClientChannel, steps: int) -> ChannelPayer:
     """One job of ``steps`` payment rounds through the provider's gate and client's payer."""
-    gate = net.provider.gates(job_open(channel.channel_id))
+    gate = channel_gate(net.provider.gates, channel)
     payer = channel.payer(PRICE, WINDOW_TOKENS)
     payer.begin("hi")
     await gate.start(prompt_tokens=2)
@@ -143,7 +143,7 @@ async def test_every_accepted_voucher_is_in_the_ledger_when_accept_returns(net: 
     channel = await net.open_channel()
     async with linked(net) as (client_host, provider):
         await channel.announce(client_host, provider)
-    gate = net.provider.gates(job_open(channel.channel_id))
+    gate = channel_gate(net.provider.gates, channel)
     payer = channel.payer(PRICE, WINDOW_TOKENS)
     payer.begin("hi")
     await gate.start(prompt_tokens=2)

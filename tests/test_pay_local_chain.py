@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pay_net import PRICE, WINDOW_TOKENS, job_open
+from pay_net import PRICE, WINDOW_TOKENS, channel_gate
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.voucher import VoucherSigner
@@ -169,7 +169,7 @@ async def test_the_real_contract_opens_and_closes_across_two_instances(
             )
             await channel.announce(client_host, info.peer_id)
             assert (await channel.status()).state == CHANNEL_STATE_OPEN
-            gate = provider.gates(job_open(channel.channel_id))
+            gate = channel_gate(provider.gates, channel)
             payer = channel.payer(PRICE, WINDOW_TOKENS)
             payer.begin("hi")
             await gate.start(prompt_tokens=2)

@@ -17,7 +17,7 @@ from pytoniq_core.boc.cell import Cell
 from meshnode.core.advert import Advert
 from meshnode.core.voucher import VoucherSigner
 from meshnode.identity import NodeIdentity
-from meshnode.jobs.client import JobError
+from meshnode.jobs.client import JobError, JobRequest, run_job
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
 from meshnode.pay.channel_messages import FEE_RESERVE
 from meshnode.pay.channels import ClientChannel
@@ -141,14 +141,22 @@ async def test_a_forged_voucher_ends_the_job_and_the_node_keeps_serving(
         forged = dataclasses.replace(
             m.channel, signer=VoucherSigner(bytes([9]) * 32), ledger=forger_ledger
         )
+        forged_payer = forged.payer(PRICE, WINDOW_TOKENS)
+        owner = m.channel.payer(PRICE, WINDOW_TOKENS)
+
+        class ForgedVouchers:
+            """The owner's job proof (the job is admitted), vouchers signed by another key."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(forged_payer, name)
+
+            def authorize(self, job_id: bytes, client_pub: bytes, provider: str) -> bytes:
+                return owner.authorize(job_id, client_pub, provider)
+
         with pytest.raises(JobError) as info:
-            await m.client.ask(
-                m.advert,
-                "hello world",
-                max_tokens=MAX_TOKENS,
-                params=steady(tiny_engine),
-                payer=forged.payer(PRICE, WINDOW_TOKENS),
-            )
+            await m.client.ask(m.advert, "hello world", max_tokens=MAX_TOKENS,
+                               params=steady(tiny_engine),
+                               payer=ForgedVouchers())  # type: ignore[arg-type]
         assert info.value.code == "voucher_bad_signature"
         assert m.net.provider.ledger.latest_voucher(m.channel.channel_id) is None
         res = await m.client.ask(
@@ -188,3 +196,63 @@ async def test_a_prompt_costing_more_than_the_window_is_paid_before_decoding(
     assert PRICE.cost(res.usage.prompt_tokens, 0) > PRICE.window_cost(WINDOW_TOKENS)
     assert decoded_at_first_voucher == [0]  # llama.cpp had not started on the prompt
     assert res.usage.completion_tokens == 8
+
+
+@asynccontextmanager
+async def stranger(m: Mesh) -> AsyncIterator[ClientNode]:
+    """A second client that knows the victim's channel id (it is on chain) but not its key."""
+    async with client_node(allow_insecure=True) as other:
+        await other.connect(m.provider.addrs[0])
+        yield other
+
+
+async def assert_the_channel_is_free(m: Mesh, engine: LlamaEngine) -> None:
+    res = await m.client.ask(
+        m.advert,
+        "hello world",
+        max_tokens=MAX_TOKENS,
+        params=steady(engine),
+        payer=m.channel.payer(PRICE, WINDOW_TOKENS),
+    )
+    assert res.usage.completion_tokens == MAX_TOKENS
+
+
+async def test_a_job_naming_a_channel_without_its_keys_proof_is_refused(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m, stranger(m) as other:
+        request = JobRequest(
+            model_id=m.advert.models[0].id,
+            prompt="hello world",
+            max_tokens=MAX_TOKENS,
+            params=steady(tiny_engine),
+            channel_id=m.channel.channel_id,
+        )
+        with pytest.raises(JobError) as info:  # NoPayer: the Open carries no proof
+            await run_job(other.host, m.provider_id, m.advert.job_pubkey, request)
+        assert info.value.code == "channel_auth"
+        assert info.value.before_first_token
+        await assert_the_channel_is_free(m, tiny_engine)
+    assert m.provider.jobs.stats.errors.get("channel_auth") == 1
+
+
+async def test_a_job_whose_proof_is_signed_by_another_key_is_refused(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m, stranger(m) as other:
+        forger_ledger = Ledger(tmp_path / "forger")
+        forger_ledger.add_channel(ChannelRecord(m.channel.channel_id, bytes(32), DEPOSIT, 0.0))
+        forged = dataclasses.replace(
+            m.channel, signer=VoucherSigner(bytes([9]) * 32), ledger=forger_ledger
+        )
+        with pytest.raises(JobError) as info:
+            await other.ask(
+                m.advert,
+                "hello world",
+                max_tokens=MAX_TOKENS,
+                params=steady(tiny_engine),
+                payer=forged.payer(PRICE, WINDOW_TOKENS),
+            )
+        assert info.value.code == "channel_auth"
+        await assert_the_channel_is_free(m, tiny_engine)
+    assert m.provider.jobs.stats.errors == {"channel_auth": 1}

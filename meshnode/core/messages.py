@@ -28,6 +28,7 @@ MAX_ERROR_TEXT = 1024  # error messages are for humans and logs, not payloads
 MAX_VOUCHER_BYTES = 4096  # a semi-channel state BOC is ~200 bytes; leave room for proofs
 MAX_PARAMS_KEYS = 16  # sampling params are a handful of scalars
 MAX_RETRY_AFTER_S = 3600.0  # a busy provider asking for more than an hour is broken
+CHANNEL_AUTH_BYTES = 64  # an Ed25519 signature (see core.channel_auth)
 MODEL_ID_RE = re.compile(r"^[0-9a-f]{64}$")  # sha256 hex of the GGUF file
 UINT64_MAX = (1 << 64) - 1
 UINT128_MAX = (1 << 128) - 1
@@ -76,6 +77,8 @@ def _str(d: dict[str, Any], key: str, limit: int) -> str:
 class Message:
     TYPE: ClassVar[str] = ""
     KEYS: ClassVar[frozenset[str]] = frozenset()
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset()
+    """Keys a frame may leave out; a frame without them reads as before they existed."""
 
     def to_wire(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -87,12 +90,18 @@ class Message:
 
 @dataclass(frozen=True)
 class Open(Message):
-    """Client → provider, in clear: what to run and the client's ephemeral key."""
+    """Client → provider, in clear: what to run and the client's ephemeral key.
+
+    `auth` is present when `channel_id` is: the channel client key's signature binding
+    this job to the channel and the provider (core.channel_auth). Left out when None, so
+    an Open without a channel is the same frame it was before the field existed.
+    """
 
     TYPE: ClassVar[str] = "open"
     KEYS: ClassVar[frozenset[str]] = frozenset(
         {"t", "v", "job_id", "model_id", "params", "max_tokens", "channel_id", "epk", "hdr"}
     )
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"auth"})
     job_id: bytes
     model_id: str
     params: dict[str, Any]
@@ -100,10 +109,11 @@ class Open(Message):
     channel_id: int | None
     client_pub: bytes
     header: bytes
+    auth: bytes | None = None
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "t": self.TYPE,
             "v": self.version,
             "job_id": self.job_id,
@@ -114,6 +124,9 @@ class Open(Message):
             "epk": self.client_pub,
             "hdr": self.header,
         }
+        if self.auth is not None:
+            wire["auth"] = self.auth
+        return wire
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Open:
@@ -133,6 +146,9 @@ class Open(Message):
             channel is None or (_is_int(channel) and 0 <= channel <= UINT128_MAX),
             "channel_id must be null or a uint128",
         )
+        auth = d.get("auth")
+        if auth is not None:
+            auth = _bytes(d, "auth", exact=CHANNEL_AUTH_BYTES)
         return cls(
             job_id=_bytes(d, "job_id", exact=JOB_ID_BYTES),
             model_id=model_id,
@@ -141,6 +157,7 @@ class Open(Message):
             channel_id=channel,
             client_pub=_bytes(d, "epk", exact=X25519_KEY_BYTES),
             header=_bytes(d, "hdr", exact=SECRETSTREAM_HEADER_BYTES),
+            auth=auth,
             version=version,
         )
 
@@ -262,7 +279,7 @@ def parse_message(d: dict[str, Any]) -> Message:
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise UnknownMessage(f"unknown message type {kind!r}")
-    keys = set(d)
+    keys = set(d) - cls.OPTIONAL_KEYS
     if keys != cls.KEYS:
         missing = sorted(cls.KEYS - keys)
         extra = sorted(keys - cls.KEYS)

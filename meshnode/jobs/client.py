@@ -148,16 +148,21 @@ async def _exchange(
     ephemeral = PrivateKey.generate()
     keys = client_session(ephemeral, provider_job_pub)
     sealer = Sealer(keys.send, ad=job_id)
+    client_pub = bytes(ephemeral.public_key)
+    channel_id = req.channel_id if req.channel_id is not None else payer.channel_id
     payer.begin(req.prompt)
+    # Naming a channel takes its key's proof, bound to this job and this provider.
+    auth = None if channel_id is None else payer.authorize(job_id, client_pub, peer.to_base58())
     await fs.send(
         Open(
             job_id=job_id,
             model_id=req.model_id,
             params=req.params,
             max_tokens=req.max_tokens,
-            channel_id=req.channel_id if req.channel_id is not None else payer.channel_id,
-            client_pub=bytes(ephemeral.public_key),
+            channel_id=channel_id,
+            client_pub=client_pub,
             header=sealer.header,
+            auth=auth,
         )
     )
     await fs.send(Sealed(sealer.seal({"k": "prompt", "prompt": req.prompt})))

@@ -61,6 +61,11 @@ class Payer(Protocol):
         """Called once before Open: the prompt bounds what its tokens may cost."""
         ...
 
+    def authorize(self, job_id: bytes, client_pub: bytes, provider_peer_id: str) -> bytes | None:
+        """Open.auth: the channel key's proof that this job at this provider may use the
+        channel (core.channel_auth); None when the payer has no channel."""
+        ...
+
     async def voucher_for(self, owed: int, received: int) -> bytes:
         """A signed state covering `owed`; raise PaymentRejected to refuse."""
         ...
@@ -99,6 +104,9 @@ class NoPayer:
         return None
 
     def begin(self, prompt: str) -> None:
+        return None
+
+    def authorize(self, job_id: bytes, client_pub: bytes, provider_peer_id: str) -> bytes | None:
         return None
 
     def check_usage(self, usage: Usage) -> None:

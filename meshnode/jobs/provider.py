@@ -82,7 +82,9 @@ class ProviderStats:
         self.errors[code] = self.errors.get(code, 0) + 1
 
 
-GateFactory = Callable[[Open], PaymentGate]
+GateFactory = Callable[[Open, str], PaymentGate]
+"""(the job's Open, this provider's own peer id) → the job's gate; the peer id is what a
+channel's job proof must name (core.channel_auth)."""
 
 
 class JobProvider:
@@ -91,6 +93,7 @@ class JobProvider:
         engine: Engine,
         job_key_secret: bytes,
         *,
+        peer_id: str,
         slots: int = 1,
         max_queue: int = 4,
         gate_factory: GateFactory | None = None,
@@ -99,11 +102,12 @@ class JobProvider:
 
         self.engine = engine
         self._job_key = PrivateKey(job_key_secret)
+        self.peer_id = peer_id
         self.slots = slots
         self.max_queue = max_queue
         self._limiter = trio.CapacityLimiter(slots)
         self._admitted = 0
-        self._gate_factory = gate_factory or (lambda _open: FreeGate())
+        self._gate_factory = gate_factory or (lambda _open, _peer: FreeGate())
         self.stats = ProviderStats()
         self.on_load_change: Callable[[int, int], None] | None = None
 
@@ -175,7 +179,7 @@ class JobProvider:
             self.stats.busy_refusals += 1
             await fs.send(Busy(retry_after=BUSY_RETRY_AFTER_S))
             return
-        gate = self._gate_factory(first)
+        gate = self._gate_factory(first, self.peer_id)
         self._admitted += 1
         self._load_changed()
         try:

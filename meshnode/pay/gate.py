@@ -5,7 +5,9 @@ ledger, serialises jobs per channel (vouchers are cumulative over the channel, s
 jobs at once would race for seqnos) and starts a `ProviderMeter` from the channel's last
 accepted voucher. `MeteredGate` judges each voucher with the meter and writes it to the
 ledger (fsync) *before* the meter counts it as paid, so no token is ever produced on the
-strength of a voucher a crash could lose.
+strength of a voucher a crash could lose. A job names its channel with the channel client
+key's proof (core.channel_auth), checked before it may wait for the channel's slot: a
+channel id alone is public and would let anyone block the channel or spend its window.
 
 Each job starts from "everything before is settled at the last voucher": a job that
 ended with tokens still on credit (the client vanished) forgives at most one credit
@@ -19,6 +21,7 @@ from collections.abc import Callable
 
 import trio
 
+from meshnode.core.channel_auth import ChannelAuthError, verify_job_auth
 from meshnode.core.messages import Open
 from meshnode.core.meter import (
     ChannelTerms,
@@ -44,9 +47,10 @@ def rejection_code(exc: VoucherRejected) -> str:
 class MeteredGate:
     """PaymentGate over a ProviderMeter and the ledger, for one job on one channel."""
 
-    def __init__(self, gates: ChannelGates, job: Open) -> None:
+    def __init__(self, gates: ChannelGates, job: Open, provider_peer_id: str) -> None:
         self._gates = gates
         self._job = job
+        self._provider_peer_id = provider_peer_id
         self._meter: ProviderMeter | None = None
         self._slot: trio.Semaphore | None = None
         self._delivered = 0
@@ -71,6 +75,18 @@ class MeteredGate:
                 "unknown_channel",
                 f"channel {channel_id:#x} is unknown here; announce it on /meshnode/channel/1",
             )
+        job = self._job
+        try:
+            verify_job_auth(
+                record.client_key,
+                job.auth,
+                job.job_id,
+                job.client_pub,
+                channel_id,
+                self._provider_peer_id,
+            )
+        except ChannelAuthError as exc:
+            raise PaymentRejected("channel_auth", str(exc)) from exc
         slot = self._gates.slot(channel_id)
         with trio.move_on_after(CHANNEL_BUSY_WAIT_S):
             await slot.acquire()
@@ -173,7 +189,7 @@ class ChannelGates:
         """One job at a time per channel: vouchers are cumulative over the channel."""
         return self._slots.setdefault(channel_id, trio.Semaphore(1))
 
-    def __call__(self, job: Open) -> PaymentGate:
+    def __call__(self, job: Open, provider_peer_id: str) -> PaymentGate:
         if self.free:
             return FreeGate()
-        return MeteredGate(self, job)
+        return MeteredGate(self, job, provider_peer_id)

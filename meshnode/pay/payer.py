@@ -19,6 +19,7 @@ from typing import Protocol
 
 import trio
 
+from meshnode.core.channel_auth import sign_job_auth
 from meshnode.core.messages import Usage
 from meshnode.core.meter import ChannelExhausted, ClientMeter, MeterError, Paid, Price
 from meshnode.core.voucher import Voucher, VoucherSigner
@@ -101,6 +102,11 @@ class ChannelPayer:
             paid=paid,
         )
         self._meter.received(self._prompt_bound, 0)
+
+    def authorize(self, job_id: bytes, client_pub: bytes, provider_peer_id: str) -> bytes:
+        return sign_job_auth(
+            self._channel.signer, job_id, client_pub, self._channel.channel_id, provider_peer_id
+        )
 
     async def voucher_for(self, owed: int, received: int) -> bytes:
         meter = self._meter
