@@ -165,20 +165,26 @@ async def test_dialer_without_noise_is_refused(
         assert prov.host.get_id() not in host.get_network().connections
 
 
-async def test_client_refuses_a_provider_that_inflates_the_token_count() -> None:
+async def _accept_any_job(stream: Any, identity: NodeIdentity) -> tuple[FramedStream, Sealer]:
+    """A hand-written provider's half of the handshake: read Open and the sealed prompt,
+    answer Accept; the caller then sends whatever token frames the test needs."""
+    fs = FramedStream(stream)
+    first = await fs.recv(10)
+    assert isinstance(first, Open)
+    keys = provider_session(identity.job_key, first.client_pub)
+    prompt = await fs.recv(10)
+    assert isinstance(prompt, Sealed)
+    Opener(keys.recv, first.header, first.job_id).open(prompt.ciphertext)
+    sealer = Sealer(keys.send, first.job_id)
+    await fs.send(Accept(header=sealer.header))
+    return fs, sealer
 
+
+async def test_client_refuses_a_provider_that_inflates_the_token_count() -> None:
     liar_id = NodeIdentity.generate()
 
     async def liar(stream: Any) -> None:
-        fs = FramedStream(stream)
-        first = await fs.recv(10)
-        assert isinstance(first, Open)
-        keys = provider_session(liar_id.job_key, first.client_pub)
-        Opener(keys.recv, first.header, first.job_id).open(
-            (await fs.recv(10)).ciphertext  # type: ignore[attr-defined]
-        )
-        sealer = Sealer(keys.send, first.job_id)
-        await fs.send(Accept(header=sealer.header))
+        fs, sealer = await _accept_any_job(stream, liar_id)
         await fs.send(Sealed(sealer.seal({"k": "tokens", "text": "ok", "n": 4000,
                                           "total": 4000})))
         await trio.sleep(5)
@@ -199,21 +205,11 @@ async def test_client_refuses_a_provider_that_inflates_the_token_count() -> None
 
 
 async def test_a_provider_trickling_tokens_cannot_hold_a_client_past_its_deadline() -> None:
-
-
     slow_id = NodeIdentity.generate()
     model = "ab" * 32
 
     async def trickle(stream: Any) -> None:
-        fs = FramedStream(stream)
-        first = await fs.recv(10)
-        assert isinstance(first, Open)
-        keys = provider_session(slow_id.job_key, first.client_pub)
-        Opener(keys.recv, first.header, first.job_id).open(
-            (await fs.recv(10)).ciphertext  # type: ignore[attr-defined]
-        )
-        sealer = Sealer(keys.send, first.job_id)
-        await fs.send(Accept(header=sealer.header))
+        fs, sealer = await _accept_any_job(stream, slow_id)
         for total in range(1, 10_000):
             await fs.send(Sealed(sealer.seal({"k": "tokens", "text": "a", "n": 1,
                                               "total": total})))

@@ -233,6 +233,15 @@ class JobProvider:
                 client_gone.append(exc)
                 cancel.cancel()
 
+        async def until_paid(tokens: int, *, settle: bool = False) -> None:
+            """Ask for payment and wait for vouchers until `tokens` completion tokens may
+            go out (or, with `settle`, are fully paid)."""
+            while not (gate.settled(tokens) if settle else gate.may_produce(tokens)):
+                waiting = paid
+                await fs.send(NeedPayment(owed=gate.owed(tokens), delivered=delivered))
+                with trio.fail_after(PAYMENT_TIMEOUT_S):
+                    await waiting.wait()
+
         finish = "stop"
         first_at = 0.0
         async with trio.open_nursery() as nursery:
@@ -241,25 +250,14 @@ class JobProvider:
             with gen_scope:
                 # The prompt is the first thing the client owes: a prompt costing more than
                 # the credit window is paid for before llama.cpp spends time on it.
-                while not gate.may_produce(0):
-                    waiting = paid
-                    await fs.send(NeedPayment(owed=gate.owed(0), delivered=0))
-                    with trio.fail_after(PAYMENT_TIMEOUT_S):
-                        await waiting.wait()
+                await until_paid(0)
                 async with self.engine.stream(prompt, params, job.max_tokens) as gen:
                     async for chunk in gen:
                         # Chunks the engine produced while we were sending go out as one
                         # sealed frame: per-frame cost, not per-token, when decode is fast.
                         pending = [chunk, *gen.ready()]
                         while pending:
-                            while not gate.may_produce(delivered + pending[0].n_tokens):
-                                waiting = paid
-                                await fs.send(
-                                    NeedPayment(owed=gate.owed(delivered + pending[0].n_tokens),
-                                                delivered=delivered)
-                                )
-                                with trio.fail_after(PAYMENT_TIMEOUT_S):
-                                    await waiting.wait()
+                            await until_paid(delivered + pending[0].n_tokens)
                             batch = _payable_batch(pending, delivered, gate)
                             del pending[: len(batch)]
                             n = sum(c.n_tokens for c in batch)
@@ -275,11 +273,8 @@ class JobProvider:
                                 )
                             )
                 finish = gen.finish_reason or "stop"
-                while not gate.settled(delivered):  # the last tokens went out on credit
-                    waiting = paid
-                    await fs.send(NeedPayment(owed=gate.owed(delivered), delivered=delivered))
-                    with trio.fail_after(PAYMENT_TIMEOUT_S):
-                        await waiting.wait()
+                # The last tokens went out on credit: settle them before Done.
+                await until_paid(delivered, settle=True)
             self.stats.tokens_out += delivered
             if delivered > 1:
                 self.stats.observe_speed((delivered - 1) / max(trio.current_time() - first_at,
