@@ -7,13 +7,23 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meshnode-installed
 
-.PHONY: demo test lint install contract clean
+.PHONY: demo test lint install contract clean llama-build
 
-$(STAMP): pyproject.toml
+# llama.cpp build profile: auto (= cpu-native-safe: this CPU's ISA without AMX),
+# cpu-portable, or cuda (with CUDA_ARCH=90 etc.). See kernels/README.md.
+LLAMA_PROFILE ?= auto
+CUDA_ARCH ?=
+
+$(STAMP): pyproject.toml kernels/build_llama.py meshnode/core/cpu_features.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	LLAMA_PROFILE=$(LLAMA_PROFILE) CUDA_ARCH=$(CUDA_ARCH) $(BIN)/python kernels/build_llama.py
 	$(BIN)/pip install --progress-bar off -e '.[dev,demo]'
 	touch $(STAMP)
+
+# Rebuild llama-cpp-python with another profile, e.g. `make llama-build LLAMA_PROFILE=cuda CUDA_ARCH=90`.
+llama-build: $(STAMP)
+	LLAMA_PROFILE=$(LLAMA_PROFILE) CUDA_ARCH=$(CUDA_ARCH) $(BIN)/python kernels/build_llama.py
 
 install: $(STAMP)
 

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Build (or reuse) and install llama-cpp-python with a named, safe build profile.
+
+    python kernels/build_llama.py [--profile auto|cpu-portable|cpu-native-safe|cuda]
+                                  [--cuda-arch 90] [--wheel-only] [--force]
+
+Run it with the interpreter of the environment to install into (the Makefile uses
+.venv/bin/python). Each build is cached as a wheel under
+``$MESHNODE_WHEELHOUSE`` (default ``~/.cache/meshnode/llama-wheels``) in a folder named by
+the version, profile and a hash of the CMake options and compilers, and pip's own wheel
+cache is bypassed (``--no-cache-dir``): pip keys its cache by version only, so it would
+hand back a wheel built with other flags (the AMX crash came back that way).
+
+The profile logic lives in meshnode/core/cpu_features.py (pure, unit-tested); this script
+loads that file directly so it runs before meshnode itself is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_INFO_NAME = "meshnode-llama-build.json"
+
+
+def _load_cpu_features() -> ModuleType:
+    path = ROOT / "meshnode" / "core" / "cpu_features.py"
+    spec = importlib.util.spec_from_file_location("_meshnode_cpu_features", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+cf = _load_cpu_features()
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "missing"
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[-1 if cmd[0] == "nvcc" else 0] if lines else "unknown"
+
+
+def _toolchain(profile: str) -> dict[str, str]:
+    tools = {
+        "python": f"{sys.implementation.cache_tag}-{sys.platform}",
+        "cc": _first_line([os.environ.get("CC", "cc"), "--version"]),
+        "cxx": _first_line([os.environ.get("CXX", "c++"), "--version"]),
+        "cmake": _first_line(["cmake", "--version"]),
+    }
+    if profile == "cuda":
+        tools["nvcc"] = _first_line(["nvcc", "--version"])
+    return tools
+
+
+def _installed_build() -> dict[str, object] | None:
+    path = Path(sys.prefix) / BUILD_INFO_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _llama_installed(version: str) -> bool:
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("llama-cpp-python") == version
+    except Exception:
+        return False
+
+
+def _cuda_env(env: dict[str, str]) -> dict[str, str]:
+    """Point CMake at nvcc and at cuBLAS from the PyPI wheels when the toolkit lacks it."""
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        env.setdefault("CUDACXX", nvcc)
+        toolkit = Path(nvcc).resolve().parent.parent
+        env.setdefault("CUDAToolkit_ROOT", str(toolkit))
+    return env
+
+
+def build_wheel(version: str, profile: str, args: list[str], key: str, wheelhouse: Path,
+                force: bool) -> Path:
+    target = wheelhouse / f"{version}-{profile}-{key}"
+    wheels = sorted(target.glob("llama_cpp_python-*.whl"))
+    if wheels and not force:
+        print(f"[llama-build] reusing {wheels[-1]} (same version, flags and compilers)")
+        return wheels[-1]
+    target.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["CMAKE_ARGS"] = " ".join(args)
+    env["FORCE_CMAKE"] = "1"
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    if profile == "cuda":
+        env = _cuda_env(env)
+    print(f"[llama-build] building llama-cpp-python {version}, profile {profile}")
+    print(f"[llama-build] CMAKE_ARGS={env['CMAKE_ARGS']}")
+    print("[llama-build] this compiles llama.cpp: ~6 min on 2 cores for CPU, much longer "
+          "for CUDA", flush=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        cmd = [
+            sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir",
+            "--no-binary", "llama-cpp-python", "--progress-bar", "off",
+            f"llama-cpp-python=={version}", "-w", tmp,
+        ]
+        if os.environ.get("MESHNODE_LLAMA_SDIST"):
+            cmd[-3] = os.environ["MESHNODE_LLAMA_SDIST"]
+        subprocess.run(cmd, env=env, check=True)
+        built = sorted(Path(tmp).glob("llama_cpp_python-*.whl"))
+        if not built:
+            raise SystemExit("[llama-build] pip produced no wheel")
+        final = target / built[-1].name
+        shutil.move(str(built[-1]), final)
+    (target / "build.json").write_text(json.dumps(
+        {"version": version, "profile": profile, "cmake_args": args, "key": key,
+         "built_in_s": round(time.monotonic() - started, 1)}, indent=2))
+    print(f"[llama-build] built in {time.monotonic() - started:.0f} s -> {final}")
+    return final
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default=os.environ.get("LLAMA_PROFILE", "auto"),
+                        choices=("auto", *cf.PROFILES))
+    parser.add_argument("--cuda-arch", default=os.environ.get("CUDA_ARCH"))
+    parser.add_argument("--wheel-only", action="store_true",
+                        help="build/cache the wheel but do not install it")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--print-args", action="store_true",
+                        help="print the CMake options for the profile and exit")
+    opts = parser.parse_args()
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = cf.cpu_flags(cpuinfo)
+    profile = "cpu-native-safe" if opts.profile == "auto" else opts.profile
+    args = cf.cmake_args(profile, flags, cuda_arch=opts.cuda_arch)
+    if opts.print_args:
+        print(" ".join(args))
+        return 0
+    version = cf.LLAMA_CPP_PYTHON_VERSION
+    key = cf.build_key(version, args, _toolchain(profile))
+    info = {"version": version, "profile": profile, "cmake_args": args, "key": key,
+            "cpu": cf.cpu_model_name(cpuinfo), "cpu_has_amx": cf.has_amx(flags)}
+    if not opts.force and not opts.wheel_only and _installed_build() == info \
+            and _llama_installed(version):
+        print(f"[llama-build] llama-cpp-python {version} ({profile}, {key}) already installed")
+        return 0
+    wheelhouse = Path(os.environ.get("MESHNODE_WHEELHOUSE")
+                      or Path.home() / ".cache" / "meshnode" / "llama-wheels")
+    wheel = build_wheel(version, profile, args, key, wheelhouse, opts.force)
+    if opts.wheel_only:
+        return 0
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall",
+                    "--no-cache-dir", "--progress-bar", "off", str(wheel)], check=True)
+    (Path(sys.prefix) / BUILD_INFO_NAME).write_text(json.dumps(info, indent=2))
+    print(f"[llama-build] installed {wheel.name} ({profile}, key {key})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
