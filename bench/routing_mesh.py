@@ -82,8 +82,8 @@ class PacedEngine:
         async with self._inner.stream(prompt, params, max_tokens) as gen:
             yield _PacedGeneration(gen, self._rate)
 
-    def count_tokens(self, text: str) -> int:
-        return self._inner.count_tokens(text)
+    async def count_tokens(self, text: str) -> int:
+        return await self._inner.count_tokens(text)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -145,7 +145,7 @@ async def test_chat_completion_answers_with_the_models_text_and_usage(mesh: Mesh
     assert res.choices[0].finish_reason == "length"
     assert res.usage is not None
     assert res.usage.completion_tokens == 12
-    assert res.usage.prompt_tokens == mesh.engine.count_tokens(prompt)
+    assert res.usage.prompt_tokens == await mesh.engine.count_tokens(prompt)
     assert res.usage.total_tokens == res.usage.prompt_tokens + 12
 
 
@@ -185,7 +185,7 @@ async def test_chat_stream_delivers_the_same_text_and_usage_counts_every_token(
     assert usage_chunk.choices == [] and usage_chunk.usage is not None
     assert usage_chunk.usage.completion_tokens == 20
     assert 1 <= len(content) <= 20
-    assert usage_chunk.usage.prompt_tokens == mesh.engine.count_tokens(prompt)
+    assert usage_chunk.usage.prompt_tokens == await mesh.engine.count_tokens(prompt)
     assert len({c.id for c in chunks}) == 1
 
 
@@ -209,7 +209,7 @@ async def test_completion_answers_with_the_models_text(mesh: Mesh) -> None:
     assert res.choices[0].text == await engine_text(mesh.engine, "the river", 10)
     assert res.choices[0].finish_reason == "length"
     assert res.usage is not None and res.usage.completion_tokens == 10
-    assert res.usage.prompt_tokens == mesh.engine.count_tokens("the river")
+    assert res.usage.prompt_tokens == await mesh.engine.count_tokens("the river")
 
 
 async def test_completion_stream_matches_and_ends_with_usage(mesh: Mesh) -> None:

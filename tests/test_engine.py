@@ -200,7 +200,7 @@ async def test_chunk_token_counts_add_up_to_max_tokens(tiny_engine: LlamaEngine)
 
 async def test_prompt_tokens_in_usage_match_count_tokens(tiny_engine: LlamaEngine) -> None:
     _, generation = await collect(tiny_engine, PROMPT, steady(tiny_engine, seed=1), 5)
-    assert generation.usage.prompt_tokens == tiny_engine.count_tokens(PROMPT)
+    assert generation.usage.prompt_tokens == await tiny_engine.count_tokens(PROMPT)
 
 
 async def test_same_seed_gives_the_same_text(tiny_engine: LlamaEngine) -> None:

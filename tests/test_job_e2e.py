@@ -47,7 +47,7 @@ async def test_job_streams_tokens_end_to_end(engine: LlamaEngine) -> None:
     assert res.usage.completion_tokens == 24
     assert res.usage.finish_reason == "length"
     assert len(pieces) > 1 and "".join(pieces) == res.text
-    assert res.usage.prompt_tokens == engine.count_tokens("hello world")
+    assert res.usage.prompt_tokens == await engine.count_tokens("hello world")
     # The same request through llama.cpp directly gives the same text: the mesh adds
     # transport, not changes.
     from meshnode.engine.base import SamplingParams

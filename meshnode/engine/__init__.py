@@ -4,6 +4,7 @@
 from meshnode.engine.base import (
     Engine,
     EngineError,
+    EngineUnavailable,
     FinishReason,
     Generation,
     InvalidRequest,
@@ -18,6 +19,7 @@ from meshnode.engine.base import (
 __all__ = [
     "Engine",
     "EngineError",
+    "EngineUnavailable",
     "FinishReason",
     "Generation",
     "InvalidRequest",

@@ -53,6 +53,11 @@ class EngineError(RuntimeError):
     """The engine failed while generating (not the caller's fault)."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot take work now: its runner crashed, hung or is restarting, or
+    the model was withdrawn. Clients should try another provider."""
+
+
 def _number(name: str, value: object) -> float:
     # bool is an int subclass; a peer sending `true` for a temperature is a bug on its side.
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -269,7 +274,7 @@ class Engine(Protocol):
         """Generate up to max_tokens after prompt; leaving the context stops decoding."""
         ...
 
-    def count_tokens(self, text: str) -> int:
+    async def count_tokens(self, text: str) -> int:
         """Tokens that ``text`` costs as a prompt (what usage.prompt_tokens will say)."""
         ...
 

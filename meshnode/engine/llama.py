@@ -36,6 +36,7 @@ from meshnode.engine.base import (
     Usage,
     chat_format_of,
 )
+from meshnode.core.cpu_features import LoadPlan, cpu_flags, load_plan
 from meshnode.engine.textstream import TextAssembler
 
 # How long leaving a stream waits for the decode thread to notice the cancel flag. One
@@ -168,8 +169,12 @@ class LlamaEngine:
         n_threads: int | None = None,
         progress: ProgressCallback | None = None,
         name: str | None = None,
+        use_extra_bufts: bool | None = None,
     ) -> LlamaEngine:
         """Hash and load ``path`` in worker threads.
+
+        use_extra_bufts: None applies this host's load plan (AMX guard, see
+        meshnode.core.cpu_features); True/False forces it.
 
         n_gpu_layers: layers to offload on a CUDA build, -1 for all (ignored on CPU builds).
         n_threads: decode threads; None lets llama-cpp-python pick (half the cores).
@@ -183,30 +188,17 @@ class LlamaEngine:
         if progress is not None:
             progress("loading", 0.0)
         loader = partial(
-            llama_cpp.Llama,
-            str(path),
+            load_llama,
+            path,
             n_ctx=n_ctx,
-            n_batch=min(n_ctx, PREFILL_SLICE_TOKENS),
             n_gpu_layers=n_gpu_layers,
             n_threads=n_threads,
-            verbose=False,
+            use_extra_bufts=use_extra_bufts,
         )
-        try:
-            llm = await trio.to_thread.run_sync(loader)
-        except ValueError as exc:
-            raise EngineError(f"llama.cpp could not load {path}: {exc}") from exc
+        llm = await trio.to_thread.run_sync(loader)
         if progress is not None:
             progress("loading", 1.0)
-        metadata: Mapping[str, str] = llm.metadata
-        info = ModelInfo(
-            model_id=model_id,
-            name=name or metadata.get("general.name") or path.stem,
-            quant=_quant_name(metadata),
-            n_ctx=int(llm.n_ctx()),
-            path=path,
-            chat_format=chat_format_of(metadata.get("tokenizer.chat_template")),
-        )
-        return cls(llm, info)
+        return cls(llm, model_info(llm, path, model_id, name))
 
     @property
     def info(self) -> ModelInfo:
@@ -235,17 +227,12 @@ class LlamaEngine:
         )
         return tokens
 
-    def count_tokens(self, text: str) -> int:
+    async def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
-    def token_piece(self, token: int) -> bytes:
-        """The bytes a token stands for in generated text (no special-token text)."""
-        return _token_piece(self._vocab, token, ctypes.create_string_buffer(PIECE_BUFFER_BYTES))
-
-    @asynccontextmanager
-    async def stream(
-        self, prompt: str, params: SamplingParams, max_tokens: int
-    ) -> AsyncIterator[LlamaGeneration]:
+    def prepare(self, prompt: str, params: SamplingParams, max_tokens: int) -> list[int]:
+        """The prompt's tokens once the request is known to fit this model (typed errors
+        otherwise): the checks every engine makes before decoding."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
         bad = sorted(t for t in params.logit_bias if t >= self._n_vocab)
@@ -262,6 +249,17 @@ class LlamaEngine:
                 f"prompt is {len(prompt_tokens)} tokens; the context holds "
                 f"{self._info.n_ctx} including the output"
             )
+        return prompt_tokens
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes a token stands for in generated text (no special-token text)."""
+        return _token_piece(self._vocab, token, ctypes.create_string_buffer(PIECE_BUFFER_BYTES))
+
+    @asynccontextmanager
+    async def stream(
+        self, prompt: str, params: SamplingParams, max_tokens: int
+    ) -> AsyncIterator[LlamaGeneration]:
+        prompt_tokens = self.prepare(prompt, params, max_tokens)
         send, recv = trio.open_memory_channel[TokenChunk](CHUNK_BUFFER)
         job = _Job(prompt_tokens=prompt_tokens, params=params, max_tokens=max_tokens, send=send)
         generation = LlamaGeneration(recv, job)
@@ -320,85 +318,22 @@ class LlamaEngine:
 
     def _decode(self, job: _Job) -> FinishReason:
         job.started.set()
-        llm = self._llm
         if self._closed:
             raise EngineError("engine is closed")
-        sampler = self._make_sampler(job.params)
+        decode = Decode(self, job.prompt_tokens, job.params, job.max_tokens)
         try:
-            if not self._prefill(job.prompt_tokens, job.cancel):
-                return "cancelled"
-            assembler = TextAssembler(job.params.stop)
-            buf = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
-            n_ctx = self._info.n_ctx
-            while True:
+            while not decode.finished:
                 if job.cancel.is_set():
                     return "cancelled"
-                token = int(sampler.sample(llm._ctx, -1))
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    reason: FinishReason = "stop"
-                    break
-                job.completion_tokens += 1
-                self._decoded_total += 1
-                chunk = assembler.feed(_token_piece(self._vocab, token, buf))
+                before = decode.completion_tokens
+                chunk = decode.step()
+                job.completion_tokens = decode.completion_tokens
+                self._decoded_total += decode.completion_tokens - before
                 if chunk is not None and not self._send(job, chunk):
                     return "cancelled"
-                if assembler.stopped:
-                    return "stop"
-                if job.completion_tokens >= job.max_tokens or llm.n_tokens + 1 >= n_ctx:
-                    reason = "length"
-                    break
-                llm.eval([token])
-            tail = assembler.finish()
-            if tail is not None and not self._send(job, tail):
-                return "cancelled"
-            return reason
+            return decode.finish_reason
         finally:
-            sampler.close()
-
-    def _prefill(self, tokens: list[int], cancel: threading.Event) -> bool:
-        """Evaluate the prompt, reusing the longest prefix already in the KV cache."""
-        llm = self._llm
-        keep = 0
-        if getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False):
-            llm.reset()  # recurrent state cannot be rolled back to a prefix
-        else:
-            for a, b in zip(llm._input_ids[: llm.n_tokens].tolist(), tokens, strict=False):
-                if a != b:
-                    break
-                keep += 1
-        # Re-evaluate at least the last prompt token so fresh logits exist to sample from.
-        keep = min(keep, len(tokens) - 1)
-        llm.n_tokens = keep  # Llama.eval drops KV entries past n_tokens before decoding
-        for start in range(keep, len(tokens), PREFILL_SLICE_TOKENS):
-            if cancel.is_set():
-                return False
-            llm.eval(tokens[start : start + PREFILL_SLICE_TOKENS])
-        return True
-
-    def _make_sampler(self, params: SamplingParams) -> Any:
-        # The order llama.cpp's own samplers use: bias and penalties on raw logits, then
-        # truncation, temperature and the draw.
-        sampler = _LlamaSampler()
-        if params.logit_bias:
-            sampler.add_logit_bias(self._n_vocab, dict(params.logit_bias))
-        if params.repeat_penalty != 1.0:
-            sampler.add_penalties(
-                n_vocab=self._n_vocab,
-                penalty_last_n=self._llm.last_n_tokens_size,
-                penalty_repeat=params.repeat_penalty,
-                penalty_freq=0.0,
-                penalty_present=0.0,
-            )
-        if params.temperature == 0.0:
-            sampler.add_greedy()
-        else:
-            if params.top_k > 0:
-                sampler.add_top_k(params.top_k)
-            sampler.add_top_p(params.top_p, 1)
-            sampler.add_temp(params.temperature)
-            seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
-            sampler.add_dist(seed)
-        return sampler
+            decode.close()
 
     def _send(self, job: _Job, chunk: TokenChunk) -> bool:
         """Hand a chunk to trio, waiting while the buffer is full; False if nobody listens."""
@@ -437,6 +372,184 @@ class LlamaEngine:
         self._closed = True
         async with self._slot:
             await trio.to_thread.run_sync(self._llm.close)
+
+
+class Decode:
+    """One generation on a loaded model, advanced one llama_decode call at a time.
+
+    Synchronous and single-threaded: the in-process engine drives it from its decode
+    thread, the runner process from its scheduler loop. Each ``step()`` evaluates one
+    prompt slice (at most PREFILL_SLICE_TOKENS) or samples one token, so whoever drives
+    it can look at cancels and pings between steps.
+    """
+
+    def __init__(
+        self, engine: LlamaEngine, prompt_tokens: list[int], params: SamplingParams,
+        max_tokens: int,
+    ) -> None:
+        self._llm = engine._llm
+        self._vocab = engine._vocab
+        self._n_ctx = engine.info.n_ctx
+        self._tokens = prompt_tokens
+        self._max_tokens = max_tokens
+        self._sampler = _make_sampler(engine._llm, engine._n_vocab, params)
+        self._assembler = TextAssembler(params.stop)
+        self._buf = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
+        self._next_prefill = self._reuse_prefix()
+        self.completion_tokens = 0
+        self.finished = False
+        self.finish_reason: FinishReason = "cancelled"
+        self._tail_pending = False
+        self._last_token: int | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self._next_prefill < len(self._tokens)
+
+    def _reuse_prefix(self) -> int:
+        """Where prefill starts: after the longest prefix already in the KV cache."""
+        llm = self._llm
+        keep = 0
+        if getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False):
+            llm.reset()  # recurrent state cannot be rolled back to a prefix
+        else:
+            for a, b in zip(llm._input_ids[: llm.n_tokens].tolist(), self._tokens,
+                            strict=False):
+                if a != b:
+                    break
+                keep += 1
+        # Re-evaluate at least the last prompt token so fresh logits exist to sample from.
+        keep = min(keep, len(self._tokens) - 1)
+        llm.n_tokens = keep  # Llama.eval drops KV entries past n_tokens before decoding
+        return keep
+
+    def step(self) -> TokenChunk | None:
+        """Do one unit of work; return text that became safe to release, if any."""
+        if self.finished:
+            return None
+        llm = self._llm
+        if self.prefilling:
+            start = self._next_prefill
+            llm.eval(self._tokens[start : start + PREFILL_SLICE_TOKENS])
+            self._next_prefill = start + PREFILL_SLICE_TOKENS
+            return None
+        if self._tail_pending:
+            return self._end(self.finish_reason, self._assembler.finish())
+        if self._last_token is not None:
+            # Evaluate the previous token only now, so its text went out before this work.
+            llm.eval([self._last_token])
+            self._last_token = None
+        token = int(self._sampler.sample(llm._ctx, -1))
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            return self._end("stop", self._assembler.finish())
+        self.completion_tokens += 1
+        chunk = self._assembler.feed(_token_piece(self._vocab, token, self._buf))
+        if self._assembler.stopped:
+            return self._end("stop", chunk)
+        if self.completion_tokens >= self._max_tokens or llm.n_tokens + 1 >= self._n_ctx:
+            self.finish_reason = "length"
+            self._tail_pending = True  # release held-back text on the next step
+            return chunk
+        self._last_token = token
+        return chunk
+
+    def _end(self, reason: FinishReason, chunk: TokenChunk | None) -> TokenChunk | None:
+        self.finished = True
+        self.finish_reason = reason
+        return chunk
+
+    def close(self) -> None:
+        self._sampler.close()
+
+
+def _make_sampler(llm: Any, n_vocab: int, params: SamplingParams) -> Any:
+    # The order llama.cpp's own samplers use: bias and penalties on raw logits, then
+    # truncation, temperature and the draw.
+    sampler = _LlamaSampler()
+    if params.logit_bias:
+        sampler.add_logit_bias(n_vocab, dict(params.logit_bias))
+    if params.repeat_penalty != 1.0:
+        sampler.add_penalties(
+            n_vocab=n_vocab,
+            penalty_last_n=llm.last_n_tokens_size,
+            penalty_repeat=params.repeat_penalty,
+            penalty_freq=0.0,
+            penalty_present=0.0,
+        )
+    if params.temperature == 0.0:
+        sampler.add_greedy()
+    else:
+        if params.top_k > 0:
+            sampler.add_top_k(params.top_k)
+        sampler.add_top_p(params.top_p, 1)
+        sampler.add_temp(params.temperature)
+        seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
+        sampler.add_dist(seed)
+    return sampler
+
+
+def system_info() -> str:
+    """llama.cpp's compiled-in features ("CPU : SSE3 = 1 | AVX2 = 1 | ... |")."""
+    raw = llama_cpp.llama_print_system_info()
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def host_load_plan(cpuinfo_path: Path = Path("/proc/cpuinfo"),
+                   build_info: str | None = None) -> LoadPlan:
+    """The AMX guard for this host and this llama.cpp build (see core.cpu_features)."""
+    try:
+        cpuinfo = cpuinfo_path.read_text()
+    except OSError:
+        cpuinfo = ""
+    return load_plan(cpu_flags(cpuinfo), system_info() if build_info is None else build_info)
+
+
+def load_llama(
+    path: Path, *, n_ctx: int, n_gpu_layers: int = 0, n_threads: int | None = None,
+    use_extra_bufts: bool | None = None,
+) -> Any:
+    """Load a GGUF into llama_cpp.Llama (blocking) with this host's safe load plan.
+
+    ``Llama()`` does not expose ``use_extra_bufts``; it takes its model params from
+    ``llama_model_default_params()``, so while it loads we hand it defaults with the
+    field set. Loading happens once per process, before any other thread uses llama_cpp.
+    """
+    if use_extra_bufts is None:
+        use_extra_bufts = host_load_plan().use_extra_bufts
+    module: Any = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+
+    def defaults() -> Any:
+        params = original()
+        params.use_extra_bufts = use_extra_bufts
+        return params
+
+    module.llama_model_default_params = defaults
+    try:
+        return llama_cpp.Llama(
+            str(path),
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, PREFILL_SLICE_TOKENS),
+            n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads,
+            verbose=False,
+        )
+    except ValueError as exc:
+        raise EngineError(f"llama.cpp could not load {path}: {exc}") from exc
+    finally:
+        module.llama_model_default_params = original
+
+
+def model_info(llm: Any, path: Path, model_id: str, name: str | None = None) -> ModelInfo:
+    metadata: Mapping[str, str] = llm.metadata
+    return ModelInfo(
+        model_id=model_id,
+        name=name or metadata.get("general.name") or path.stem,
+        quant=_quant_name(metadata),
+        n_ctx=int(llm.n_ctx()),
+        path=path,
+        chat_format=chat_format_of(metadata.get("tokenizer.chat_template")),
+    )
 
 
 def _token_piece(vocab: Any, token: int, buf: ctypes.Array[ctypes.c_char]) -> bytes:

@@ -31,6 +31,7 @@ from meshnode.core.messages import (
 from meshnode.core.wire import WireError
 from meshnode.engine.base import (
     Engine,
+    EngineUnavailable,
     InvalidRequest,
     PromptTooLong,
     SamplingParams,
@@ -138,7 +139,9 @@ class JobProvider:
             self.stats.jobs_cancelled += 1
             log.info("client %s went away: %s", peer, exc)
             return
-        if isinstance(exc, PromptTooLong):
+        if isinstance(exc, EngineUnavailable):
+            exc = JobRefused("engine_unavailable", str(exc))
+        elif isinstance(exc, PromptTooLong):
             exc = JobRefused("prompt_too_long", str(exc))
         elif isinstance(exc, InvalidRequest):  # includes bad sampling params for this model
             exc = JobRefused("bad_request", str(exc))
@@ -183,7 +186,7 @@ class JobProvider:
         self._admitted += 1
         self._load_changed()
         try:
-            prompt_tokens = self.engine.count_tokens(prompt)
+            prompt_tokens = await self.engine.count_tokens(prompt)
             await gate.start(prompt_tokens)
             sealer = Sealer(keys.send, ad=first.job_id)
             await fs.send(Accept(header=sealer.header))
