@@ -75,6 +75,10 @@ class PacedEngine:
     def info(self) -> ModelInfo:
         return self._inner.info
 
+    @property
+    def available(self) -> bool:
+        return self._inner.available
+
     @asynccontextmanager
     async def stream(
         self, prompt: str, params: SamplingParams, max_tokens: int

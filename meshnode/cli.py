@@ -15,8 +15,8 @@ import trio
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from meshnode.engine.supervised import RUNNER_STALL_TIMEOUT_S
 from meshnode.identity import KeyFileError, data_dir, load_or_create
 
 if TYPE_CHECKING:
@@ -181,29 +181,6 @@ def _run_paying(fn: Callable[[], Awaitable[T]]) -> T:
         raise
 
 
-async def _load_engine(path: Path, n_ctx: int, n_gpu_layers: int) -> Any:
-    from meshnode.engine.llama import LlamaEngine
-
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def progress(stage: str, fraction: float) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{stage} {path.name}", total=1.0)
-            bar.update(tasks[stage], completed=fraction)
-
-        return await LlamaEngine.load(
-            path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, progress=progress
-        )
-
-
 @app.command()
 def serve(
     model: Annotated[Path, typer.Option("--model", help="GGUF file to serve.")],
@@ -212,8 +189,19 @@ def serve(
     ),
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 4096,
     n_gpu_layers: Annotated[
-        int, typer.Option("--n-gpu-layers", help="Layers on the GPU (-1: all; CUDA builds).")
-    ] = 0,
+        int | None,
+        typer.Option("--n-gpu-layers",
+                     help="Layers on the GPU (-1: all). Default: all on a CUDA build, else 0."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Decode threads (default: half the cores).")
+    ] = None,
+    runner_stall_timeout: Annotated[
+        float,
+        typer.Option("--runner-stall-timeout",
+                     help="Seconds of silence after which the engine runner is deemed hung "
+                          "and restarted."),
+    ] = RUNNER_STALL_TIMEOUT_S,
     slots: Annotated[int, typer.Option(help="Jobs run at once.")] = 1,
     queue: Annotated[int, typer.Option(help="Jobs waiting for a slot before Busy.")] = 4,
     tee: Annotated[
@@ -253,8 +241,11 @@ def serve(
     from meshnode.channel_ops import DEFAULT_CREDIT_WINDOW_TOKENS, format_ton, provider_payments
     from meshnode.core.meter import Price
     from meshnode.node import ProviderSettings, provider_node
+    from meshnode.serving import default_gpu_layers, open_engine
 
     _setup_logging(verbose)
+    if n_gpu_layers is None:
+        n_gpu_layers = default_gpu_layers()
     if price_prompt < 0 or price_completion < 0:
         err.print("[red]prices cannot be negative[/]")
         raise typer.Exit(2)
@@ -283,8 +274,6 @@ def serve(
             pay = await provider_payments(
                 data_dir(home), choice, Price(price_prompt, price_completion), window
             )
-        engine = await _load_engine(model, ctx, n_gpu_layers)
-        await engine.warm_up()
         settings = ProviderSettings(
             listen=None if listen.lower() == "none" else listen,
             bootstrap=tuple(_bootstrap(bootstrap)),
@@ -297,6 +286,8 @@ def serve(
             ton=pay.payee if pay is not None else None,
         )
         async with (
+            open_engine(model, n_ctx=ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
+                        stall_timeout_s=runner_stall_timeout, console=err) as engine,
             provider_node(
                 engine, identity=identity, settings=settings,
                 gate_factory=pay.payments.gates if pay is not None else None,
@@ -308,6 +299,8 @@ def serve(
                 await nursery.start(pay.payments.watcher.run)
             out.print(f"[bold green]serving[/] {engine.info.name} ({engine.info.quant})")
             out.print(f"model id  {engine.info.model_id}")
+            out.print(f"engine    runner pid {engine.pid}, loaded in {engine.load_s:.2f} s; "
+                      f"{engine.plan}")
             out.print(f"peer id   {node.peer_id}" + (" (new identity)" if created else ""))
             for addr in node.addrs:
                 out.print(f"listening {addr}")
@@ -532,6 +525,55 @@ def demo(
 
 
 @app.command()
+def doctor(
+    model: Annotated[
+        Path | None, typer.Option("--model", help="GGUF to load and decode one token with.")
+    ] = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context length to load with.")] = 512,
+    n_gpu_layers: Annotated[
+        int | None, typer.Option("--n-gpu-layers", help="Default: all on a CUDA build.")
+    ] = None,
+    listen: Annotated[str, typer.Option(help="The listen multiaddr serve will use.")] = (
+        "/ip4/0.0.0.0/tcp/4001"
+    ),
+    bootstrap: BootstrapOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Check this machine before `serve`: llama.cpp build, AMX, GPU, model load, TDX,
+    keys, data dir, listen port, bootstrap peers. Exits 1 if any check fails."""
+    from rich.table import Table
+
+    from meshnode.doctor import as_json as checks_json
+    from meshnode.doctor import run_checks
+    from meshnode.serving import default_gpu_layers
+
+    _setup_logging(verbose)
+    layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
+    checks = _run(lambda: run_checks(
+        model=model, n_ctx=ctx, n_gpu_layers=layers, home=data_dir(home), listen=listen,
+        bootstrap=_bootstrap(bootstrap),
+    ))
+    failed = any(c.status == "fail" for c in checks)
+    if as_json:
+        print(checks_json(checks))
+        raise typer.Exit(1 if failed else 0)
+    table = Table(show_lines=False)
+    table.add_column("check", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    table.add_column("found", overflow="fold")
+    table.add_column("fix", overflow="fold")
+    marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+    for c in checks:
+        table.add_row(c.name, marks[c.status], c.detail, c.fix)
+    out.print(table)
+    out.print("[red]some checks failed: see the fix column[/]" if failed
+              else "[green]ready to serve[/]")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
 def attest(home: HomeOpt = None, verbose: VerboseOpt = False) -> None:
     """Print this node's attestation evidence and the binding of its keys."""
     import time
@@ -724,12 +766,12 @@ def testnet(
     """A local mesh on loopback: one bootstrap node and N providers, until Ctrl-C."""
     from contextlib import AsyncExitStack
 
-    from meshnode.engine.llama import LlamaEngine
     from meshnode.engine.tinymodel import write_tiny_llama
     from meshnode.identity import NodeIdentity
     from meshnode.node import ProviderSettings, provider_node
     from meshnode.p2p.discovery import BootstrapNode
     from meshnode.p2p.host import full_addrs, running_host
+    from meshnode.serving import open_engine
 
     _setup_logging(verbose)
     if providers < 1 or models_ < 1:
@@ -752,8 +794,8 @@ def testnet(
                     path = cache / f"tiny-{seed}.gguf"
                     if not path.exists():
                         write_tiny_llama(path, seed=seed, name=f"tiny-{seed}")
-                engine = await LlamaEngine.load(path, n_ctx=512 if model is None else 4096)
-                stack.push_async_callback(engine.aclose)
+                engine = await stack.enter_async_context(
+                    open_engine(path, n_ctx=512 if model is None else 4096, console=err))
                 node = await stack.enter_async_context(provider_node(
                     engine, identity=NodeIdentity.generate(),
                     settings=ProviderSettings(bootstrap=(boot,)),

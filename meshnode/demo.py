@@ -21,6 +21,7 @@ from rich.console import Console
 from meshnode.channel_ops import format_ton, state_name
 from meshnode.core.advert import TonPayee
 from meshnode.core.meter import Price
+from meshnode.engine.base import Engine
 from meshnode.engine.demo_model import (
     DemoModel,
     find_demo_model_with_progress_bar,
@@ -31,6 +32,7 @@ from meshnode.identity import NodeIdentity, data_dir
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
 from meshnode.pay.emulator import EmulatedChain
 from meshnode.pay.wiring import ClientPayments, ProviderPayments, close_channel, open_channel
+from meshnode.serving import open_engine
 
 # The demo model's context; its answers are short, so 2k leaves ample room.
 DEMO_CTX = 2048
@@ -53,18 +55,23 @@ def _pick_model(tiny: bool) -> DemoModel:
 
 
 async def run_demo(out: Console, err: Console, prompt: str, max_tokens: int, tiny: bool) -> int:
-    from meshnode.cli import _load_engine
-    from meshnode.engine.llama import steady_logit_bias
-
     model = _pick_model(tiny)
     if model.is_real:
         out.print(f"[bold]model:[/] {model.name} — a real model (Gemma terms of use)")
     else:
         out.print(f"[bold]model:[/] {model.name} — [yellow]fallback: {model.reason}[/]")
-    engine = await _load_engine(model.path, DEMO_CTX, 0)
-    params: dict[str, object] = {"temperature": 0.0, "stop": list(model.stop)}
-    if not model.is_real:
-        params["logit_bias"] = steady_logit_bias(engine)
+    async with open_engine(model.path, n_ctx=DEMO_CTX, console=err) as engine:
+        out.print(f"[dim]engine: llama.cpp in runner process {engine.pid}; {engine.plan}[/]")
+        params: dict[str, object] = {"temperature": 0.0, "stop": list(model.stop)}
+        if not model.is_real:
+            params["logit_bias"] = await engine.steady_logit_bias()
+        return await _serve_and_ask(out, engine, model, prompt, max_tokens, params)
+
+
+async def _serve_and_ask(
+    out: Console, engine: Engine, model: DemoModel, prompt: str, max_tokens: int,
+    params: dict[str, object],
+) -> int:
 
     chain = EmulatedChain(start_time=int(time.time()))
     chain.add_wallet(CLIENT_WALLET, 2 * NANO)
@@ -79,23 +86,20 @@ async def run_demo(out: Console, err: Console, prompt: str, max_tokens: int, tin
             price_completion_per_1k=DEMO_PRICE.completion_per_1k,
             ton=TonPayee(pay_p.keys.channel_public, PROVIDER_WALLET_RAW),
         )
-        try:
-            async with (
-                provider_node(
-                    engine, identity=NodeIdentity.generate(), settings=settings,
-                    gate_factory=pay_p.gates,
-                ) as prov,
-                trio.open_nursery() as nursery,
-            ):
-                pay_p.service.install(prov.host)
-                await nursery.start(pay_p.watcher.run)
-                out.print(f"[bold]provider[/] {prov.peer_id}\n         {prov.addrs[0]}")
-                async with client_node(allow_insecure=True) as client:
-                    await _ask_and_pay(out, client, prov, pay_c, model, prompt, max_tokens,
-                                       params, chain)
-                nursery.cancel_scope.cancel()
-        finally:
-            await engine.aclose()
+        async with (
+            provider_node(
+                engine, identity=NodeIdentity.generate(), settings=settings,
+                gate_factory=pay_p.gates,
+            ) as prov,
+            trio.open_nursery() as nursery,
+        ):
+            pay_p.service.install(prov.host)
+            await nursery.start(pay_p.watcher.run)
+            out.print(f"[bold]provider[/] {prov.peer_id}\n         {prov.addrs[0]}")
+            async with client_node(allow_insecure=True) as client:
+                await _ask_and_pay(out, client, prov, pay_c, model, prompt, max_tokens,
+                                   params, chain)
+            nursery.cancel_scope.cancel()
     return 0
 
 

@@ -37,6 +37,7 @@ from meshnode.core.messages import JOB_PROTOCOL
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.router import Router, StatsFormatError, Strategy
 from meshnode.engine.base import Engine
+from meshnode.engine.supervised import SupervisedEngine
 from meshnode.identity import NodeIdentity, load_or_create
 from meshnode.jobs.client import JobError, JobRequest, JobResult, OnText, run_job
 from meshnode.jobs.payment_gate import Payer
@@ -148,6 +149,7 @@ class ProviderNode:
                     price_prompt_per_1k=self.settings.price_prompt_per_1k,
                     price_completion_per_1k=self.settings.price_completion_per_1k,
                     chat_format=info.chat_format,
+                    available=self.engine.available,
                 ),
             ),
             capacity=Capacity(
@@ -204,6 +206,9 @@ async def provider_node(
                     relay_addrs=settings.relay,
                 )
                 node.jobs.on_load_change = lambda _active, _queued: announcer.load_changed()
+                if isinstance(engine, SupervisedEngine):
+                    # A runner crash or recovery changes what we offer: say so at once.
+                    engine.on_state_change = lambda _state: announcer.load_changed()
                 await nursery.start(announcer.run)
             yield node
             nursery.cancel_scope.cancel()

@@ -119,6 +119,9 @@ class ModelOffer:
     price_prompt_per_1k: int  # nanoton per 1000 prompt tokens
     price_completion_per_1k: int  # nanoton per 1000 completion tokens
     chat_format: str = ""  # how clients turn a chat into a prompt; "" = unknown (guess)
+    # False while the provider's engine runner restarts or after it withdrew the model:
+    # the offer stays visible (price, identity) but gets no jobs.
+    available: bool = True
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,8 @@ def _offer_to_wire(offer: ModelOffer) -> dict[str, Any]:
     }
     if offer.chat_format:  # optional: adverts without it keep their exact encoding
         wire["chat"] = offer.chat_format
+    if not offer.available:  # optional likewise: only an unavailable model says so
+        wire["down"] = True
     return _sorted_map(wire)
 
 
@@ -330,8 +335,11 @@ def _key(value: Any, what: str, length: int) -> bytes:
 
 def _offer_from_wire(value: Any) -> ModelOffer:
     keys = {"id", "name", "quant", "ctx", "pp", "pc"}
-    m = _map(value, keys | {"chat"} if isinstance(value, dict) and "chat" in value else keys,
-             "model")
+    if isinstance(value, dict):
+        keys |= {k for k in ("chat", "down") if k in value}
+    m = _map(value, keys, "model")
+    if m.get("down", True) is not True:
+        raise _malformed("model 'down' flag must be true when present")
     chat = m.get("chat", "")
     if chat != "" and (not isinstance(chat, str) or _CHAT_FORMAT.fullmatch(chat) is None):
         raise _malformed(f"model chat format {str(chat)[:40]!r} is not a short identifier")
@@ -349,6 +357,7 @@ def _offer_from_wire(value: Any) -> ModelOffer:
         price_prompt_per_1k=_int(m["pp"], "prompt price", 0, MAX_PRICE_NANOTON_PER_1K),
         price_completion_per_1k=_int(m["pc"], "completion price", 0, MAX_PRICE_NANOTON_PER_1K),
         chat_format=chat,
+        available="down" not in m,
     )
 
 

@@ -319,11 +319,12 @@ class Directory:
         return sorted(self._live(now), key=lambda e: e.peer_id)
 
     def providers_for(self, model: str, now: float) -> list[Provider]:
-        """Live providers of ``model`` (sha256 id, or exact name), ordered by peer id."""
+        """Live providers of ``model`` (sha256 id, or exact name) whose engine is up,
+        ordered by peer id."""
         found = []
         for listing in self.peers(now):
             offer = listing.advert.offer_for(model)
-            if offer is not None:
+            if offer is not None and offer.available:
                 found.append(Provider(listing=listing, offer=offer))
         return found
 

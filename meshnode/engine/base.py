@@ -268,6 +268,11 @@ class Engine(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
+    @property
+    def available(self) -> bool:
+        """False while the engine cannot take jobs (its runner is restarting, say)."""
+        ...
+
     def stream(
         self, prompt: str, params: SamplingParams, max_tokens: int
     ) -> AbstractAsyncContextManager[Generation]:

@@ -22,6 +22,7 @@ import trio
 from gguf import LlamaFileType
 from llama_cpp import _internals as llama_internals
 
+from meshnode.core.cpu_features import LoadPlan, cpu_flags, load_plan
 from meshnode.engine.base import (
     MAX_LOGIT_BIAS_ENTRIES,
     Engine,
@@ -36,7 +37,6 @@ from meshnode.engine.base import (
     Usage,
     chat_format_of,
 )
-from meshnode.core.cpu_features import LoadPlan, cpu_flags, load_plan
 from meshnode.engine.textstream import TextAssembler
 
 # How long leaving a stream waits for the decode thread to notice the cancel flag. One
@@ -207,6 +207,10 @@ class LlamaEngine:
     @property
     def n_vocab(self) -> int:
         return self._n_vocab
+
+    @property
+    def available(self) -> bool:
+        return not self._closed
 
     @property
     def busy(self) -> bool:

@@ -1,0 +1,351 @@
+"""The engine runner: a child process that owns one llama.cpp model (the Ollama pattern).
+
+    python -m meshnode.engine.runner --fd N --model PATH --n-ctx 4096 [...]
+
+The node spawns it with one end of a socketpair and talks ``core.runner_wire`` over it.
+Everything native (loading, decoding, tokenizing) happens here, so a segfault, abort,
+OOM kill or hang in llama.cpp costs the node one restart, never its identity, gossip or
+payment ledger, and decoding never holds the node's GIL.
+
+One loop, one thread: read whatever commands arrived (without blocking while there is
+work), then do one step — one prompt slice or one token — of the running job. So a
+cancel, a ping or a new job is seen within one llama_decode call. Jobs run one at a
+time in arrival order; each may have at most CHUNK_WINDOW chunks the node has not
+consumed yet (flow control: a paused consumer pauses its decode, as the in-process
+engine's bounded channel did).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshnode.core import runner_wire as wire
+from meshnode.engine.base import (
+    EngineError,
+    InvalidRequest,
+    PromptTooLong,
+    SamplingParams,
+)
+
+# Chunks a job may have in flight to the node before its decode pauses: the same buffer
+# the in-process engine had (llama.CHUNK_BUFFER), so a stalled consumer (a client that
+# has not paid) stops decoding within a few tokens.
+CHUNK_WINDOW = 16
+# Bytes read from the socket per call: a prompt frame (≤ 1 MiB) arrives in a few reads.
+READ_BYTES = 1 << 20
+# Progress frames while hashing/loading: at most this often, so a fast disk does not
+# turn a progress bar into thousands of frames.
+PROGRESS_EVERY_S = 0.1
+# Exit codes the supervisor reads: the model could not be loaded (do not restart in a
+# loop for a bad file) versus everything else.
+EXIT_LOAD_FAILED = 3
+# Linux prctl option: deliver this signal to us when the parent (the node) dies, so a
+# SIGKILLed node never leaves a runner holding gigabytes of model behind.
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Fault:
+    """Test-only failure injection (``--fault KIND:N``): after N sampled tokens, abort
+    (SIGABRT), segv (SIGSEGV), exit (status 1) or hang (stop reading and writing)."""
+
+    kind: str
+    after_tokens: int
+
+    @classmethod
+    def parse(cls, spec: str | None) -> Fault | None:
+        if not spec:
+            return None
+        kind, _, n = spec.partition(":")
+        if kind not in ("abort", "segv", "exit", "hang") or not n.isdigit():
+            raise SystemExit(f"--fault must be abort|segv|exit|hang:N, got {spec!r}")
+        return cls(kind, int(n))
+
+    def maybe_fire(self, tokens_so_far: int) -> None:
+        if tokens_so_far < self.after_tokens:
+            return
+        if self.kind == "abort":
+            os.abort()
+        if self.kind == "segv":
+            ctypes.string_at(0)  # reads address 0: SIGSEGV, like a native crash
+        if self.kind == "exit":
+            os._exit(1)
+        while True:  # hang: alive, silent, deaf
+            time.sleep(3600)
+
+
+@dataclass
+class _Job:
+    id: int
+    prompt_tokens: list[int]
+    params: SamplingParams
+    max_tokens: int
+    decode: Any = None  # llama.Decode once started
+    in_flight: int = 0  # chunks sent that the node has not acknowledged
+
+
+@dataclass
+class Runner:
+    sock: socket.socket
+    engine: Any  # llama.LlamaEngine (imported lazily: llama_cpp is slow to import)
+    fault: Fault | None = None
+    queue: collections.deque[_Job] = field(default_factory=collections.deque)
+    active: _Job | None = None
+    decoder: wire.FrameDecoder = field(default_factory=wire.FrameDecoder)
+    sampled_total: int = 0
+    running: bool = True
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sock.sendall(wire.encode(msg))
+
+    # ---- commands ------------------------------------------------------------------
+
+    def poll(self, block: bool) -> None:
+        """Read and handle the commands that have arrived (waiting for one if block)."""
+        ready, _, _ = select.select([self.sock], [], [], None if block else 0)
+        if not ready:
+            return
+        data = self.sock.recv(READ_BYTES)
+        if not data:  # the node is gone: nothing left to serve
+            self.running = False
+            return
+        for msg in self.decoder.feed(data):
+            self.handle(msg)
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "ping":
+            self.send({"t": "pong", "n": msg["n"]})
+        elif kind == "gen":
+            self.admit(msg)
+        elif kind == "ack":
+            job = self.active
+            if job is not None and job.id == msg["id"]:
+                job.in_flight = max(0, job.in_flight - msg["n"])
+        elif kind == "cancel":
+            self.cancel(msg["id"])
+        elif kind == "count_req":
+            self.count(msg["id"], msg["text"])
+        elif kind == "bias_req":
+            from meshnode.engine.llama import steady_logit_bias
+
+            self.send({"t": "bias", "id": msg["id"], "bias": steady_logit_bias(self.engine)})
+        elif kind == "bye":
+            self.running = False
+        else:
+            raise wire.RunnerProtocolError(f"the runner does not accept {kind}")
+
+    def admit(self, msg: dict[str, Any]) -> None:
+        try:
+            params = SamplingParams.from_dict(msg["params"])
+            tokens = self.engine.prepare(msg["prompt"], params, msg["max"])
+        except PromptTooLong as exc:
+            self._error(msg["id"], "too_long", exc)
+        except (InvalidRequest, ValueError) as exc:
+            self._error(msg["id"], "invalid", exc)
+        else:
+            self.queue.append(_Job(msg["id"], tokens, params, msg["max"]))
+
+    def count(self, job_id: int, text: str) -> None:
+        try:
+            n = len(self.engine.tokenize(text))
+        except (EngineError, ValueError) as exc:
+            self._error(job_id, "engine", exc)
+        else:
+            self.send({"t": "count", "id": job_id, "n": n})
+
+    def cancel(self, job_id: int) -> None:
+        job = self.active
+        if job is not None and job.id == job_id:
+            self._finish(job, "cancelled")
+            return
+        for queued in self.queue:
+            if queued.id == job_id:
+                self.queue.remove(queued)
+                self._end(queued, "cancelled", 0)
+                return
+
+    def _error(self, job_id: int, kind: str, exc: BaseException) -> None:
+        self.send({"t": "err", "id": job_id, "kind": kind, "msg": wire.clip(str(exc))})
+
+    # ---- decoding ------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        """True when a step can be taken now (so polling must not block)."""
+        if self.active is not None:
+            return self.active.in_flight < CHUNK_WINDOW
+        return bool(self.queue)
+
+    def step(self) -> None:
+        from meshnode.engine.llama import Decode
+
+        if self.active is None:
+            if not self.queue:
+                return
+            job = self.active = self.queue.popleft()
+            job.decode = Decode(self.engine, job.prompt_tokens, job.params, job.max_tokens)
+        job = self.active
+        if job.in_flight >= CHUNK_WINDOW:
+            return
+        decode = job.decode
+        before = decode.completion_tokens
+        try:
+            chunk = decode.step()
+        except Exception as exc:  # llama.cpp reported a failure (not a crash): this job only
+            self._error(job.id, "engine", exc)
+            self._finish(job, None)
+            return
+        self.sampled_total += decode.completion_tokens - before
+        if self.fault is not None and decode.completion_tokens > before:
+            self.fault.maybe_fire(self.sampled_total)
+        if chunk is not None:
+            job.in_flight += 1
+            self.send({"t": "chunk", "id": job.id, "text": chunk.text, "n": chunk.n_tokens})
+        if decode.finished:
+            self._finish(job, decode.finish_reason)
+
+    def _finish(self, job: _Job, reason: str | None) -> None:
+        completion = job.decode.completion_tokens if job.decode is not None else 0
+        if job.decode is not None:
+            job.decode.close()
+        self.active = None
+        if reason is not None:
+            self._end(job, reason, completion)
+
+    def _end(self, job: _Job, reason: str, completion: int) -> None:
+        self.send({"t": "end", "id": job.id, "reason": reason,
+                   "prompt": len(job.prompt_tokens), "completion": completion})
+
+    def serve(self) -> None:
+        while self.running:
+            self.poll(block=not self.has_work)
+            if self.running and self.has_work:
+                self.step()
+
+
+def _progress_sender(sock: socket.socket) -> Any:
+    last = [0.0]
+
+    def progress(stage: str, frac: float) -> None:
+        now = time.monotonic()
+        if frac < 1.0 and now - last[0] < PROGRESS_EVERY_S:
+            return
+        last[0] = now
+        sock.sendall(wire.encode({"t": "progress", "stage": stage, "frac": float(frac)}))
+
+    return progress
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # best effort: the socket's EOF also ends us
+    if os.getppid() == 1:  # the node died before prctl took effect
+        os._exit(1)
+
+
+def load_engine(args: argparse.Namespace, sock: socket.socket) -> tuple[Any, str, str, float]:
+    """Load the model as asked; (engine, load plan reason, llama.cpp system info, seconds)."""
+    from meshnode.engine.llama import (
+        LlamaEngine,
+        host_load_plan,
+        load_llama,
+        model_info,
+        sha256_file,
+        system_info,
+    )
+
+    started = time.monotonic()
+    path = Path(args.model)
+    progress = _progress_sender(sock)
+    model_id = args.model_id or sha256_file(path, progress)
+    sysinfo = args.assume_system_info if args.assume_system_info is not None else system_info()
+    plan = host_load_plan(Path(args.cpuinfo), sysinfo)
+    progress("loading", 0.0)
+    llm = load_llama(path, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
+                     n_threads=args.threads, use_extra_bufts=plan.use_extra_bufts)
+    progress("loading", 1.0)
+    engine = LlamaEngine(llm, model_info(llm, path, model_id, args.name))
+    warm_up(engine)
+    return engine, plan.reason, system_info(), time.monotonic() - started
+
+
+def warm_up(engine: Any) -> None:
+    """Decode one token now so llama.cpp builds its compute graph before the first client
+    (about 0.6 s for Gemma 3 270M on a 2-core CPU)."""
+    from meshnode.engine.llama import Decode
+
+    decode = Decode(engine, engine.prepare("Hello", SamplingParams(temperature=0.0), 1),
+                    SamplingParams(temperature=0.0), 1)
+    try:
+        while not decode.finished:
+            decode.step()
+    finally:
+        decode.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshnode-runner", description=__doc__)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--model-id", default=None, help="skip hashing: the known sha256")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--n-ctx", type=int, required=True)
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cpuinfo", default="/proc/cpuinfo",
+                        help="where to read CPU flags (tests feed an AMX machine's)")
+    parser.add_argument("--assume-system-info", default=None,
+                        help="tests: pretend llama.cpp reports these compiled features")
+    parser.add_argument("--fault", default=None, help="tests only: KIND:N (see Fault)")
+    args = parser.parse_args(argv)
+
+    _die_with_parent()
+    sock = socket.socket(fileno=args.fd)
+    sock.setblocking(True)
+    try:
+        engine, plan, sysinfo, load_s = load_engine(args, sock)
+    except (EngineError, OSError, ValueError) as exc:
+        sock.sendall(wire.encode({"t": "fatal", "msg": wire.clip(str(exc))}))
+        return EXIT_LOAD_FAILED
+    info = engine.info
+    sock.sendall(wire.encode({
+        "t": "hello",
+        "info": {"model_id": info.model_id, "name": info.name, "quant": info.quant,
+                 "n_ctx": info.n_ctx, "chat_format": info.chat_format,
+                 "n_vocab": engine.n_vocab},
+        "plan": plan, "sysinfo": sysinfo, "load_s": float(load_s),
+    }))
+    runner = Runner(sock, engine, Fault.parse(args.fault))
+    try:
+        runner.serve()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0  # the node went away mid-send
+    except wire.RunnerProtocolError as exc:
+        print(f"meshnode runner: bad frame from the node: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    # Skip interpreter teardown (and llama.cpp's destructors) on the way out: the OS frees
+    # the model faster, and a native destructor cannot crash an exit we already decided.
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
