@@ -8,7 +8,10 @@ with `stream=True` in-process.
     .venv/bin/python bench/mesh_vs_direct.py [--tiny] [--runs 5] [--tokens 64]
 
 Writes bench/results/mesh_vs_direct[_tiny][_same_process].json. By default the provider is a
-`meshnode serve` process, as users run it; --same-process puts both halves in this process.
+`meshnode serve` process, as users run it; --same-process puts the provider node in this
+process. Either way llama.cpp runs in the provider's supervised engine runner. A third row,
+"runner", streams from a runner with no mesh in between: what the runner itself costs.
+Runs alternate between the three paths so background load slows them alike.
 """
 
 from __future__ import annotations
@@ -22,17 +25,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import trio
 
+from meshnode.core.advert import Advert
+from meshnode.core.cpu_features import cpu_flags, cpu_model_name
+from meshnode.engine.base import SamplingParams
 from meshnode.engine.demo_model import find_demo_model, format_prompt
-from meshnode.engine.llama import LlamaEngine
+from meshnode.engine.llama import host_load_plan, load_llama, system_info
+from meshnode.engine.supervised import RunnerConfig, SupervisedEngine, open_supervised_engine
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity, data_dir
-from meshnode.node import client_node, provider_node
+from meshnode.node import ClientNode, client_node, provider_node
+from meshnode.serving import default_gpu_layers
 
 RESULTS = Path(__file__).parent / "results"
 N_CTX = 2048
@@ -63,47 +73,38 @@ def direct_run(
     return {"ttft_s": first, "total_s": total, "chunks": n}
 
 
-async def _client_runs(
-    addr: str, prompt: str, tokens: int, runs: int, bias: dict[int, float]
-) -> list[dict[str, float]]:
-    out = []
-    async with client_node(allow_insecure=True) as client:
-        advert = await client.connect(addr)
-        params = {"temperature": 0.0, "logit_bias": bias}
-        await client.ask(advert, prompt, max_tokens=4, params=params)  # warm-up
-        for _ in range(runs):
-            res = await client.ask(advert, prompt, max_tokens=tokens, params=params)
-            decode_s = res.elapsed_s - res.ttft_s
-            out.append(
-                {
-                    "ttft_s": res.ttft_s,
-                    "total_s": res.elapsed_s,
-                    "tokens": res.usage.completion_tokens,
-                    "decode_tok_s": (res.usage.completion_tokens - 1) / decode_s,
-                }
-            )
-    return out
+def _stats(res_ttft: float, res_total: float, tokens: int) -> dict[str, float]:
+    return {"ttft_s": res_ttft, "total_s": res_total, "tokens": tokens,
+            "decode_tok_s": (tokens - 1) / max(res_total - res_ttft, 1e-9)}
 
 
-async def mesh_runs_same_process(
-    path: Path, prompt: str, tokens: int, runs: int, bias: dict[int, float]
-) -> list[dict[str, float]]:
-    """Provider and client in this process: they share one GIL with the decode thread."""
-    engine = await LlamaEngine.load(path, n_ctx=N_CTX)
-    try:
-        async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
-            return await _client_runs(prov.addrs[0], prompt, tokens, runs, bias)
-    finally:
-        await engine.aclose()
+async def runner_run(engine: SupervisedEngine, prompt: str, tokens: int,
+                     bias: dict[int, float]) -> dict[str, float]:
+    """The engine runner alone (no mesh): what the child process costs per token."""
+    params = SamplingParams(temperature=0.0, logit_bias=bias)
+    start = time.perf_counter()
+    first = 0.0
+    async with engine.stream(prompt, params, tokens) as gen:
+        async for _ in gen:
+            if not first:
+                first = time.perf_counter() - start
+    return _stats(first, time.perf_counter() - start, gen.usage.completion_tokens)
 
 
-def mesh_runs_two_processes(
-    path: Path, prompt: str, tokens: int, runs: int, bias: dict[int, float]
-) -> list[dict[str, float]]:
-    """The provider as users run it: `meshnode serve` in its own process."""
+async def mesh_run(client: ClientNode, advert: Advert, prompt: str, tokens: int,
+                   bias: dict[int, float]) -> dict[str, float]:
+    res = await client.ask(advert, prompt, max_tokens=tokens,
+                           params={"temperature": 0.0, "logit_bias": bias})
+    return _stats(res.ttft_s, res.elapsed_s, res.usage.completion_tokens)
+
+
+@asynccontextmanager
+async def serve_process(path: Path, layers: int) -> AsyncIterator[str]:
+    """The provider as users run it: `meshnode serve` (with its engine runner)."""
     with tempfile.TemporaryDirectory() as home, subprocess.Popen(
         [sys.executable, "-m", "meshnode.cli", "serve", "--model", str(path), "--listen",
-         "/ip4/127.0.0.1/tcp/0", "--ctx", str(N_CTX), "--home", home],
+         "/ip4/127.0.0.1/tcp/0", "--ctx", str(N_CTX), "--home", home,
+         "--n-gpu-layers", str(layers)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "COLUMNS": "300"},
     ) as serve:
@@ -116,10 +117,53 @@ def mesh_runs_two_processes(
                     break
             if not addr:
                 raise RuntimeError("meshnode serve exited before listening")
-            return trio.run(_client_runs, addr, prompt, tokens, runs, bias)
+            yield addr
         finally:
             serve.terminate()
             serve.wait(timeout=30)
+
+
+@asynccontextmanager
+async def serve_same_process(path: Path, layers: int) -> AsyncIterator[str]:
+    """Provider node in this process (its engine runner is still a child process)."""
+    async with (
+        open_supervised_engine(RunnerConfig(model=path, n_ctx=N_CTX,
+                                            n_gpu_layers=layers)) as engine,
+        provider_node(engine, identity=NodeIdentity.generate()) as prov,
+    ):
+        yield prov.addrs[0]
+
+
+async def measure(path: Path, llm: Any, prompt: str, tokens: int, runs: int,
+                  bias: dict[int, float], same_process: bool, layers: int
+                  ) -> dict[str, list[dict[str, float]]]:
+    """Runs alternate direct / runner / mesh, so a busy machine slows all three alike."""
+    rows: dict[str, list[dict[str, float]]] = {"direct": [], "runner": [], "mesh": []}
+    serve = serve_same_process if same_process else serve_process
+    async with (
+        serve(path, layers) as addr,
+        open_supervised_engine(RunnerConfig(model=path, n_ctx=N_CTX,
+                                            n_gpu_layers=layers)) as engine,
+        client_node(allow_insecure=True) as client,
+    ):
+        advert = await client.connect(addr)
+        direct_run(llm, prompt, 4, bias)  # warm-ups
+        await runner_run(engine, prompt, 4, bias)
+        await mesh_run(client, advert, prompt, 4, bias)
+        for _ in range(runs):
+            r = direct_run(llm, prompt, tokens, bias)
+            rows["direct"].append(_stats(r["ttft_s"], r["total_s"], tokens))
+            rows["runner"].append(await runner_run(engine, prompt, tokens, bias))
+            rows["mesh"].append(await mesh_run(client, advert, prompt, tokens, bias))
+    return rows
+
+
+def _cpu() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = cpu_flags(cpuinfo)
+    return {"model": cpu_model_name(cpuinfo), "cores": os.cpu_count(),
+            "isa": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
+            "platform": platform.platform()}
 
 
 def main() -> None:
@@ -128,8 +172,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--same-process", action="store_true",
-                    help="run provider and client in this process (they share the GIL)")
+                    help="provider node in this process (its runner is still a child)")
+    ap.add_argument("--n-gpu-layers", type=int, default=None,
+                    help="layers on the GPU for all paths (default: all on a CUDA build)")
+    ap.add_argument("--out", default=None, help="result file name (default from the options)")
     args = ap.parse_args()
+    layers = default_gpu_layers() if args.n_gpu_layers is None else args.n_gpu_layers
 
     cache = data_dir() / "models"
     if args.tiny:
@@ -139,26 +187,18 @@ def main() -> None:
         path, name = model.path, model.name
         prompt = format_prompt(model, "Tell me a short story about a lighthouse keeper.")
 
-    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_batch=512, verbose=False)
+    # The baseline loads exactly as the runner does (same AMX-safe plan), in this process.
+    llm = load_llama(path, n_ctx=N_CTX, n_gpu_layers=layers)
     bias = _no_eog_bias(llm)
     if args.tiny:
         from meshnode.engine.llama import steady_logit_bias
 
         bias = steady_logit_bias(llm)
+    rows = trio.run(measure, path, llm, prompt, args.tokens, args.runs, bias, args.same_process,
+                    layers)
 
-    direct_run(llm, prompt, 4, bias)  # warm-up
-    direct = []
-    for _ in range(args.runs):
-        r = direct_run(llm, prompt, args.tokens, bias)
-        r["decode_tok_s"] = (args.tokens - 1) / (r["total_s"] - r["ttft_s"])
-        direct.append(r)
-    if args.same_process:
-        mesh = trio.run(mesh_runs_same_process, path, prompt, args.tokens, args.runs, bias)
-    else:
-        mesh = mesh_runs_two_processes(path, prompt, args.tokens, args.runs, bias)
-
-    def med(rows: list[dict[str, float]], key: str) -> float:
-        return statistics.median(r[key] for r in rows)
+    def med(key: str, field: str) -> float:
+        return statistics.median(r[field] for r in rows[key])
 
     summary: dict[str, Any] = {
         "model": name,
@@ -166,22 +206,31 @@ def main() -> None:
         "prompt_tokens": len(llm.tokenize(prompt.encode(), add_bos=True, special=True)),
         "completion_tokens": args.tokens,
         "runs": args.runs,
-        "layout": "one process" if args.same_process else "provider = `meshnode serve` process",
-        "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform()},
-        "direct": {
-            "ttft_ms": med(direct, "ttft_s") * 1000,
-            "decode_tok_s": med(direct, "decode_tok_s"),
-        },
-        "mesh": {"ttft_ms": med(mesh, "ttft_s") * 1000, "decode_tok_s": med(mesh, "decode_tok_s")},
-        "raw": {"direct": direct, "mesh": mesh},
+        "layout": "provider node in this process" if args.same_process
+        else "provider = `meshnode serve` process",
+        "engine": "llama.cpp in a supervised runner process (mesh and runner rows)",
+        "load_plan": host_load_plan().reason,
+        "n_gpu_layers": layers,
+        "llama_cpp_system_info": system_info(),
+        "machine": _cpu(),
     }
-    summary["ratio_mesh_over_direct"] = {
-        "ttft": summary["mesh"]["ttft_ms"] / summary["direct"]["ttft_ms"],
-        "decode_tok_s": summary["mesh"]["decode_tok_s"] / summary["direct"]["decode_tok_s"],
-    }
+    for key in rows:
+        summary[key] = {"ttft_ms": med(key, "ttft_s") * 1000,
+                        "decode_tok_s": med(key, "decode_tok_s")}
+    d = summary["direct"]
+    for key in ("runner", "mesh"):
+        summary[f"ratio_{key}_over_direct"] = {
+            "ttft": summary[key]["ttft_ms"] / d["ttft_ms"],
+            "ttft_added_ms": summary[key]["ttft_ms"] - d["ttft_ms"],
+            "decode_tok_s": summary[key]["decode_tok_s"] / d["decode_tok_s"],
+            "added_us_per_token": (1 / summary[key]["decode_tok_s"]
+                                   - 1 / d["decode_tok_s"]) * 1e6,
+        }
+    summary["raw"] = rows
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("_tiny" if args.tiny else "") + ("_same_process" if args.same_process else "")
-    (RESULTS / f"mesh_vs_direct{suffix}.json").write_text(json.dumps(summary, indent=2))
+    out = RESULTS / (args.out or f"mesh_vs_direct{suffix}.json")
+    out.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "raw"}, indent=2))
 
 

@@ -85,13 +85,74 @@ def _llama_installed(version: str) -> bool:
         return False
 
 
-def _cuda_env(env: dict[str, str]) -> dict[str, str]:
-    """Point CMake at nvcc and at cuBLAS from the PyPI wheels when the toolkit lacks it."""
+# cuBLAS from PyPI for CUDA 13 toolkits that ship without it (nvcc-only installs).
+CUBLAS_WHEEL = "nvidia-cublas==13.10.0.20"
+
+
+def _toolkit_root(nvcc: Path) -> Path:
+    """The toolkit nvcc belongs to; nvcc on PATH may be a wrapper script, so prefer
+    CUDA_HOME or /usr/local/cuda when they hold an nvcc."""
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                      "/usr/local/cuda", str(nvcc.resolve().parent.parent)):
+        if candidate and (Path(candidate) / "bin" / "nvcc").is_file():
+            return Path(candidate).resolve()
+    raise SystemExit(f"[llama-build] cannot find the CUDA toolkit of {nvcc}; set CUDA_HOME")
+
+
+def _has_libcuda() -> bool:
+    """The driver library (or the toolkit's link stub) that CUDA::cuda_driver needs."""
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        env.setdefault("CUDACXX", nvcc)
-        toolkit = Path(nvcc).resolve().parent.parent
+    if nvcc is not None:
+        stubs = _toolkit_root(Path(nvcc)) / "lib64" / "stubs" / "libcuda.so"
+        if stubs.exists():
+            return True
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30,
+                             check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "libcuda.so" in out
+
+
+def _cuda_env(env: dict[str, str], cache: Path) -> dict[str, str]:
+    """Point CMake at nvcc, and at cuBLAS from PyPI when the toolkit lacks it: a merged
+    toolkit root of symlinks (toolkit + the nvidia-cublas wheel) under the cache."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise SystemExit("[llama-build] the cuda profile needs nvcc on PATH (CUDA toolkit)")
+    toolkit = _toolkit_root(Path(nvcc))
+    env.setdefault("CUDACXX", str(toolkit / "bin" / "nvcc"))
+    if (toolkit / "include" / "cublas_v2.h").exists():
         env.setdefault("CUDAToolkit_ROOT", str(toolkit))
+        return env
+    extra = cache / "cuda-extra" / CUBLAS_WHEEL.replace("==", "-")
+    if not (extra / "nvidia").exists():
+        print(f"[llama-build] the toolkit has no cuBLAS: fetching {CUBLAS_WHEEL} from PyPI")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target",
+                        str(extra), "--progress-bar", "off", CUBLAS_WHEEL], check=True)
+    cublas = next((extra / "nvidia").glob("cu*/include")).parent
+    merged = cache / "cuda-extra" / "merged-root"
+    if merged.exists():
+        shutil.rmtree(merged)
+    for sub in ("bin", "nvvm", "share"):
+        if (toolkit / sub).exists():
+            merged.mkdir(parents=True, exist_ok=True)
+            (merged / sub).symlink_to(toolkit / sub)
+    for sub, sources in (("include", [toolkit / "include", cublas / "include"]),
+                         ("lib64", [toolkit / "lib64", cublas / "lib"])):
+        (merged / sub).mkdir(parents=True)
+        for source in sources:
+            for item in source.iterdir():
+                link = merged / sub / item.name
+                if not link.exists():
+                    link.symlink_to(item)
+    for lib in (merged / "lib64").glob("libcublas*.so.*"):
+        plain = lib.with_name(lib.name.split(".so")[0] + ".so")  # the linker wants libX.so
+        if not plain.exists():
+            plain.symlink_to(lib)
+    env["CUDAToolkit_ROOT"] = str(merged)
+    env["CUDACXX"] = str(merged / "bin" / "nvcc")
+    env["LIBRARY_PATH"] = f"{merged / 'lib64'}:{env.get('LIBRARY_PATH', '')}"
     return env
 
 
@@ -108,7 +169,7 @@ def build_wheel(version: str, profile: str, args: list[str], key: str, wheelhous
     env["FORCE_CMAKE"] = "1"
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     if profile == "cuda":
-        env = _cuda_env(env)
+        env = _cuda_env(env, wheelhouse.parent)
     print(f"[llama-build] building llama-cpp-python {version}, profile {profile}")
     print(f"[llama-build] CMAKE_ARGS={env['CMAKE_ARGS']}")
     print("[llama-build] this compiles llama.cpp: ~6 min on 2 cores for CPU, much longer "
@@ -151,6 +212,11 @@ def main() -> int:
     flags = cf.cpu_flags(cpuinfo)
     profile = "cpu-native-safe" if opts.profile == "auto" else opts.profile
     args = cf.cmake_args(profile, flags, cuda_arch=opts.cuda_arch)
+    if profile == "cuda" and not _has_libcuda():
+        # A build machine without the NVIDIA driver (nor the toolkit's stub) cannot link
+        # the driver API that llama.cpp's VMM memory pool uses; the legacy pool still works.
+        print("[llama-build] no libcuda.so (driver) here: building with GGML_CUDA_NO_VMM=ON")
+        args.append("-DGGML_CUDA_NO_VMM=ON")
     if opts.print_args:
         print(" ".join(args))
         return 0
