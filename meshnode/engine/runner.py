@@ -22,9 +22,9 @@ import collections
 import ctypes
 import os
 import select
-import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +50,8 @@ PROGRESS_EVERY_S = 0.1
 # Exit codes the supervisor reads: the model could not be loaded (do not restart in a
 # loop for a bad file) versus everything else.
 EXIT_LOAD_FAILED = 3
-# Linux prctl option: deliver this signal to us when the parent (the node) dies, so a
-# SIGKILLed node never leaves a runner holding gigabytes of model behind.
-PR_SET_PDEATHSIG = 1
+# How often the runner checks that its node is still alive (see _die_with_parent).
+PARENT_CHECK_S = 1.0
 
 
 @dataclass
@@ -249,14 +248,19 @@ def _progress_sender(sock: socket.socket) -> Any:
 
 
 def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass  # best effort: the socket's EOF also ends us
-    if os.getppid() == 1:  # the node died before prctl took effect
-        os._exit(1)
+    """Exit when the node that spawned us is gone, so a SIGKILLed node never leaves a
+    runner holding gigabytes of model behind. Socket EOF tells us too, but only once we
+    next read (not while loading a model). PR_SET_PDEATHSIG cannot be used: it fires when
+    the spawning *thread* exits, and trio spawns processes from a worker thread."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_S)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def load_engine(args: argparse.Namespace, sock: socket.socket) -> tuple[Any, str, str, float]:
