@@ -10,9 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 arch="${CUDA_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d '.')}"
 echo "[gpu-check] GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -n1); arch ${arch}"
-make install
+# One build, the CUDA one (the Makefile installs everything else around it).
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-  .venv/bin/python kernels/build_llama.py --profile cuda --cuda-arch "${arch}"
+  make install LLAMA_PROFILE=cuda CUDA_ARCH="${arch}"
+.venv/bin/python kernels/build_llama.py --profile cuda --cuda-arch "${arch}"
 # cuBLAS from PyPI (when the toolkit has none) must be found by the runner at run time.
 extra=$(ls -d "${HOME}"/.cache/meshnode/llama-wheels/../cuda-extra/merged-root/lib64 2>/dev/null || true)
 if [ -n "${extra}" ]; then export LD_LIBRARY_PATH="${extra}:${LD_LIBRARY_PATH:-}"; fi

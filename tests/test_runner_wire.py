@@ -10,7 +10,7 @@ from meshnode.core import runner_wire as wire
 
 def test_messages_round_trip_even_when_split_across_reads() -> None:
     frames = wire.encode({"t": "chunk", "id": 7, "text": "héllo", "n": 2}) + wire.encode(
-        {"t": "end", "id": 7, "reason": "length", "prompt": 3, "completion": 2}
+        {"t": "end", "id": 7, "reason": "length", "prompt": 3, "completion": 2, "cached": 0}
     )
     decoder = wire.FrameDecoder()
     got = []
@@ -34,7 +34,7 @@ def test_an_oversized_length_prefix_is_refused_before_the_body_arrives() -> None
         {"t": "chunk", "id": 1, "text": "x", "n": 1, "extra": 0},
         {"t": "chunk", "id": "1", "text": "x", "n": 1},
         {"t": "chunk", "id": True, "text": "x", "n": 1},  # bool is not an int here
-        {"t": "end", "id": 1, "reason": "exploded", "prompt": 1, "completion": 1},
+        {"t": "end", "id": 1, "reason": "exploded", "prompt": 1, "completion": 1, "cached": 0},
         {"t": "err", "id": 1, "kind": "whatever", "msg": ""},
         {"t": "launch_missiles"},
         ["not", "a", "map"],

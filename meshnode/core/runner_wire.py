@@ -9,15 +9,15 @@ Node -> runner:
   gen    {id, prompt, params, max}   start a generation (params: SamplingParams.to_dict)
   ack    {id, n}                     the node consumed n more chunks of job id (flow control)
   cancel {id}                        stop job id and free its sequence now
-  count  {id, text}                  how many prompt tokens text costs
-  bias   {id}                        the "steady" logit bias (tests and benchmarks)
+  count_req {id, text}               how many prompt tokens text costs
+  bias_req  {id}                     the "steady" logit bias (tests and benchmarks)
   ping   {n}                         liveness; answered between two decode steps
   bye    {}                          finish: exit cleanly
 Runner -> node:
   progress {stage, frac}             while hashing/loading
   hello  {info, plan, sysinfo, load_s}   the model is loaded and warm
   chunk  {id, text, n}               text of n sampled tokens
-  end    {id, reason, prompt, completion}
+  end    {id, reason, prompt, completion, cached}   cached: prompt tokens reused from KV
   err    {id, kind, msg}             kind: invalid | too_long | engine
   count  {id, n}
   bias   {id, bias}                  bias: {token id: value}
@@ -56,7 +56,7 @@ SCHEMAS: Mapping[str, Mapping[str, object]] = {
     "progress": {"stage": _STR, "frac": _FLOAT},
     "hello": {"info": _MAP, "plan": _STR, "sysinfo": _STR, "load_s": _FLOAT},
     "chunk": {"id": _INT, "text": _STR, "n": _INT},
-    "end": {"id": _INT, "reason": _STR, "prompt": _INT, "completion": _INT},
+    "end": {"id": _INT, "reason": _STR, "prompt": _INT, "completion": _INT, "cached": _INT},
     "err": {"id": _INT, "kind": _STR, "msg": _STR},
     "count": {"id": _INT, "n": _INT},
     "bias": {"id": _INT, "bias": _MAP},

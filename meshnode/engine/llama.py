@@ -572,15 +572,18 @@ def steady_logit_bias(target: LlamaEngine | Any) -> dict[int, float]:
     steady, countable stream. Accepts a LlamaEngine or a llama_cpp.Llama.
     """
     llm = target._llm if isinstance(target, LlamaEngine) else target
-    vocab = llm._model.vocab
+    return steady_bias_for(llm._model.vocab, llm.n_vocab(), llm.token_bos())
+
+
+def steady_bias_for(vocab: Any, n_vocab: int, bos: int) -> dict[int, float]:
+    """steady_logit_bias for a vocabulary handle (any engine's)."""
     unwanted = llama_cpp.LLAMA_TOKEN_ATTR_BYTE | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
     banned = {
         t
-        for t in range(llm.n_vocab())
+        for t in range(n_vocab)
         if llama_cpp.llama_vocab_get_attr(vocab, t) & unwanted
         or llama_cpp.llama_vocab_is_eog(vocab, t)
     }
-    bos = llm.token_bos()
     if bos >= 0:
         banned.add(bos)
     if len(banned) > MAX_LOGIT_BIAS_ENTRIES:

@@ -8,11 +8,12 @@ OOM kill or hang in llama.cpp costs the node one restart, never its identity, go
 payment ledger, and decoding never holds the node's GIL.
 
 One loop, one thread: read whatever commands arrived (without blocking while there is
-work), then do one step — one prompt slice or one token — of the running job. So a
-cancel, a ping or a new job is seen within one llama_decode call. Jobs run one at a
-time in arrival order; each may have at most CHUNK_WINDOW chunks the node has not
-consumed yet (flow control: a paused consumer pauses its decode, as the in-process
-engine's bounded channel did).
+work), then do one batched step (engine.batched: the next token of every running job
+plus a slice of a prompt being read). So a cancel, a ping or a new job is seen within
+one llama_decode call. Up to --slots jobs run together, the rest wait in arrival order;
+each may have at most CHUNK_WINDOW chunks the node has not consumed yet (flow control:
+a paused consumer pauses its own sequence, as the in-process engine's bounded channel
+did, while the others keep decoding).
 """
 
 from __future__ import annotations
@@ -85,24 +86,24 @@ class Fault:
 
 
 @dataclass
+@dataclass
 class _Job:
     id: int
     prompt_tokens: list[int]
     params: SamplingParams
     max_tokens: int
-    decode: Any = None  # llama.Decode once started
+    seq: Any = None  # batched.Sequence once it has a slot
     in_flight: int = 0  # chunks sent that the node has not acknowledged
 
 
 @dataclass
 class Runner:
     sock: socket.socket
-    engine: Any  # llama.LlamaEngine (imported lazily: llama_cpp is slow to import)
+    model: Any  # batched.BatchedModel (imported lazily: llama_cpp is slow to import)
     fault: Fault | None = None
     queue: collections.deque[_Job] = field(default_factory=collections.deque)
-    active: _Job | None = None
+    active: dict[int, _Job] = field(default_factory=dict)
     decoder: wire.FrameDecoder = field(default_factory=wire.FrameDecoder)
-    sampled_total: int = 0
     running: bool = True
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -129,17 +130,15 @@ class Runner:
         elif kind == "gen":
             self.admit(msg)
         elif kind == "ack":
-            job = self.active
-            if job is not None and job.id == msg["id"]:
+            job = self.active.get(msg["id"])
+            if job is not None:
                 job.in_flight = max(0, job.in_flight - msg["n"])
         elif kind == "cancel":
             self.cancel(msg["id"])
         elif kind == "count_req":
             self.count(msg["id"], msg["text"])
         elif kind == "bias_req":
-            from meshnode.engine.llama import steady_logit_bias
-
-            self.send({"t": "bias", "id": msg["id"], "bias": steady_logit_bias(self.engine)})
+            self.send({"t": "bias", "id": msg["id"], "bias": self.model.steady_logit_bias()})
         elif kind == "bye":
             self.running = False
         else:
@@ -148,7 +147,7 @@ class Runner:
     def admit(self, msg: dict[str, Any]) -> None:
         try:
             params = SamplingParams.from_dict(msg["params"])
-            tokens = self.engine.prepare(msg["prompt"], params, msg["max"])
+            tokens = self.model.prepare(msg["prompt"], params, msg["max"])
         except PromptTooLong as exc:
             self._error(msg["id"], "too_long", exc)
         except (InvalidRequest, ValueError) as exc:
@@ -158,15 +157,15 @@ class Runner:
 
     def count(self, job_id: int, text: str) -> None:
         try:
-            n = len(self.engine.tokenize(text))
-        except (EngineError, ValueError) as exc:
+            n = len(self.model.tokenize(text))
+        except (EngineError, ValueError, RuntimeError) as exc:
             self._error(job_id, "engine", exc)
         else:
             self.send({"t": "count", "id": job_id, "n": n})
 
     def cancel(self, job_id: int) -> None:
-        job = self.active
-        if job is not None and job.id == job_id:
+        job = self.active.get(job_id)
+        if job is not None:
             self._finish(job, "cancelled")
             return
         for queued in self.queue:
@@ -180,52 +179,57 @@ class Runner:
 
     # ---- decoding ------------------------------------------------------------------
 
+    def _start_queued(self) -> None:
+        while self.queue and self.model.free_slots:
+            job = self.queue.popleft()
+            job.seq = self.model.admit(job.id, job.prompt_tokens, job.params, job.max_tokens)
+            self.active[job.id] = job
+
+    def _runnable(self) -> list[_Job]:
+        return [j for j in self.active.values() if j.in_flight < CHUNK_WINDOW]
+
     @property
     def has_work(self) -> bool:
         """True when a step can be taken now (so polling must not block)."""
-        if self.active is not None:
-            return self.active.in_flight < CHUNK_WINDOW
-        return bool(self.queue)
+        return bool(self._runnable()) or (bool(self.queue) and self.model.free_slots > 0)
 
     def step(self) -> None:
-        from meshnode.engine.llama import Decode
-
-        if self.active is None:
-            if not self.queue:
-                return
-            job = self.active = self.queue.popleft()
-            job.decode = Decode(self.engine, job.prompt_tokens, job.params, job.max_tokens)
-        job = self.active
-        if job.in_flight >= CHUNK_WINDOW:
+        self._start_queued()
+        jobs = self._runnable()
+        if not jobs:
             return
-        decode = job.decode
-        before = decode.completion_tokens
+        by_seq = {id(j.seq): j for j in jobs}
         try:
-            chunk = decode.step()
-        except Exception as exc:  # llama.cpp reported a failure (not a crash): this job only
-            self._error(job.id, "engine", exc)
-            self._finish(job, None)
+            results = self.model.step([j.seq for j in jobs])
+        except EngineError as exc:  # llama.cpp reported a failure (not a crash)
+            for job in jobs:
+                self._error(job.id, "engine", exc)
+                self._finish(job, None)
             return
-        self.sampled_total += decode.completion_tokens - before
-        if self.fault is not None and decode.completion_tokens > before:
-            self.fault.maybe_fire(self.sampled_total)
-        if chunk is not None:
-            job.in_flight += 1
-            self.send({"t": "chunk", "id": job.id, "text": chunk.text, "n": chunk.n_tokens})
-        if decode.finished:
-            self._finish(job, decode.finish_reason)
+        for seq, chunk in results:
+            job = by_seq[id(seq)]
+            if chunk is not None:
+                job.in_flight += 1
+                self.send({"t": "chunk", "id": job.id, "text": chunk.text,
+                           "n": chunk.n_tokens})
+            if seq.finished:
+                self._finish(job, seq.finish_reason)
+        if self.fault is not None:
+            self.fault.maybe_fire(self.model.decoded_total)
 
     def _finish(self, job: _Job, reason: str | None) -> None:
-        completion = job.decode.completion_tokens if job.decode is not None else 0
-        if job.decode is not None:
-            job.decode.close()
-        self.active = None
+        completion = job.seq.completion_tokens if job.seq is not None else 0
+        if job.seq is not None:
+            self.model.release(job.seq)
+        self.active.pop(job.id, None)
         if reason is not None:
             self._end(job, reason, completion)
 
     def _end(self, job: _Job, reason: str, completion: int) -> None:
+        cached = job.seq.reused_tokens if job.seq is not None else 0
         self.send({"t": "end", "id": job.id, "reason": reason,
-                   "prompt": len(job.prompt_tokens), "completion": completion})
+                   "prompt": len(job.prompt_tokens), "completion": completion,
+                   "cached": cached})
 
     def serve(self) -> None:
         while self.running:
@@ -263,16 +267,10 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def load_engine(args: argparse.Namespace, sock: socket.socket) -> tuple[Any, str, str, float]:
-    """Load the model as asked; (engine, load plan reason, llama.cpp system info, seconds)."""
-    from meshnode.engine.llama import (
-        LlamaEngine,
-        host_load_plan,
-        load_llama,
-        model_info,
-        sha256_file,
-        system_info,
-    )
+def load_model(args: argparse.Namespace, sock: socket.socket) -> tuple[Any, str, str, float]:
+    """Load the model as asked; (model, load plan reason, llama.cpp system info, seconds)."""
+    from meshnode.engine.batched import BatchedModel
+    from meshnode.engine.llama import host_load_plan, sha256_file, system_info
 
     started = time.monotonic()
     path = Path(args.model)
@@ -281,26 +279,13 @@ def load_engine(args: argparse.Namespace, sock: socket.socket) -> tuple[Any, str
     sysinfo = args.assume_system_info if args.assume_system_info is not None else system_info()
     plan = host_load_plan(Path(args.cpuinfo), sysinfo)
     progress("loading", 0.0)
-    llm = load_llama(path, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
-                     n_threads=args.threads, use_extra_bufts=plan.use_extra_bufts)
+    model = BatchedModel(path, n_ctx=args.n_ctx, n_slots=args.slots,
+                         n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+                         use_extra_bufts=plan.use_extra_bufts, model_id=model_id,
+                         name=args.name)
     progress("loading", 1.0)
-    engine = LlamaEngine(llm, model_info(llm, path, model_id, args.name))
-    warm_up(engine)
-    return engine, plan.reason, system_info(), time.monotonic() - started
-
-
-def warm_up(engine: Any) -> None:
-    """Decode one token now so llama.cpp builds its compute graph before the first client
-    (about 0.6 s for Gemma 3 270M on a 2-core CPU)."""
-    from meshnode.engine.llama import Decode
-
-    decode = Decode(engine, engine.prepare("Hello", SamplingParams(temperature=0.0), 1),
-                    SamplingParams(temperature=0.0), 1)
-    try:
-        while not decode.finished:
-            decode.step()
-    finally:
-        decode.close()
+    model.warm_up()
+    return model, plan.reason, system_info(), time.monotonic() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--model-id", default=None, help="skip hashing: the known sha256")
     parser.add_argument("--name", default=None)
-    parser.add_argument("--n-ctx", type=int, required=True)
+    parser.add_argument("--n-ctx", type=int, required=True, help="context per sequence")
+    parser.add_argument("--slots", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cpuinfo", default="/proc/cpuinfo",
@@ -323,19 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     try:
-        engine, plan, sysinfo, load_s = load_engine(args, sock)
+        model, plan, sysinfo, load_s = load_model(args, sock)
     except (EngineError, OSError, ValueError) as exc:
         sock.sendall(wire.encode({"t": "fatal", "msg": wire.clip(str(exc))}))
         return EXIT_LOAD_FAILED
-    info = engine.info
+    info = model.info
     sock.sendall(wire.encode({
         "t": "hello",
         "info": {"model_id": info.model_id, "name": info.name, "quant": info.quant,
                  "n_ctx": info.n_ctx, "chat_format": info.chat_format,
-                 "n_vocab": engine.n_vocab},
+                 "n_vocab": model.n_vocab, "slots": model.n_slots},
         "plan": plan, "sysinfo": sysinfo, "load_s": float(load_s),
     }))
-    runner = Runner(sock, engine, Fault.parse(args.fault))
+    runner = Runner(sock, model, Fault.parse(args.fault))
     try:
         runner.serve()
     except (BrokenPipeError, ConnectionResetError):

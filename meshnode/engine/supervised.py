@@ -104,7 +104,8 @@ class RunnerState(enum.StrEnum):
 @dataclass
 class RunnerConfig:
     model: Path
-    n_ctx: int
+    n_ctx: int  # per job (sequence)
+    slots: int = 1  # jobs decoded together in one batch
     n_gpu_layers: int = 0
     n_threads: int | None = None
     name: str | None = None
@@ -123,6 +124,7 @@ class RunnerConfig:
     def argv(self, fd: int, model_id: str | None, first: bool) -> list[str]:
         args = [sys.executable, "-m", "meshnode.engine.runner", "--fd", str(fd),
                 "--model", str(self.model), "--n-ctx", str(self.n_ctx),
+                "--slots", str(self.slots),
                 "--n-gpu-layers", str(self.n_gpu_layers)]
         if model_id:
             args += ["--model-id", model_id]
@@ -158,6 +160,7 @@ class _Job:
         self.ended = trio.Event()
         self.finish_reason: FinishReason | None = None
         self.usage = Usage(0, 0)
+        self.cached_tokens = 0  # prompt tokens the runner found in its KV cache
         self.unacked = 0
 
     def fail(self, exc: BaseException) -> None:
@@ -211,6 +214,10 @@ class SupervisedGeneration:
     def usage(self) -> Usage:
         return self._job.usage
 
+    @property
+    def cached_tokens(self) -> int:
+        return self._job.cached_tokens
+
 
 class SupervisedEngine:
     """An Engine whose llama.cpp runs in a supervised child process."""
@@ -226,6 +233,7 @@ class SupervisedEngine:
         self.system_info = ""
         self.load_s = 0.0
         self.n_vocab = 0
+        self.slots = config.slots
         self.pid: int | None = None
         self._info: ModelInfo | None = None
         self._stream: trio.SocketStream | None = None
@@ -347,6 +355,7 @@ class SupervisedEngine:
                 job.finish_reason = msg["reason"]
                 job.usage = Usage(prompt_tokens=msg["prompt"],
                                   completion_tokens=msg["completion"])
+                job.cached_tokens = msg["cached"]
                 job.send.send_nowait(None)
                 job.ended.set()
         elif kind == "err":
@@ -502,6 +511,7 @@ class SupervisedEngine:
                 path=self.config.model, chat_format=str(info["chat_format"]),
             )
             self.n_vocab = int(info["n_vocab"])
+            self.slots = int(info["slots"])
         except (KeyError, TypeError, ValueError) as exc:
             raise _LoadFailed(f"bad hello from the runner: {exc}") from None
         if self._info is not None and loaded.model_id != self._info.model_id:
