@@ -5,6 +5,7 @@ the single-job text (bench/batching.py measures how far Gemma differs)."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ async def test_a_long_prompt_arriving_mid_stream_is_read_in_slices(
             arrived = time.perf_counter()
             # A different long prompt: no cached prefix to reuse.
             nursery.start_soon(generate, engine, long_prompt, 1, bias, long_done)
-    during = [b - a for a, b in zip(stamps, stamps[1:], strict=False)
+    during = [b - a for a, b in itertools.pairwise(stamps)
               if arrived <= a and b <= long_done[0]]
     prompt_tokens = await _count(tiny_gguf_path, long_prompt)
     assert len(during) >= prompt_tokens // PREFILL_CHUNK_WHILE_DECODING - 2

@@ -26,7 +26,7 @@ def test_the_tensor_data_of_a_generated_model_ends_where_the_file_ends(
 def test_a_header_cut_short_is_an_error_not_an_out_of_bounds_read(
     tiny_gguf_path: Path, keep: int
 ) -> None:
-    with pytest.raises(GgufError, match="truncated|cut short"):
+    with pytest.raises(GgufError, match=r"truncated|cut short"):
         read_layout(tiny_gguf_path.read_bytes()[:keep], SIZES)
 
 
