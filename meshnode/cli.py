@@ -202,7 +202,11 @@ def serve(
                      help="Seconds of silence after which the engine runner is deemed hung "
                           "and restarted."),
     ] = RUNNER_STALL_TIMEOUT_S,
-    slots: Annotated[int, typer.Option(help="Jobs run at once.")] = 1,
+    slots: Annotated[
+        int,
+        typer.Option(help="Jobs decoded together in one batch (each reserves --ctx tokens "
+                          "of KV cache)."),
+    ] = 4,
     queue: Annotated[int, typer.Option(help="Jobs waiting for a slot before Busy.")] = 4,
     tee: Annotated[
         str, typer.Option(help="Attestation: 'tdx' (configfs-tsm quote) or 'dev' (no TEE).")
@@ -286,8 +290,9 @@ def serve(
             ton=pay.payee if pay is not None else None,
         )
         async with (
-            open_engine(model, n_ctx=ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                        stall_timeout_s=runner_stall_timeout, console=err) as engine,
+            open_engine(model, n_ctx=ctx, slots=slots, n_gpu_layers=n_gpu_layers,
+                        n_threads=threads, stall_timeout_s=runner_stall_timeout,
+                        console=err) as engine,
             provider_node(
                 engine, identity=identity, settings=settings,
                 gate_factory=pay.payments.gates if pay is not None else None,
@@ -795,10 +800,11 @@ def testnet(
                     if not path.exists():
                         write_tiny_llama(path, seed=seed, name=f"tiny-{seed}")
                 engine = await stack.enter_async_context(
-                    open_engine(path, n_ctx=512 if model is None else 4096, console=err))
+                    open_engine(path, n_ctx=512 if model is None else 4096, slots=4,
+                                console=err))
                 node = await stack.enter_async_context(provider_node(
                     engine, identity=NodeIdentity.generate(),
-                    settings=ProviderSettings(bootstrap=(boot,)),
+                    settings=ProviderSettings(bootstrap=(boot,), slots=engine.slots),
                 ))
                 out.print(f"provider {i}: {engine.info.name} {node.peer_id}")
             out.print(f"[bold green]testnet up[/]: join with --bootstrap {boot}")

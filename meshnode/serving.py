@@ -58,13 +58,14 @@ async def open_engine(
     path: Path,
     *,
     n_ctx: int,
+    slots: int = 1,
     n_gpu_layers: int = 0,
     n_threads: int | None = None,
     stall_timeout_s: float = RUNNER_STALL_TIMEOUT_S,
     console: Console | None = None,
 ) -> AsyncIterator[SupervisedEngine]:
     """The model loaded in a supervised runner process, until the block exits."""
-    config = RunnerConfig(model=Path(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+    config = RunnerConfig(model=Path(path), n_ctx=n_ctx, slots=slots, n_gpu_layers=n_gpu_layers,
                           n_threads=n_threads, stall_timeout_s=stall_timeout_s)
     bar = LoadBar(console, Path(path).name)
     try:

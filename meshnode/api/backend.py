@@ -19,7 +19,7 @@ from meshnode.api.chat_format import CHAT_FORMATS, guess_chat_format
 from meshnode.core.advert import Advert
 from meshnode.core.directory import ModelSummary
 from meshnode.jobs.client import JobError
-from meshnode.jobs.routed import NoProvider
+from meshnode.jobs.routed import NoProvider, ProvidersBusy
 
 if TYPE_CHECKING:
     from meshnode.node import ClientNode
@@ -60,11 +60,13 @@ class BackendError(Exception):
     """A completion that cannot be served; ``code`` is stable, ``http_status`` is what
     the endpoint answers with."""
 
-    def __init__(self, code: str, message: str, http_status: int | None = None) -> None:
+    def __init__(self, code: str, message: str, http_status: int | None = None, *,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.http_status = http_status or STATUS_BY_CODE.get(code, 502)
+        self.retry_after = retry_after
 
 
 def backend_error_from_job(exc: JobError) -> BackendError:
@@ -254,6 +256,8 @@ class RoutedBackend:
                 params=dict(req.params),
                 on_text=on_text,
             )
+        except ProvidersBusy as exc:
+            raise BackendError(PROVIDER_BUSY, str(exc), retry_after=exc.retry_after) from exc
         except NoProvider as exc:
             raise BackendError(NO_PROVIDER, str(exc)) from exc
         except JobError as exc:

@@ -48,7 +48,7 @@ async def send_json(send: Send, status: int, body: Any) -> None:
 
 
 def _backend_api_error(exc: BackendError) -> ApiError:
-    return ApiError(exc.http_status, exc.message, code=exc.code)
+    return ApiError(exc.http_status, exc.message, code=exc.code, retry_after=exc.retry_after)
 
 
 class CompletionRun:
@@ -85,7 +85,7 @@ class CompletionRun:
     async def _whole(self, sender: _Sender) -> None:
         outcome = await self._complete(None)
         if isinstance(outcome, ApiError):
-            await sender.json(outcome.status, outcome.body())
+            await sender.json(outcome.status, outcome.body(), outcome.headers())
         else:
             await sender.json(200, self._shaper.full(outcome))
 
@@ -99,7 +99,7 @@ class CompletionRun:
         outcome = await self._complete(on_text)
         if isinstance(outcome, ApiError):
             if not sender.started:
-                await sender.json(outcome.status, outcome.body())
+                await sender.json(outcome.status, outcome.body(), outcome.headers())
             else:
                 await sender.event(outcome.body())
                 await sender.end()
@@ -151,8 +151,9 @@ class _Sender:
         await self._put({"type": "http.response.body", "body": b"", "more_body": False})
         self.finished = True
 
-    async def json(self, status: int, body: Any) -> None:
-        await self.start(status, _JSON_HEADERS)
+    async def json(self, status: int, body: Any,
+                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await self.start(status, _JSON_HEADERS + (headers or []))
         await self._put({"type": "http.response.body", "body": encode_json(body),
                          "more_body": False})
         self.finished = True

@@ -7,6 +7,7 @@ the HTTP status OpenAI would use, so SDKs raise their usual typed exceptions
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # OpenAI's error types, by the status they go with.
@@ -40,13 +41,21 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         type: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after  # seconds; sent as a Retry-After header
         self.message = message
         self.code = code
         self.param = param
         self.type = type or _TYPE_BY_STATUS.get(status, SERVER)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Extra response headers: Retry-After (whole seconds, rounded up) when known."""
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode())]
 
     def body(self) -> dict[str, Any]:
         return {

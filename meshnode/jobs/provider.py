@@ -46,8 +46,14 @@ log = logging.getLogger(__name__)
 OPEN_TIMEOUT_S = 10.0
 # A client that was asked to pay answers within a round trip plus a signature.
 PAYMENT_TIMEOUT_S = 30.0
-# How long a queued job tells the client to wait before trying us again.
+# Busy's retry_after before any job has been timed: about one short job.
 BUSY_RETRY_AFTER_S = 2.0
+# retry_after comes from the real queue (mean job time x jobs ahead / slots), clamped:
+# below 0.1 s a client would spin; past 60 s it should look elsewhere, not wait.
+MIN_RETRY_AFTER_S = 0.1
+MAX_RETRY_AFTER_S = 60.0
+# Mean job time follows the last ~10 jobs.
+JOB_TIME_EWMA_ALPHA = 0.1
 # Recording a job's usage is one sqlite fsync; a disk slower than this is failing.
 GATE_FINISH_TIMEOUT_S = 10.0
 # Advertised speed follows the last ~5 jobs: steady against one odd prompt, quick to
@@ -73,11 +79,16 @@ class ProviderStats:
     busy_refusals: int = 0
     tokens_out: int = 0
     tokens_per_s: float = 0.0  # EWMA of measured decode speed, advertised as capacity
+    job_s: float = 0.0  # EWMA of how long an admitted job holds its slot
     errors: dict[str, int] = field(default_factory=dict)
 
     def observe_speed(self, sample: float) -> None:
         old = self.tokens_per_s
         self.tokens_per_s = sample if old == 0 else old + SPEED_EWMA_ALPHA * (sample - old)
+
+    def observe_job_time(self, seconds: float) -> None:
+        old = self.job_s
+        self.job_s = seconds if old == 0 else old + JOB_TIME_EWMA_ALPHA * (seconds - old)
 
     def count_error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -119,6 +130,15 @@ class JobProvider:
     @property
     def queued(self) -> int:
         return self._admitted - self.active
+
+    def retry_after(self) -> float:
+        """When a refused client may expect a free place: the jobs ahead of it (all
+        queued plus itself) drain through the slots at the measured mean job time."""
+        if self.stats.job_s <= 0:
+            return BUSY_RETRY_AFTER_S
+        ahead = self.queued + 1
+        estimate = self.stats.job_s * ahead / max(1, self.slots)
+        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate))
 
     def _load_changed(self) -> None:
         if self.on_load_change is not None:
@@ -180,7 +200,7 @@ class JobProvider:
 
         if self._admitted >= self.slots + self.max_queue:
             self.stats.busy_refusals += 1
-            await fs.send(Busy(retry_after=BUSY_RETRY_AFTER_S))
+            await fs.send(Busy(retry_after=self.retry_after()))
             return
         gate = self._gate_factory(first, self.peer_id)
         self._admitted += 1
@@ -192,8 +212,12 @@ class JobProvider:
             await fs.send(Accept(header=sealer.header))
             async with self._limiter:
                 self._load_changed()
-                await self._generate(fs, first, prompt, prompt_tokens, params, sealer, peer,
-                                     gate)
+                started = trio.current_time()
+                try:
+                    await self._generate(fs, first, prompt, prompt_tokens, params, sealer,
+                                         peer, gate)
+                finally:
+                    self.stats.observe_job_time(trio.current_time() - started)
         finally:
             # Shielded: a cancelled job must still record its usage and free its channel.
             with trio.CancelScope(shield=True), trio.move_on_after(GATE_FINISH_TIMEOUT_S):

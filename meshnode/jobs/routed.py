@@ -23,7 +23,7 @@ from meshnode.core.advert import Advert
 from meshnode.core.directory import Directory, Provider
 from meshnode.core.messages import Usage
 from meshnode.core.router import Candidate, JobEstimate, Router
-from meshnode.jobs.client import JobError, JobRequest, OnText, run_job
+from meshnode.jobs.client import JobError, JobRequest, OnText, ProviderBusy, run_job
 from meshnode.jobs.payment_gate import Payer
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,19 @@ DEFAULT_DEADLINE_S = 600.0
 NON_RETRYABLE = frozenset({"bad_params", "bad_request", "prompt_too_long", "overbilled"})
 # Rough characters per token, only for the router's estimate before any tokenizer runs.
 CHARS_PER_TOKEN = 4
+# When every provider is busy, wait for the soonest free place if it is this close;
+# further out, answer "busy, retry after" and let the caller decide (an HTTP client
+# gets 503 with Retry-After).
+MAX_BUSY_WAIT_S = 10.0
+
+
+class ProvidersBusy(Exception):
+    """Every provider of the model is busy right now; ``retry_after`` is the soonest any
+    of them expects a free place. Not "no provider": trying again later will work."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NoProvider(Exception):
@@ -106,6 +119,7 @@ class RoutedJobs:
         delivered = 0
         segments: list[Segment] = []
         tried: set[str] = set()
+        busy_until: dict[str, float] = {}  # peer -> when it expects a free place
         ttft = 0.0
 
         seg_chars = 0
@@ -139,7 +153,19 @@ class RoutedJobs:
                 fresh = [Candidate.from_provider(p) for p in by_peer.values()
                          if p.peer_id not in tried]
                 order = self.router.choose(fresh, estimate, now)
-                if not order or len(tried) >= self.max_attempts:
+                if not order and busy_until:
+                    # Everyone left is only busy: wait for the first free place, or say
+                    # when to come back. Busy answers do not count as failed attempts.
+                    wait = max(0.0, min(busy_until.values()) - time.monotonic())
+                    if wait > MAX_BUSY_WAIT_S:
+                        raise ProvidersBusy(
+                            f"all {len(by_peer)} provider(s) of {model!r} are busy; the "
+                            f"first expects a free place in {wait:.1f} s", retry_after=wait)
+                    await trio.sleep(wait)
+                    tried -= set(busy_until)
+                    busy_until.clear()
+                    continue
+                if not order or len(tried - set(busy_until)) >= self.max_attempts:
                     raise NoProvider(
                         f"no eligible provider left for {model!r} after {len(tried)} "
                         f"attempt(s) ({len(by_peer)} known, verified: "
@@ -167,6 +193,12 @@ class RoutedJobs:
                         on_text=show,
                         payer=self.payer_for(choice.advert),
                     )
+                except ProviderBusy as exc:
+                    self.router.record_abandoned(choice.peer_id, self.clock())
+                    busy_until[choice.peer_id] = time.monotonic() + exc.retry_after
+                    log.info("provider %s busy (retry after %.1f s)", choice.peer_id,
+                             exc.retry_after)
+                    continue
                 except (JobError, OSError, trio.TooSlowError) as exc:
                     if isinstance(exc, JobError) and exc.code in NON_RETRYABLE:
                         self.router.record_abandoned(choice.peer_id, self.clock())
