@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml kernels/build_llama.py meshnode/core/cpu_features.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	LLAMA_PROFILE=$(LLAMA_PROFILE) CUDA_ARCH=$(CUDA_ARCH) $(BIN)/python kernels/build_llama.py
-	$(BIN)/pip install --progress-bar off -e '.[dev,demo]'
+	$(BIN)/pip install --progress-bar off -e '.[dev,demo,bench]'
 	touch $(STAMP)
 
 # Rebuild llama-cpp-python with another profile, e.g. `make llama-build LLAMA_PROFILE=cuda CUDA_ARCH=90`.
