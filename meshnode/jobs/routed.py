@@ -196,6 +196,7 @@ class RoutedJobs:
                 except ProviderBusy as exc:
                     self.router.record_abandoned(choice.peer_id, self.clock())
                     busy_until[choice.peer_id] = time.monotonic() + exc.retry_after
+                    segments.append(Segment(choice.peer_id, 0, 0, error="busy"))
                     log.info("provider %s busy (retry after %.1f s)", choice.peer_id,
                              exc.retry_after)
                     continue
