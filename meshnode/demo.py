@@ -28,6 +28,7 @@ from meshnode.engine.demo_model import (
 )
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity, data_dir
+from meshnode.model_loading import load_engine
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
 from meshnode.pay.emulator import EmulatedChain
 from meshnode.pay.wiring import ClientPayments, ProviderPayments, close_channel, open_channel
@@ -53,7 +54,6 @@ def _pick_model(tiny: bool) -> DemoModel:
 
 
 async def run_demo(out: Console, err: Console, prompt: str, max_tokens: int, tiny: bool) -> int:
-    from meshnode.cli import _load_engine
     from meshnode.engine.llama import steady_logit_bias
 
     model = _pick_model(tiny)
@@ -61,7 +61,7 @@ async def run_demo(out: Console, err: Console, prompt: str, max_tokens: int, tin
         out.print(f"[bold]model:[/] {model.name} — a real model (Gemma terms of use)")
     else:
         out.print(f"[bold]model:[/] {model.name} — [yellow]fallback: {model.reason}[/]")
-    engine = await _load_engine(model.path, DEMO_CTX, 0)
+    engine = await load_engine(model.path, DEMO_CTX, 0, err)
     params: dict[str, object] = {"temperature": 0.0, "stop": list(model.stop)}
     if not model.is_real:
         params["logit_bias"] = steady_logit_bias(engine)

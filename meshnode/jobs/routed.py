@@ -21,6 +21,7 @@ from libp2p.peer.id import ID
 
 from meshnode.core.advert import Advert
 from meshnode.core.directory import Directory, Provider
+from meshnode.core.errors import EXIT_NO_PROVIDER, MeshnodeError
 from meshnode.core.messages import Usage
 from meshnode.core.router import Candidate, JobEstimate, Router
 from meshnode.jobs.client import JobError, JobRequest, OnText, run_job
@@ -38,8 +39,11 @@ NON_RETRYABLE = frozenset({"bad_params", "bad_request", "prompt_too_long", "over
 CHARS_PER_TOKEN = 4
 
 
-class NoProvider(Exception):
+class NoProvider(MeshnodeError):
     """No eligible provider (none known, none verified, or all of them failed)."""
+
+    exit_code = EXIT_NO_PROVIDER
+    label = "no provider"
 
     def __init__(self, msg: str, *, attempts: list[str] | None = None) -> None:
         super().__init__(msg)
