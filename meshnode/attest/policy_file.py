@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshnode.core.attest_policy import AttestationPolicy, PolicyError, parse_policy
+from meshnode.defaults import POLICY_PATH
 
-# The policy shipped in the source tree (bootstrap/ next to the package).
-DEFAULT_POLICY_PATH = Path(__file__).resolve().parents[2] / "bootstrap" / "attestation-policy.toml"
+# The policy shipped with the package (meshnode/defaults/, package data).
+DEFAULT_POLICY_PATH = POLICY_PATH
 # A policy is a few KB even with many rules; refuse to read anything huge.
 MAX_POLICY_FILE_BYTES = 256 * 1024
 
