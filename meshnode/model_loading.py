@@ -11,7 +11,6 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-
 native_log = logging.getLogger("llama_cpp.native")
 
 # ggml_log_level of the llama.cpp this build pins: NONE, DEBUG, INFO, WARN, ERROR, CONT.

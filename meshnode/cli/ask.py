@@ -10,21 +10,41 @@ import trio
 import typer
 
 from meshnode.cli.common import (
+    INSECURE_HINT,
     BootstrapOpt,
     ChainOpt,
     HomeOpt,
     InsecureOpt,
+    MetricsOpt,
     NetworkConfigOpt,
+    RemoteMetricsOpt,
     VerboseOpt,
     bootstrap_addrs,
     chain_choice,
     err,
+    metrics_bind,
     out,
     parse_channel_arg,
+    print_ops,
     run,
     setup_logging,
 )
 from meshnode.identity import data_dir
+
+# How often the client looks for providers it refused for running without a TEE.
+DEV_REFUSED_CHECK_S = 5.0
+
+
+async def warn_dev_refused(node: Any) -> None:
+    """Say once, when it happens, that dev providers exist but are refused: otherwise
+    the API just lists no models and the user cannot tell why."""
+    while True:
+        refused = node.dev_refused()
+        if refused:
+            err.print(f"[yellow]{refused} provider(s) run without a TEE (dev attestation) and "
+                      f"are refused: the API does not list their models; {INSECURE_HINT}[/]")
+            return
+        await trio.sleep(DEV_REFUSED_CHECK_S)
 
 
 def register(app: typer.Typer) -> None:
@@ -52,7 +72,7 @@ def ask(
     network_config: NetworkConfigOpt = None,
     insecure: InsecureOpt = False,
     home: HomeOpt = None,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Send one prompt to a provider (--peer) or to the best provider of --model, and
     print the tokens as they arrive."""
@@ -167,16 +187,21 @@ def client(
     ] = "p2c",
     bootstrap: BootstrapOpt = None,
     insecure: InsecureOpt = False,
+    metrics: MetricsOpt = None,
+    allow_remote_metrics: RemoteMetricsOpt = False,
     home: HomeOpt = None,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Run a light client with an OpenAI-compatible endpoint on loopback."""
     from meshnode.api.backend import RoutedBackend
     from meshnode.api.server import BindRefused, check_bind, parse_listen, serve_api
     from meshnode.core.router import Strategy
     from meshnode.node import client_node
+    from meshnode.ops.service import start_ops
+    from meshnode.ops.views import ClientView
 
     setup_logging(verbose)
+    metrics_at = metrics_bind(metrics, allow_remote_metrics)
     try:
         api_host, api_port = parse_listen(api)
         check_bind(api_host, allow_remote=allow_remote, api_key=api_key)
@@ -205,5 +230,9 @@ def client(
             out.print(f"[bold green]OpenAI-compatible API[/] at {url}/v1")
             if insecure:
                 out.print("[yellow]--insecure: answers may come from providers without a TEE[/]")
+            print_ops(await start_ops(nursery, ClientView(node), home=data_dir(home),
+                                      metrics=metrics_at), home)
+            if not insecure:
+                nursery.start_soon(warn_dev_refused, node)
 
     run(main)

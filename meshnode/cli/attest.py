@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     app.command("verify-quote")(verify_quote)
 
 
-def attest(home: HomeOpt = None, verbose: VerboseOpt = False) -> None:
+def attest(home: HomeOpt = None, verbose: VerboseOpt = 0) -> None:
     """Print this node's attestation evidence and the binding of its keys."""
     import time
 

@@ -44,7 +44,7 @@ def channel_open(
     network_config: NetworkConfigOpt = None,
     insecure: InsecureOpt = False,
     home: HomeOpt = None,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Open a channel to a provider: deploy it with the deposit, init it, announce it."""
     from meshnode.channel_ops import format_ton, open_paid_channel, parse_ton
@@ -75,7 +75,7 @@ def channel_status(
     chain: ChainOpt = "local",
     network_config: NetworkConfigOpt = None,
     home: HomeOpt = None,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """What the chain and this node's ledger say about one channel."""
     from rich.table import Table
@@ -108,7 +108,7 @@ def channel_close(
     chain: ChainOpt = "local",
     network_config: NetworkConfigOpt = None,
     home: HomeOpt = None,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Close cooperatively: the provider co-signs a split paying exactly the last voucher."""
     from meshnode.channel_ops import close_paid_channel, format_ton, state_name

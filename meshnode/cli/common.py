@@ -99,7 +99,7 @@ def print_json(data: Any) -> None:
 # Libraries whose WARNING/ERROR lines are routine at the default level: a peer that does not
 # speak gossipsub (every light client) makes py-libp2p log a failed meshsub stream with a
 # traceback, and the DHT/relay log every refused dial. They show from -vv on.
-NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "llama_cpp")
+NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "llama_cpp", "hypercorn")
 
 
 def setup_logging(verbose: int) -> None:
@@ -220,6 +220,26 @@ def chain_choice(chain: str, network_config: Path | None) -> ChainChoice:
     except MeshnodeError as exc:
         exit_for(exc)
     return choice
+
+
+def metrics_bind(value: str | None, allow_remote: bool) -> tuple[str, int] | None:
+    """--metrics HOST:PORT checked (loopback unless allowed), or None when not given."""
+    if value is None or value.lower() == "none":
+        return None
+    from meshnode.ops.http import parse_bind
+
+    try:
+        return parse_bind(value, allow_remote=allow_remote)
+    except MeshnodeError as exc:
+        exit_for(exc)
+
+
+def print_ops(endpoints: Any, home: Path | None) -> None:
+    """Where the operator finds this node's status (an `ops.service.OpsEndpoints`)."""
+    hint = "meshnode status" + (f" --home {home}" if home is not None else "")
+    out.print(f"status    {hint}  (socket {endpoints.control_socket})")
+    if endpoints.url is not None:
+        out.print(f"metrics   {endpoints.url}/metrics   status page {endpoints.url}/")
 
 
 def parse_channel_arg(text: str) -> int:

@@ -20,7 +20,7 @@ def demo(
     ),
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 64,
     tiny: Annotated[bool, typer.Option(help="Use the generated tiny model.")] = False,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """A provider and a light client on loopback, streaming one answer end to end."""
     setup_logging(verbose)

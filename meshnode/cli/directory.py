@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 import typer
 
 from meshnode.cli.common import (
+    INSECURE_HINT,
     BootstrapOpt,
     InsecureOpt,
+    JsonOpt,
     VerboseOpt,
     WaitOpt,
     bootstrap_addrs,
     err,
-    out,
+    print_json,
     run,
     setup_logging,
 )
+from meshnode.cli.tables import print_table, printable
 
 
 def register(app: typer.Typer) -> None:
@@ -25,73 +29,96 @@ def register(app: typer.Typer) -> None:
     app.command()(models)
 
 
-def _directory_snapshot(
-    bootstrap: list[str] | None, insecure: bool, wait_s: float
-) -> tuple[list[Any], list[Any], dict[str, bool]]:
+@dataclass
+class Snapshot:
+    listings: list[Any]  # core.directory.Listing
+    models: list[Any]  # core.directory.ModelSummary
+    insecure: dict[str, bool]  # peer id -> admitted without a TEE
+    dev_refused: int  # providers refused only for running without a TEE
+    time: float
+
+
+def _directory_snapshot(bootstrap: list[str] | None, insecure: bool, wait_s: float) -> Snapshot:
     from meshnode.node import client_node
 
     boot = bootstrap_addrs(bootstrap)
     if not boot:
-        err.print("[red]no bootstrap peers (--bootstrap, or entries in the packaged peers.toml)[/]")
+        err.print("[red]no bootstrap peers (--bootstrap, or entries in the packaged "
+                  "peers.toml)[/]")
         raise typer.Exit(2)
 
-    async def main() -> tuple[list[Any], list[Any], dict[str, bool]]:
+    async def main() -> Snapshot:
         import time
 
         async with client_node(allow_insecure=insecure, bootstrap=boot) as client:
             await trio.sleep(wait_s)  # gossip brings whatever the snapshot missed
             await client.verify_pending()
             now = time.time()
-            return client.directory.peers(now), client.directory.models(now), client.insecure
+            return Snapshot(client.directory.peers(now), client.directory.models(now),
+                            dict(client.insecure), client.dev_refused(), now)
 
-    result: tuple[list[Any], list[Any], dict[str, bool]] = run(main)
-    return result
+    return run(main)
 
+
+def _hint_dev_refused(snap: Snapshot) -> None:
+    if snap.dev_refused:
+        err.print(f"[yellow]{snap.dev_refused} provider(s) run without a TEE (dev attestation) "
+                  f"and are refused: {INSECURE_HINT}[/]")
 
 
 def peers(
     bootstrap: BootstrapOpt = None, wait: WaitOpt = 2.0, insecure: InsecureOpt = False,
-    verbose: VerboseOpt = False,
+    json_out: JsonOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Join the mesh as a light client and list the providers it knows."""
-    from rich.table import Table
+    from meshnode.ops.views import advert_row
 
     setup_logging(verbose)
-    listings, _, insecure_by_peer = _directory_snapshot(bootstrap, insecure, wait)
-    table = Table(title=f"{len(listings)} provider(s)")
-    for col in ("peer", "models", "load", "tok/s", "attestation", "addresses"):
-        table.add_column(col)
-    for lst in listings:
+    snap = _directory_snapshot(bootstrap, insecure, wait)
+    if json_out:
+        rows = [advert_row(lst, snap.time) | {"insecure": snap.insecure.get(lst.peer_id, False)}
+                for lst in snap.listings]
+        print_json({"providers": rows, "dev_refused": snap.dev_refused})
+        _hint_dev_refused(snap)
+        return
+    rows_text = []
+    for lst in snap.listings:
         a = lst.advert
-        table.add_row(
+        rows_text.append([
             a.peer_id,
-            ", ".join(m.name for m in a.models),
+            printable(", ".join(m.name for m in a.models)),
             f"{a.load.busy_slots}/{a.capacity.slots} +{a.load.queue_len}",
             f"{a.capacity.tokens_per_s:.1f}",
-            f"{lst.verification.value}"
-            + (" (no TEE)" if insecure_by_peer.get(a.peer_id) else "")
-            + f": {lst.verification_reason[:40]}",
+            lst.verification.value + (" (no TEE)" if snap.insecure.get(a.peer_id) else ""),
+            printable(lst.verification_reason),
             "\n".join(a.addrs),
-        )
-    out.print(table)
+        ])
+    print_table(f"{len(snap.listings)} provider(s)",
+                ["peer", "models", "load", "tok/s", "attestation", "reason", "addresses"],
+                rows_text)
+    _hint_dev_refused(snap)
 
 
 def models(
     bootstrap: BootstrapOpt = None, wait: WaitOpt = 2.0, insecure: InsecureOpt = False,
-    verbose: VerboseOpt = False,
+    json_out: JsonOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Join the mesh as a light client and list the models it serves."""
-    from rich.table import Table
+    from dataclasses import asdict
 
     setup_logging(verbose)
-    _, summaries, _ = _directory_snapshot(bootstrap, insecure, wait)
-    table = Table(title=f"{len(summaries)} model(s)")
-    for col in ("name", "id", "quant", "ctx", "providers", "verified", "min price /1k (nTON)"):
-        table.add_column(col)
-    for m in summaries:
-        table.add_row(
-            m.name, m.id[:16] + "…", m.quant, str(m.ctx), str(m.providers),
-            str(m.verified_providers),
-            f"{m.min_price_prompt_per_1k} / {m.min_price_completion_per_1k}",
-        )
-    out.print(table)
+    snap = _directory_snapshot(bootstrap, insecure, wait)
+    if json_out:
+        print_json({"models": [asdict(m) for m in snap.models],
+                    "dev_refused": snap.dev_refused})
+        _hint_dev_refused(snap)
+        return
+    print_table(
+        f"{len(snap.models)} model(s)",
+        ["name", "id", "quant", "ctx", "providers", "verified", "min price /1k (nTON)"],
+        [[printable(m.name), m.id, printable(m.quant), str(m.ctx), str(m.providers),
+          str(m.verified_providers),
+          f"{m.min_price_prompt_per_1k} / {m.min_price_completion_per_1k}"]
+         for m in snap.models],
+    )
+    _hint_dev_refused(snap)

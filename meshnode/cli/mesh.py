@@ -8,7 +8,18 @@ from typing import Annotated
 import trio
 import typer
 
-from meshnode.cli.common import HomeOpt, VerboseOpt, err, out, run, setup_logging
+from meshnode.cli.common import (
+    HomeOpt,
+    MetricsOpt,
+    RemoteMetricsOpt,
+    VerboseOpt,
+    err,
+    metrics_bind,
+    out,
+    print_ops,
+    run,
+    setup_logging,
+)
 from meshnode.identity import data_dir, load_or_create
 
 
@@ -25,14 +36,19 @@ def bootstrap_cmd(
         list[str] | None, typer.Option("--peer", help="Other bootstrap nodes to join.")
     ] = None,
     no_relay: Annotated[bool, typer.Option("--no-relay", help="Do not relay.")] = False,
+    metrics: MetricsOpt = None,
+    allow_remote_metrics: RemoteMetricsOpt = False,
     home: HomeOpt = None,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Run a bootstrap node: DHT server, advert gossip, circuit relay; serves no model."""
+    from meshnode.ops.service import start_ops
+    from meshnode.ops.views import BootstrapView
     from meshnode.p2p.discovery import BootstrapNode
     from meshnode.p2p.host import full_addrs, running_host
 
     setup_logging(verbose)
+    metrics_at = metrics_bind(metrics, allow_remote_metrics)
 
     async def main() -> None:
         identity, _ = load_or_create(data_dir(home))
@@ -43,6 +59,9 @@ def bootstrap_cmd(
                       + ("" if no_relay else ", relay") + ")")
             for addr in full_addrs(host):
                 out.print(f"join with --bootstrap {addr}")
+            view = BootstrapView(host, node.directory)
+            print_ops(await start_ops(nursery, view, home=data_dir(home), metrics=metrics_at),
+                      home)
 
     run(main)
 
@@ -55,15 +74,15 @@ def testnet(
     model: Annotated[
         Path | None, typer.Option("--model", help="Serve this GGUF on every provider instead.")
     ] = None,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """A local mesh on loopback: one bootstrap node and N providers, until Ctrl-C."""
     from contextlib import AsyncExitStack
 
     from meshnode.engine.llama import LlamaEngine
     from meshnode.engine.tinymodel import write_tiny_llama
-    from meshnode.model_loading import route_native_logs
     from meshnode.identity import NodeIdentity
+    from meshnode.model_loading import route_native_logs
     from meshnode.node import ProviderSettings, provider_node
     from meshnode.p2p.discovery import BootstrapNode
     from meshnode.p2p.host import full_addrs, running_host

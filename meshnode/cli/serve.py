@@ -11,12 +11,16 @@ import typer
 from meshnode.cli.common import (
     BootstrapOpt,
     HomeOpt,
+    MetricsOpt,
     NetworkConfigOpt,
+    RemoteMetricsOpt,
     VerboseOpt,
     bootstrap_addrs,
     chain_choice,
     err,
+    metrics_bind,
     out,
+    print_ops,
     run,
     setup_logging,
 )
@@ -66,8 +70,10 @@ def serve(
         int | None,
         typer.Option("--credit-window", help="Tokens produced ahead of payment."),
     ] = None,
+    metrics: MetricsOpt = None,
+    allow_remote_metrics: RemoteMetricsOpt = False,
     home: HomeOpt = None,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Serve a GGUF model to the mesh (prints the peer id and multiaddrs).
 
@@ -76,6 +82,8 @@ def serve(
     from meshnode.channel_ops import DEFAULT_CREDIT_WINDOW_TOKENS, format_ton, provider_payments
     from meshnode.core.meter import Price
     from meshnode.node import ProviderSettings, provider_node
+    from meshnode.ops.service import start_ops
+    from meshnode.ops.views import ProviderView
 
     setup_logging(verbose)
     if price_prompt < 0 or price_completion < 0:
@@ -98,6 +106,7 @@ def serve(
     if tee not in ("dev", "tdx"):
         err.print(f"[red]--tee must be 'dev' or 'tdx', not {tee!r}[/]")
         raise typer.Exit(2)
+    metrics_at = metrics_bind(metrics, allow_remote_metrics)
 
     async def main() -> None:
         identity, created = load_or_create(data_dir(home))
@@ -153,6 +162,9 @@ def serve(
                               "local-chain faucet (dev chain: not real TON)")
             elif priced:
                 out.print("[yellow]--chain none: prices are advertised but not collected[/]")
+            view = ProviderView(node, pay.payments.gates if pay is not None else None)
+            print_ops(await start_ops(nursery, view, home=data_dir(home), metrics=metrics_at),
+                      home)
             await trio.sleep_forever()
 
     run(main)
