@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
@@ -80,7 +81,7 @@ RemoteMetricsOpt = Annotated[
     typer.Option("--allow-remote-metrics", help="Allow --metrics on a non-loopback address."),
 ]
 
-INSECURE_HINT = "pass --insecure to use providers without a TEE (dev attestation)"
+INSECURE_HINT = "pass --insecure to use them (their operators can read your prompts)"
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -105,10 +106,17 @@ NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "llama_cpp", "hypercorn
 def setup_logging(verbose: int) -> None:
     """0: meshnode INFO and up, libraries ERROR (none of their routine noise);
     1 (-v): meshnode DEBUG; 2 (-vv): the libraries' DEBUG too."""
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:  # journald, docker logs, a file: one line per record, never wrapped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     logging.basicConfig(
         level=logging.DEBUG if verbose >= 2 else logging.WARNING,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
+        handlers=[handler],
         force=True,
     )
     library_level = logging.DEBUG if verbose >= 2 else logging.CRITICAL
