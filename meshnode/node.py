@@ -282,6 +282,8 @@ class ClientNode:
                 advert.peer_id, verdict.ok, f"{verdict.reason}: {verdict.message}", seq=advert.seq
             )
             self.insecure[advert.peer_id] = verdict.insecure
+            log.debug("advert of %s seq %d: attestation %s", advert.peer_id, advert.seq,
+                      verdict.reason)
 
     async def verify_loop(self) -> None:
         while True:

@@ -152,6 +152,8 @@ class RoutedJobs:
                     )
                 choice = by_peer[order[0].peer_id]
                 tried.add(choice.peer_id)
+                log.debug("job for %s: attempt %d on %s (%d candidate(s))", model_id[:12],
+                          len(tried), choice.peer_id, len(order))
                 request = JobRequest(
                     model_id=model_id,
                     prompt=prompt + "".join(pieces),
