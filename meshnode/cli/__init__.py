@@ -13,9 +13,20 @@ from types import FrameType
 
 import typer
 
-from meshnode.cli import ask, attest, channel, common, demo, directory, mesh, serve, status
+from meshnode.cli import (
+    ask,
+    attest,
+    channel,
+    common,
+    demo,
+    directory,
+    identity,
+    mesh,
+    serve,
+    status,
+)
 
-GROUPS = (serve, ask, directory, status, mesh, demo, attest, channel)
+GROUPS = (serve, ask, directory, status, mesh, demo, identity, attest, channel)
 
 app = typer.Typer(
     help="meshnode: a peer-to-peer mesh for confidential LLM inference.",
