@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 import trio
 from libp2p.peer.id import ID
-from pay_net import PRICE, WINDOW_TOKENS, PayNet, pay_net
+from ops_mesh import paid_mesh, steady
+from pay_net import PRICE, WINDOW_TOKENS
 from prometheus_client.parser import text_string_to_metric_families
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.errors import MeshnodeError
 from meshnode.identity import NodeIdentity
-from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
+from meshnode.node import client_node, provider_node
 from meshnode.ops.control import (
     ControlError,
     NodeNotRunning,
@@ -31,8 +29,8 @@ from meshnode.ops.control import (
     serve_control,
     socket_path,
 )
-from meshnode.ops.http import MetricsBindRefused, parse_bind, serve_ops
-from meshnode.ops.views import BootstrapView, ClientView, ProviderView
+from meshnode.ops.http import MetricsBindRefused, parse_bind
+from meshnode.ops.views import BootstrapView, ProviderView
 from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
 
 if TYPE_CHECKING:
@@ -53,12 +51,6 @@ def code() -> Cell:
         pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
 
 
-def steady(engine: LlamaEngine) -> dict[str, Any]:
-    from meshnode.engine.llama import steady_logit_bias
-
-    return {"temperature": 0.0, "seed": 7, "logit_bias": steady_logit_bias(engine)}
-
-
 async def scrape(url: str) -> Samples:
     async with httpx.AsyncClient(timeout=10) as http:
         reply = await http.get(f"{url}/metrics")
@@ -74,34 +66,6 @@ async def scrape(url: str) -> Samples:
 def value(samples: Samples, name: str, role: str, **labels: str) -> float:
     key = tuple(sorted({"role": role, **labels}.items()))
     return samples[name][key]
-
-
-@dataclass
-class PaidMesh:
-    net: PayNet
-    provider: ProviderNode
-    client: ClientNode
-    provider_url: str
-    client_url: str
-
-
-@asynccontextmanager
-async def paid_mesh(tmp_path: Path, code: Cell, engine: LlamaEngine) -> AsyncIterator[PaidMesh]:
-    net = pay_net(tmp_path, code)
-    settings = ProviderSettings(price_prompt_per_1k=PRICE.prompt_per_1k,
-                                price_completion_per_1k=PRICE.completion_per_1k)
-    async with (
-        provider_node(engine, identity=NodeIdentity.generate(), settings=settings,
-                      gate_factory=net.provider.gates) as prov,
-        client_node(allow_insecure=True) as client,
-        trio.open_nursery() as nursery,
-    ):
-        net.provider.service.install(prov.host)
-        prov_url = await nursery.start(serve_ops, ProviderView(prov, net.provider.gates),
-                                       "127.0.0.1", 0)
-        client_url = await nursery.start(serve_ops, ClientView(client), "127.0.0.1", 0)
-        yield PaidMesh(net, prov, client, prov_url, client_url)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_paid_job_shows_in_both_roles_metrics(
