@@ -207,3 +207,13 @@ def test_ctrl_c_on_a_provider_exits_130(tmp_path: Path, tiny_gguf_path: Path) ->
     running.wait_for("^status ")
     assert running.stop(signal.SIGINT) == 130
     assert "Traceback" not in "".join(running.err)
+
+
+def test_serve_with_tdx_outside_a_td_says_why_without_a_traceback(
+    tmp_path: Path, tiny_gguf_path: Path
+) -> None:
+    done = run_cli(cli_env(tmp_path), "serve", "--model", str(tiny_gguf_path), "--listen",
+                   "/ip4/127.0.0.1/tcp/0", "--ctx", "512", "--tee", "tdx")
+    assert done.returncode == 1
+    assert "no TEE evidence:" in done.stderr and "Traceback" not in done.stderr
+    assert "configfs" in done.stderr  # it says what to check
