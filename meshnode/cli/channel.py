@@ -10,12 +10,14 @@ from meshnode.cli.common import (
     ChainOpt,
     HomeOpt,
     InsecureOpt,
+    JsonOpt,
     NetworkConfigOpt,
     VerboseOpt,
     chain_choice,
     err,
     out,
     parse_channel_arg,
+    print_json,
     run,
     setup_logging,
 )
@@ -75,6 +77,7 @@ def channel_status(
     chain: ChainOpt = "local",
     network_config: NetworkConfigOpt = None,
     home: HomeOpt = None,
+    json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """What the chain and this node's ledger say about one channel."""
@@ -87,6 +90,15 @@ def channel_status(
     cid = parse_channel_arg(channel_id)
     choice = chain_choice(chain, network_config)
     status = run(lambda: read_status(data_dir(home), choice, cid))
+    if json_out:
+        print_json({
+            "channel_id": f"{cid:#x}", "address": raw_address(status.address),
+            "state": state_name(status.state), "deposit_nanoton": status.deposit,
+            "balance_a_nanoton": status.balance_a, "balance_b_nanoton": status.balance_b,
+            "paid_seqno": status.paid_seqno, "paid_sent_nanoton": status.paid_sent,
+            "quarantine_seqno_a": status.quarantine_seqno_a,
+        })
+        return
     out.print(f"channel {cid:#x} at {raw_address(status.address)}")
     table = Table(show_header=False)
     table.add_column("field")
