@@ -127,11 +127,17 @@ async def test_the_status_page_and_its_json_are_served_on_loopback(
     async with paid_mesh(tmp_path, code, tiny_engine) as m, httpx.AsyncClient() as http:
         page = await http.get(m.provider_url + "/")
         doc = (await http.get(m.provider_url + "/status.json")).json()
+        client_doc = (await http.get(m.client_url + "/status.json")).json()
     assert page.status_code == 200 and "<title>meshnode status</title>" in page.text
     assert "default-src 'none'" in page.headers["content-security-policy"]
     assert doc["role"] == "provider" and doc["peer_id"] == m.provider.peer_id
     assert doc["models"][0]["id"] == tiny_engine.info.model_id
     assert doc["earnings"] == {"paid_nanoton": 0, "billed_nanoton": 0}
+    client_id = str(m.client.host.get_id())
+    assert client_doc["role"] == "client" and client_doc["peer_id"] == client_id
+    assert client_doc["addrs"] and all(
+        a.endswith(f"/p2p/{client_id}") and a.count("/p2p/") == 1 for a in client_doc["addrs"]
+    )
 
 
 async def test_status_over_the_control_socket_is_private_to_the_node_user(

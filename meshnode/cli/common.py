@@ -123,6 +123,8 @@ def setup_logging(verbose: int) -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(library_level)
     logging.getLogger("meshnode").setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+    # hypercorn's own lines ("Running on …"), routed under meshnode's name by the API server.
+    logging.getLogger("meshnode.api.http").setLevel(library_level)
     os.environ["MESHNODE_VERBOSE"] = str(verbose)  # read by helpers that print natively
 
 

@@ -234,9 +234,10 @@ class ClientView:
     async def status(self) -> dict[str, Any]:
         now = time.time()
         node, stats = self.node, self.node.stats
-        peer_id = str(node.host.get_id())
-        addrs = [f"{a}/p2p/{peer_id}" for a in node.host.get_addrs()]
-        doc = _base_status(self.role, peer_id, addrs, node.host, self.started_at, now)
+        from meshnode.p2p.host import full_addrs
+
+        doc = _base_status(self.role, str(node.host.get_id()), full_addrs(node.host),
+                           node.host, self.started_at, now)
         doc.update(directory_status(node.directory, now))
         doc.update({
             "insecure_allowed": node.allow_insecure,
