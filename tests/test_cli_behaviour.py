@@ -96,6 +96,7 @@ def test_the_default_level_shows_no_library_lines(testnet: LocalMesh) -> None:
     stderr = _ask(testnet)
     assert "DEBUG" not in stderr and "multiaddr" not in stderr and "libp2p" not in stderr
     assert len(stderr.splitlines()) <= 3  # the TEE warning and the usage line
+    assert f"tokens from {testnet.provider}," in stderr  # the whole peer id, not a suffix
 
 
 def test_v_adds_meshnodes_debug_lines_and_vv_the_libraries(testnet: LocalMesh) -> None:

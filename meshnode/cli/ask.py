@@ -159,7 +159,7 @@ def ask(
             err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
                       "could read the prompt[/]")
         err.print(
-            f"[dim]{usage.completion_tokens} tokens from {', '.join(p[-8:] for p in used)}, "
+            f"[dim]{usage.completion_tokens} tokens from {', '.join(used)}, "
             f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
             f"finish: {usage.finish_reason}[/]"
         )
