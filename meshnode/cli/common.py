@@ -21,6 +21,7 @@ import trio
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 
@@ -104,7 +105,7 @@ NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "llama_cpp", "hypercorn
 
 
 def setup_logging(verbose: int) -> None:
-    """0: meshnode INFO and up, libraries ERROR (none of their routine noise);
+    """0: meshnode INFO and up, libraries silent (their routine noise is not the user's);
     1 (-v): meshnode DEBUG; 2 (-vv): the libraries' DEBUG too."""
     handler: logging.Handler
     if err.is_terminal:
@@ -125,7 +126,6 @@ def setup_logging(verbose: int) -> None:
     logging.getLogger("meshnode").setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
     # hypercorn's own lines ("Running on …"), routed under meshnode's name by the API server.
     logging.getLogger("meshnode.api.http").setLevel(library_level)
-    os.environ["MESHNODE_VERBOSE"] = str(verbose)  # read by helpers that print natively
 
 
 # --- running a command's trio code ----------------------------------------------------
@@ -172,8 +172,13 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+# An error's message may quote a peer (a provider's error text): shown whole up to here.
+MAX_ERROR_CHARS = 2000
+
+
 def exit_for(exc: MeshnodeError) -> NoReturn:
-    err.print(f"[red]{exc.label}:[/] {exc}", markup=True, highlight=False)
+    message = escape(str(exc)[:MAX_ERROR_CHARS])  # brackets in it are text, not markup
+    err.print(f"[red]{escape(exc.label)}:[/] {message}", highlight=False)
     raise typer.Exit(exc.exit_code) from None
 
 
