@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meshnode-installed
 
-.PHONY: demo test lint install contract clean llama-build
+.PHONY: demo test lint install contract clean llama-build test-deps browser-deps
 
 # llama.cpp build profile: auto (= cpu-native-safe: this CPU's ISA without AMX),
 # cpu-portable, or cuda (with CUDA_ARCH=90 etc.). See kernels/README.md.
@@ -39,8 +39,31 @@ lint: $(STAMP)
 contract: $(STAMP)
 	$(BIN)/python -m meshnode.pay.contract_code
 
+# System tools some tests drive (installed once, idempotent, no prompts): Debian's
+# chromium + npm playwright-core for the status-page test, systemd-analyze for the unit.
+# apt needs root (CI runs as root); elsewhere a missing tool is named, not installed.
+BROWSER_DIR := $(HOME)/.cache/meshnode/browser
+PLAYWRIGHT_CORE := 1.64.1
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+
+define apt_need # command, Debian package
+	@command -v $(1) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq || true) && $(APT_INSTALL) $(2) >/dev/null; \
+	  else echo "note: $(1) is missing (Debian package $(2)); its tests will say so" >&2; fi; }
+endef
+
+browser-deps:
+	$(call apt_need,chromium,chromium)
+	@test -d $(BROWSER_DIR)/node_modules/playwright-core || \
+	  npm install --prefix $(BROWSER_DIR) --no-audit --no-fund --ignore-scripts \
+	    --loglevel=error playwright-core@$(PLAYWRIGHT_CORE)
+
+test-deps: browser-deps
+	$(call apt_need,systemd-analyze,systemd)
+
 # pytest exits 5 when it collects nothing; for us that is a failure, not a pass.
-test: lint contract
+test: lint contract test-deps
 	$(BIN)/pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

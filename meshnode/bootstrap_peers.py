@@ -1,18 +1,24 @@
-"""The default bootstrap peer list (bootstrap/peers.toml): where a node enters the mesh."""
+"""The default bootstrap peer list (meshnode/defaults/peers.toml): where a node enters
+the mesh."""
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
 
+from meshnode.core.errors import EXIT_USAGE, MeshnodeError
+from meshnode.defaults import PEERS_PATH
 from meshnode.p2p.host import parse_peer_addr
 
-DEFAULT_PEERS_PATH = Path(__file__).resolve().parents[1] / "bootstrap" / "peers.toml"
+DEFAULT_PEERS_PATH = PEERS_PATH
 MAX_BOOTSTRAP_PEERS = 64  # a node needs one reachable entry; more is a config mistake
 
 
-class BootstrapListError(ValueError):
+class BootstrapListError(MeshnodeError, ValueError):
     """The peer list file is unreadable or has a bad entry; the message names it."""
+
+    exit_code = EXIT_USAGE
+    label = "bad bootstrap list"
 
 
 def load_bootstrap_peers(path: Path | None = None) -> list[str]:

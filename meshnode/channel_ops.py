@@ -17,6 +17,7 @@ import trio
 from pytoniq_core.boc.address import Address
 
 from meshnode.core.advert import Advert, TonPayee
+from meshnode.core.errors import MeshnodeError
 from meshnode.core.meter import Price
 from meshnode.node import ClientNode, client_node
 from meshnode.pay.chain import Chain
@@ -66,8 +67,10 @@ STATE_NAMES = {
 }
 
 
-class ChannelCommandError(Exception):
+class ChannelCommandError(MeshnodeError):
     """A channel command cannot go on; ``exit_code`` is what the CLI exits with."""
+
+    label = "channel"
 
     def __init__(self, msg: str, exit_code: int = 1) -> None:
         super().__init__(msg)

@@ -10,13 +10,18 @@ import os
 import stat
 from pathlib import Path
 
+from meshnode.core.errors import EXIT_USAGE, MeshnodeError
+
 SEED_BYTES = 32
 # Group/other bits: any of them set means someone else on the box can read our secrets.
 _FORBIDDEN_MODE = stat.S_IRWXG | stat.S_IRWXO
 
 
-class KeyFileError(Exception):
+class KeyFileError(MeshnodeError):
     """A key file exists but cannot be trusted; the message says how to fix it."""
+
+    exit_code = EXIT_USAGE
+    label = "key file problem"
 
 
 def read_secret(path: Path, magic: str, *, if_corrupt: str) -> bytes:

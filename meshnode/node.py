@@ -32,7 +32,7 @@ from meshnode.attest.verifier import EvidenceVerifier
 from meshnode.core.advert import Advert, Capacity, Load, ModelOffer, TonPayee, encode_signed
 from meshnode.core.attest_binding import EPOCH_SECONDS, epoch_at
 from meshnode.core.attest_policy import Reason, Verdict
-from meshnode.core.directory import Directory, InsertResult
+from meshnode.core.directory import Directory, InsertResult, Verification
 from meshnode.core.messages import JOB_PROTOCOL
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.router import Router, StatsFormatError, Strategy
@@ -40,9 +40,16 @@ from meshnode.engine.base import Engine
 from meshnode.engine.supervised import SupervisedEngine
 from meshnode.identity import NodeIdentity, load_or_create
 from meshnode.jobs.client import JobError, JobRequest, JobResult, OnText, run_job
+from meshnode.jobs.client_stats import ClientStats
 from meshnode.jobs.payment_gate import Payer
 from meshnode.jobs.provider import GateFactory, JobProvider
-from meshnode.jobs.routed import DEFAULT_DEADLINE_S, PayerFor, RoutedJobs, RoutedResult
+from meshnode.jobs.routed import (
+    DEFAULT_DEADLINE_S,
+    NoProvider,
+    PayerFor,
+    RoutedJobs,
+    RoutedResult,
+)
 from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, fetch_signed_advert, serve_advert
 from meshnode.p2p.discovery import ClientDiscovery, ProviderAnnouncer
 from meshnode.p2p.host import (
@@ -235,6 +242,7 @@ class ClientNode:
         self.router = Router(strategy=strategy)
         self.verifier = EvidenceVerifier(policy, allow_insecure=self.allow_insecure)
         self.insecure: dict[str, bool] = {}
+        self.stats = ClientStats()
         self.job_deadline_s = DEFAULT_DEADLINE_S  # bounds a whole job on one provider
         self.discovery: ClientDiscovery | None = None
         self.relay: RelayClient | None = None
@@ -279,6 +287,8 @@ class ClientNode:
                 advert.peer_id, verdict.ok, f"{verdict.reason}: {verdict.message}", seq=advert.seq
             )
             self.insecure[advert.peer_id] = verdict.insecure
+            log.debug("advert of %s seq %d: attestation %s", advert.peer_id, advert.seq,
+                      verdict.reason)
 
     async def verify_loop(self) -> None:
         while True:
@@ -345,6 +355,21 @@ class ClientNode:
         listing = self.directory.get(peer_id, time.time())
         return "unknown" if listing is None else listing.verification_reason
 
+    def dev_refused(self, model: str | None = None) -> int:
+        """Providers (of `model`, id or name, if given) refused only because they run
+        without a TEE: what `--insecure` would add. 0 when insecure is allowed."""
+        if self.allow_insecure:
+            return 0
+        count = 0
+        for listing in self.directory.peers(time.time()):
+            if listing.verification is not Verification.FAILED:
+                continue
+            if not listing.verification_reason.startswith(f"{Reason.DEV}:"):
+                continue
+            if model is None or listing.advert.offer_for(model) is not None:
+                count += 1
+        return count
+
     async def ask(
         self,
         advert: Advert,
@@ -368,22 +393,30 @@ class ClientNode:
         offer = advert.offer_for(model) if model else advert.models[0]
         if offer is None:
             raise LookupError(f"provider {advert.peer_id} does not serve {model!r}")
+        self.stats.started()
         # Each wait inside the job has its own timeout; this bounds the whole job, so a
         # provider trickling tokens (or payment requests) cannot hold the caller forever.
-        with trio.move_on_after(self.job_deadline_s) as deadline:
-            return await run_job(
-                self.host,
-                ID.from_base58(advert.peer_id),
-                advert.job_pubkey,
-                JobRequest(
-                    model_id=offer.id, prompt=prompt, max_tokens=max_tokens, params=params or {}
-                ),
-                on_text=on_text,
-                payer=payer,
-            )
-        assert deadline.cancelled_caught
-        raise JobError("deadline", f"no complete answer within {self.job_deadline_s:.0f} s",
-                       before_first_token=False)
+        try:
+            with trio.move_on_after(self.job_deadline_s) as deadline:
+                result = await run_job(
+                    self.host,
+                    ID.from_base58(advert.peer_id),
+                    advert.job_pubkey,
+                    JobRequest(
+                        model_id=offer.id, prompt=prompt, max_tokens=max_tokens,
+                        params=params or {},
+                    ),
+                    on_text=on_text,
+                    payer=payer,
+                )
+                self.stats.completed(result.usage, result.ttft_s, result.elapsed_s)
+                return result
+            assert deadline.cancelled_caught
+            raise JobError("deadline", f"no complete answer within {self.job_deadline_s:.0f} s",
+                           before_first_token=False)
+        except JobError as exc:
+            self.stats.failed(exc.code)
+            raise
 
     async def complete(
         self,
@@ -395,10 +428,26 @@ class ClientNode:
         on_text: OnText | None = None,
     ) -> RoutedResult:
         """A job on the best provider of `model` (id or name), with failover."""
-        await self.find(model)
-        return await self.jobs.complete(
-            model, prompt, max_tokens=max_tokens, params=params or {}, on_text=on_text
-        )
+        self.stats.started()
+        try:
+            await self.find(model)
+            result = await self.jobs.complete(
+                model, prompt, max_tokens=max_tokens, params=params or {}, on_text=on_text
+            )
+        except JobError as exc:
+            self.stats.failed(exc.code)
+            raise
+        except NoProvider as exc:
+            self.stats.failed("no_provider")
+            refused = self.dev_refused(model)
+            if refused:
+                raise NoProvider(
+                    f"{exc}; {refused} provider(s) of it run without a TEE (dev attestation) "
+                    "and are refused unless you pass --insecure", attempts=exc.attempts,
+                ) from exc
+            raise
+        self.stats.completed(result.usage, result.ttft_s, result.elapsed_s)
+        return result
 
     def ran_insecure(self, result: RoutedResult) -> bool:
         return any(self.insecure.get(s.provider, True) for s in result.segments

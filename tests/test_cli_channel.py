@@ -8,6 +8,7 @@ a channel. They share a LocalChain state file under tmp_path, never ~/.cache.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -265,6 +266,10 @@ def test_open_ask_status_close_pays_the_provider_exactly_the_last_voucher(
     status = run(env, "channel", "status", channel_id, "--home", str(home))
     assert re.search(rf"seqno\s*│\s*{latest.voucher.seqno}\b", status.stdout), status.stdout
     assert re.search(r"state\s*│\s*open\b", status.stdout), status.stdout
+    as_json = json.loads(run(env, "channel", "status", channel_id, "--home", str(home),
+                             "--json").stdout)
+    assert as_json["paid_seqno"] == latest.voucher.seqno and as_json["state"] == "open"
+    assert as_json["paid_sent_nanoton"] == latest.voucher.sent
     provider_before = LocalChain(chain_state).balance(served.wallet)
 
     closed = run(env, "channel", "close", channel_id, "--peer", served.addr,

@@ -20,6 +20,7 @@ from trio_typing import TaskStatus
 
 from meshnode.api.app import create_app
 from meshnode.api.backend import CompletionBackend
+from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,11 @@ GRACEFUL_SHUTDOWN_S = 5.0
 KEEP_ALIVE_TIMEOUT_S = 30.0
 
 
-class BindRefused(ValueError):
+class BindRefused(MeshnodeError, ValueError):
     """The requested listen address is not allowed with the given settings."""
+
+    exit_code = EXIT_USAGE
+    label = "refused"
 
 
 def is_loopback(host: str) -> bool:

@@ -18,6 +18,8 @@ from typing import Any
 import dcap_qvl
 import trio
 
+from meshnode.core.errors import MeshnodeError
+
 log = logging.getLogger(__name__)
 
 # A PCCS answers in well under a second; 20 s covers a slow Intel PCS round trip
@@ -27,8 +29,10 @@ COLLATERAL_FETCH_TIMEOUT_S = 20.0
 MAX_COLLATERAL_FILE_BYTES = 1024 * 1024
 
 
-class CollateralError(RuntimeError):
+class CollateralError(MeshnodeError, RuntimeError):
     """Collateral could not be fetched, read or parsed."""
+
+    label = "collateral"
 
 
 def collateral_key(raw_quote: bytes) -> str:

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import msgpack
 
+from meshnode.core.errors import MeshnodeError
+
 # A TDX v4 quote with its embedded PEM PCK chain is about 5 KB; 16 KiB leaves room
 # for v5 quotes and longer chains while keeping adverts small.
 MAX_EVIDENCE_BLOB_BYTES = 16 * 1024
@@ -26,8 +28,10 @@ class EvidenceError(ValueError):
     """Evidence is malformed, oversized or of an unknown kind."""
 
 
-class EvidenceUnavailableError(RuntimeError):
+class EvidenceUnavailableError(MeshnodeError, RuntimeError):
     """This machine cannot produce the requested kind of evidence."""
+
+    label = "no TEE evidence"
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ class LocalEvidenceReport:
     measurements: dict[str, str] = field(default_factory=dict)
 
     def policy_snippet(self) -> str | None:
-        """A [[measurements]] table for bootstrap/attestation-policy.toml."""
+        """A [[measurements]] table for the attestation policy file."""
         if not self.measurements:
             return None
         lines = ["[[measurements]]", 'name = "this machine"']

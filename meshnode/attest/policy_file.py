@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from meshnode.core.attest_policy import AttestationPolicy, PolicyError, parse_policy
+from meshnode.defaults import POLICY_PATH
 
-# The policy shipped in the source tree (bootstrap/ next to the package).
-DEFAULT_POLICY_PATH = Path(__file__).resolve().parents[2] / "bootstrap" / "attestation-policy.toml"
+# The policy shipped with the package (meshnode/defaults/, package data).
+DEFAULT_POLICY_PATH = POLICY_PATH
+# An operator's own policy (pinned measurements) for every command and service that
+# verifies providers, without editing the installed package.
+POLICY_ENV = "MESHNODE_POLICY"
 # A policy is a few KB even with many rules; refuse to read anything huge.
 MAX_POLICY_FILE_BYTES = 256 * 1024
 
 
 def load_policy(path: Path | None = None) -> AttestationPolicy:
-    """Load and validate a policy; PolicyError names the file, line and key."""
-    path = path or DEFAULT_POLICY_PATH
+    """Load and validate a policy (`path`, else $MESHNODE_POLICY, else the packaged
+    default); PolicyError names the file, line and key."""
+    path = path or Path(os.environ.get(POLICY_ENV) or DEFAULT_POLICY_PATH)
     try:
         size = path.stat().st_size
     except OSError as exc:

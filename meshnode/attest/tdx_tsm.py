@@ -14,6 +14,7 @@ from pathlib import Path
 
 from meshnode.attest.evidence import KIND_TDX, Evidence, EvidenceUnavailableError
 from meshnode.core.attest_binding import REPORT_DATA_LEN
+from meshnode.core.errors import MeshnodeError
 
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
 # The `provider` attribute names the TEE driver behind configfs-tsm.
@@ -27,8 +28,10 @@ _TEE_TYPE_TDX = 0x81
 _MIN_QUOTE_LEN = 48 + 584
 
 
-class QuoteGenerationError(RuntimeError):
+class QuoteGenerationError(MeshnodeError, RuntimeError):
     """The kernel returned no usable quote."""
+
+    label = "TDX quote failed"
 
 
 class TdxEvidenceProducer:

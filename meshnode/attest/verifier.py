@@ -26,6 +26,7 @@ from meshnode.core.attest_policy import (
     decide_dev,
     decide_tdx,
 )
+from meshnode.core.errors import MeshnodeError
 
 # Distinct (peer, evidence) pairs remembered; a large mesh has a few thousand providers.
 RESULT_CACHE_SIZE = 4096
@@ -55,8 +56,10 @@ _ERROR_REASONS: tuple[tuple[str, str], ...] = (
 )
 
 
-class AttestationError(Exception):
+class AttestationError(MeshnodeError):
     """A quote failed verification; `reason` is a Reason code."""
+
+    label = "verification failed"
 
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason

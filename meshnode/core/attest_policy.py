@@ -19,6 +19,7 @@ from meshnode.core.attest_binding import (
     accepted_epochs,
     matching_epoch,
 )
+from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 
 # The only policy file format this code understands.
 POLICY_VERSION = 1
@@ -73,8 +74,11 @@ class Reason:
     BINDING = "binding"
 
 
-class PolicyError(ValueError):
+class PolicyError(MeshnodeError, ValueError):
     """The policy file is invalid; names the key and, where known, the line."""
+
+    exit_code = EXIT_USAGE
+    label = "bad attestation policy"
 
     def __init__(self, source: str, key: str, line: int | None, problem: str) -> None:
         self.source = source

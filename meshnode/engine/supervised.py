@@ -53,6 +53,8 @@ from meshnode.engine.base import (
 from meshnode.engine.model_file import check_model_file
 
 log = logging.getLogger(__name__)
+# llama.cpp's own log lines, from the runner's stderr: shown with the libraries' (-vv).
+native_log = logging.getLogger("llama_cpp.native")
 
 # How often the node pings the runner. The runner answers between two decode steps, so
 # a healthy runner is never silent for longer than one step plus this interval.
@@ -594,7 +596,8 @@ class SupervisedEngine:
                 return
             self._stderr_tail += data
             del self._stderr_tail[:-STDERR_TAIL_BYTES]
-            log.debug("runner: %s", wire.clip(data.decode("utf-8", "replace").rstrip(), 300))
+            native_log.debug("runner %s: %s", self.pid,
+                             wire.clip(data.decode("utf-8", "replace").rstrip(), 300))
 
     def _with_stderr(self, reason: str, proc: trio.Process) -> str:
         code = proc.returncode

@@ -16,6 +16,7 @@ from libp2p.peer.id import ID
 from nacl.public import PrivateKey
 
 from meshnode.core.crypto import Opener, Sealer, client_session
+from meshnode.core.errors import EXIT_JOB_FAILED, MeshnodeError
 from meshnode.core.messages import (
     JOB_ID_BYTES,
     JOB_PROTOCOL,
@@ -49,9 +50,12 @@ TOKEN_COUNT_SLACK = 8
 OnText = Callable[[str], Awaitable[None]]
 
 
-class JobError(Exception):
+class JobError(MeshnodeError):
     """The job did not complete; `code` is stable, `before_first_token` tells retry logic
     whether another provider may simply start over."""
+
+    exit_code = EXIT_JOB_FAILED
+    label = "job failed"
 
     def __init__(
         self, code: str, msg: str, *, before_first_token: bool, received_tokens: int = 0

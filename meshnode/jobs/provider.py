@@ -9,6 +9,7 @@ or reset stream cancels generation, so a vanished client frees its slot at once.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -77,6 +78,7 @@ class ProviderStats:
     jobs_completed: int = 0
     jobs_cancelled: int = 0
     busy_refusals: int = 0
+    tokens_in: int = 0  # prompt tokens of the jobs that started generating
     tokens_out: int = 0
     tokens_per_s: float = 0.0  # EWMA of measured decode speed, advertised as capacity
     job_s: float = 0.0  # EWMA of how long an admitted job holds its slot
@@ -92,6 +94,17 @@ class ProviderStats:
 
     def count_error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
+
+
+@dataclass(eq=False)  # by identity: two clients may pick the same job id
+class LiveJob:
+    """A job generating now, as the status page shows it."""
+
+    job_id: str  # hex
+    peer: str
+    prompt_tokens: int
+    started_at: float  # wall clock
+    delivered: int = 0
 
 
 GateFactory = Callable[[Open, str], PaymentGate]
@@ -121,6 +134,7 @@ class JobProvider:
         self._admitted = 0
         self._gate_factory = gate_factory or (lambda _open, _peer: FreeGate())
         self.stats = ProviderStats()
+        self.live: set[LiveJob] = set()  # the jobs generating now
         self.on_load_change: Callable[[int, int], None] | None = None
 
     @property
@@ -237,6 +251,27 @@ class JobProvider:
         gate: PaymentGate,
     ) -> None:
         self.stats.jobs_started += 1
+        self.stats.tokens_in += prompt_tokens
+        live = LiveJob(job.job_id.hex(), peer, prompt_tokens, time.time())
+        self.live.add(live)
+        try:
+            await self._generate_tokens(fs, job, prompt, prompt_tokens, params, sealer, peer,
+                                        gate, live)
+        finally:
+            self.live.discard(live)
+
+    async def _generate_tokens(
+        self,
+        fs: FramedStream,
+        job: Open,
+        prompt: str,
+        prompt_tokens: int,
+        params: SamplingParams,
+        sealer: Sealer,
+        peer: str,
+        gate: PaymentGate,
+        live: LiveJob,
+    ) -> None:
         delivered = 0
         paid = trio.Event()
         client_gone: list[BaseException] = []
@@ -291,6 +326,7 @@ class JobProvider:
                             if not delivered:
                                 first_at = trio.current_time()
                             delivered += n
+                            live.delivered = delivered
                             await fs.send(
                                 Sealed(
                                     sealer.seal(

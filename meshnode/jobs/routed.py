@@ -21,6 +21,7 @@ from libp2p.peer.id import ID
 
 from meshnode.core.advert import Advert
 from meshnode.core.directory import Directory, Provider
+from meshnode.core.errors import EXIT_NO_PROVIDER, MeshnodeError
 from meshnode.core.messages import Usage
 from meshnode.core.router import Candidate, JobEstimate, Router
 from meshnode.jobs.client import JobError, JobRequest, OnText, ProviderBusy, run_job
@@ -51,8 +52,11 @@ class ProvidersBusy(Exception):
         self.retry_after = retry_after
 
 
-class NoProvider(Exception):
+class NoProvider(MeshnodeError):
     """No eligible provider (none known, none verified, or all of them failed)."""
+
+    exit_code = EXIT_NO_PROVIDER
+    label = "no provider"
 
     def __init__(self, msg: str, *, attempts: list[str] | None = None) -> None:
         super().__init__(msg)
@@ -174,6 +178,8 @@ class RoutedJobs:
                     )
                 choice = by_peer[order[0].peer_id]
                 tried.add(choice.peer_id)
+                log.debug("job for %s: attempt %d on %s (%d candidate(s))", model_id[:12],
+                          len(tried), choice.peer_id, len(order))
                 request = JobRequest(
                     model_id=model_id,
                     prompt=prompt + "".join(pieces),

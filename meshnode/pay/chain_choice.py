@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pytoniq_core.boc.address import Address
 
+from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 from meshnode.pay.chain import Chain
 from meshnode.pay.lite_chain import LiteChain, LiteChainError, load_network_config
 from meshnode.pay.local_chain import LocalChain, local_wallet_address
@@ -36,8 +37,11 @@ class ChainKind(StrEnum):
     NONE = "none"
 
 
-class ChainUnavailable(Exception):
+class ChainUnavailable(MeshnodeError):
     """The chosen chain cannot be used by this build or with these options."""
+
+    exit_code = EXIT_USAGE
+    label = "chain unavailable"
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 from trio_typing import TaskStatus
 
+from meshnode.core.errors import MeshnodeError
 from meshnode.core.meter import Price
 from meshnode.core.voucher import Voucher, VoucherError, VoucherSigner, VoucherState, parse_voucher
 from meshnode.p2p.framed import FramedStream
@@ -87,8 +88,10 @@ WATCH_INTERVAL_S = 60.0
 """The provider looks at its channels once a minute: quarantines last hours or days."""
 
 
-class ChannelError(Exception):
+class ChannelError(MeshnodeError):
     """A channel operation failed; ``code`` is stable, the message says what to do."""
+
+    label = "channel error"
 
     def __init__(self, code: str, msg: str) -> None:
         super().__init__(f"{code}: {msg}")

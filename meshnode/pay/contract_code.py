@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pytoniq_core.boc.cell import Cell
 
+from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 from meshnode.core.voucher import cell_to_boc
 
 PAYMENT_CHANNEL_CODE_HASH = "41f5b77f02d4a96eb465197215ed00923720a6c731fa32934f9c0e80ffb85589"
@@ -41,8 +42,11 @@ CODE_FILENAME = "payment-channel.boc"
 _HEX_RE = re.compile(r"PAYMENT_CHANNEL_CODE_HEX\s*=\s*['\"]([0-9A-Fa-f]+)['\"]")
 
 
-class ContractCodeError(RuntimeError):
+class ContractCodeError(MeshnodeError, RuntimeError):
     """The contract code is missing, unreadable, or not the published contract."""
+
+    exit_code = EXIT_USAGE
+    label = "contract code"
 
 
 def default_cache_dir() -> Path:

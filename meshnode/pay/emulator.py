@@ -33,6 +33,7 @@ from pytoniq_core.boc.slice import Slice
 from pytoniq_core.crypto.crc import crc16
 from pytoniq_core.tlb.vm_stack import VmStack
 
+from meshnode.core.errors import MeshnodeError
 from meshnode.core.voucher import cell_to_boc
 from meshnode.pay.chain import Chain, SendResult, Transfer
 
@@ -58,8 +59,10 @@ _RAND_SEED_HEX = b"00" * 32
 _EMPTY = Builder().end_cell()
 
 
-class EmulatorError(RuntimeError):
+class EmulatorError(MeshnodeError, RuntimeError):
     """The emulated chain cannot do what was asked (unknown account, no funds, ...)."""
+
+    label = "the chain refused"
 
 
 def _find_library() -> Path:

@@ -143,6 +143,7 @@ class MeteredGate:
             self._gates.ledger.record_voucher, accepted.voucher, accepted.accepted_at
         )
         meter.paid = Paid(seqno=voucher.seqno, sent=voucher.sent)
+        self._gates.vouchers_accepted += 1
 
     async def finish(self) -> None:
         """Record the job's usage durably and free the channel for its next job."""
@@ -180,6 +181,7 @@ class ChannelGates:
         self.credit_window_tokens = credit_window_tokens
         self.clock = clock
         self._slots: dict[int, trio.Semaphore] = {}
+        self.vouchers_accepted = 0  # since start, for metrics (the ledger keeps the latest)
 
     @property
     def free(self) -> bool:

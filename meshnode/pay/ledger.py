@@ -250,6 +250,29 @@ class Ledger:
             ).fetchall()
         return sum(int(r[0]) for r in rows)
 
+    def totals(self) -> LedgerTotals:
+        # Amounts are TEXT (uint128 does not fit sqlite's INTEGER): summed in Python.
+        with self._lock:
+            channels = self._db.execute("SELECT COUNT(*) FROM channels").fetchone()[0]
+            sent = self._db.execute("SELECT sent FROM vouchers").fetchall()
+            costs = self._db.execute("SELECT cost FROM usage").fetchall()
+        return LedgerTotals(
+            channels=int(channels),
+            paid_nanoton=sum(int(r[0]) for r in sent),
+            jobs=len(costs),
+            billed_nanoton=sum(int(r[0]) for r in costs),
+        )
+
+
+@dataclass(frozen=True)
+class LedgerTotals:
+    """Sums over the whole ledger, for metrics and `meshnode status`."""
+
+    channels: int  # channels ever added
+    paid_nanoton: int  # sum of each channel's latest voucher `sent`: earned (provider side)
+    jobs: int  # jobs with recorded usage
+    billed_nanoton: int  # sum of the jobs' recorded cost
+
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); the commit is the fsync point."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
+from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 from meshnode.core.voucher import cell_to_boc
 from meshnode.pay.chain import Chain, SendResult
 from meshnode.pay.emulator import Account, EmulatedChain, TvmLibrary
@@ -53,8 +54,11 @@ one we wrote, and reading it whole could exhaust memory."""
 T = TypeVar("T")
 
 
-class LocalChainError(RuntimeError):
+class LocalChainError(MeshnodeError, RuntimeError):
     """The local chain's state file cannot be used; the message names the file."""
+
+    exit_code = EXIT_USAGE
+    label = "local chain"
 
 
 def default_state_path() -> Path:

@@ -1,0 +1,238 @@
+"""`meshnode ask` and `meshnode client`: the light client's commands."""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from typing import Annotated, Any
+
+import trio
+import typer
+
+from meshnode.cli.common import (
+    INSECURE_HINT,
+    BootstrapOpt,
+    ChainOpt,
+    HomeOpt,
+    InsecureOpt,
+    MetricsOpt,
+    NetworkConfigOpt,
+    RemoteMetricsOpt,
+    VerboseOpt,
+    bootstrap_addrs,
+    chain_choice,
+    err,
+    metrics_bind,
+    out,
+    parse_channel_arg,
+    print_ops,
+    run,
+    setup_logging,
+)
+from meshnode.identity import data_dir
+
+# How often the client looks for providers it refused for running without a TEE.
+DEV_REFUSED_CHECK_S = 5.0
+
+
+async def warn_dev_refused(node: Any) -> None:
+    """Say once, when it happens, that dev providers exist but are refused: otherwise
+    the API just lists no models and the user cannot tell why."""
+    while True:
+        refused = node.dev_refused()
+        if refused:
+            err.print(f"[yellow]{refused} provider(s) run without a TEE (dev attestation) and "
+                      f"are refused: the API does not list their models; {INSECURE_HINT}[/]")
+            return
+        await trio.sleep(DEV_REFUSED_CHECK_S)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(ask)
+    app.command()(client)
+
+
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The prompt to send (raw completion text).")],
+    peer: Annotated[
+        str | None, typer.Option("--peer", help="Provider multiaddr with /p2p/ID.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model name or id: found through the mesh.")
+    ] = None,
+    bootstrap: BootstrapOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 128,
+    temperature: Annotated[float, typer.Option()] = 0.7,
+    seed: Annotated[int | None, typer.Option()] = None,
+    channel: Annotated[
+        str | None,
+        typer.Option("--channel", help="Pay with this channel (from `channel open`; --peer)."),
+    ] = None,
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    insecure: InsecureOpt = False,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Send one prompt to a provider (--peer) or to the best provider of --model, and
+    print the tokens as they arrive."""
+    from meshnode.channel_ops import channel_payer, client_payments, format_ton
+    from meshnode.jobs.client import JobError
+    from meshnode.jobs.routed import NoProvider
+    from meshnode.node import client_node
+    from meshnode.pay.payer import ChannelPayer
+
+    setup_logging(verbose)
+    if (peer is None) == (model is None):
+        err.print("[red]give exactly one of --peer MULTIADDR or --model NAME[/]")
+        raise typer.Exit(2)
+    channel_id, choice = None, None
+    if channel is not None:
+        if peer is None:
+            err.print("[red]--channel pays one provider: give it with --peer[/]")
+            raise typer.Exit(2)
+        channel_id, choice = parse_channel_arg(channel), chain_choice(chain, network_config)
+    boot = bootstrap_addrs(bootstrap) if model is not None else []
+    if model is not None and not boot:
+        err.print("[red]--model needs a bootstrap peer (--bootstrap, or entries in the "
+                  "packaged peers.toml)[/]")
+        raise typer.Exit(2)
+    params: dict[str, Any] = {"temperature": temperature}
+    if seed is not None:
+        params["seed"] = seed
+
+    async def on_text(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    async def main() -> int:
+        async with client_node(allow_insecure=insecure, bootstrap=boot) as client:
+            try:
+                if peer is not None:
+                    try:
+                        advert = await client.connect(peer)
+                    except Exception as exc:  # libp2p raises its own dial errors
+                        err.print(f"[red]cannot reach {peer}:[/] {type(exc).__name__}: {exc}")
+                        return 3
+                    payer: ChannelPayer | None = None
+                    if channel_id is not None and choice is not None:
+                        payments = client_payments(data_dir(home), choice)
+                        payer = await channel_payer(payments, channel_id, advert)
+                    try:
+                        res = await client.ask(advert, prompt, max_tokens=max_tokens,
+                                               params=params, on_text=on_text, payer=payer)
+                    except JobError:
+                        if payer is None and any(
+                            m.price_prompt_per_1k or m.price_completion_per_1k
+                            for m in advert.models
+                        ):
+                            err.print("\n[yellow]this provider charges per token: open a "
+                                      "channel (meshnode channel open) and pass --channel[/]")
+                        raise
+                    if payer is not None:
+                        total = payer.paid_for_job + payer.job_base
+                        err.print(f"[dim]paid {format_ton(payer.paid_for_job)} in "
+                                  f"{len(payer.vouchers)} voucher(s); channel total "
+                                  f"{format_ton(total)}[/]")
+                    used, usage, insecure_run = (
+                        [advert.peer_id], res.usage, client.insecure.get(advert.peer_id, True)
+                    )
+                    ttft, elapsed = res.ttft_s, res.elapsed_s
+                else:
+                    assert model is not None
+                    routed = await client.complete(model, prompt, max_tokens=max_tokens,
+                                                   params=params, on_text=on_text)
+                    used, usage = routed.providers, routed.usage
+                    insecure_run = client.ran_insecure(routed)
+                    ttft, elapsed = routed.ttft_s, routed.elapsed_s
+            except PermissionError as exc:
+                err.print(f"[red]refused:[/] {exc} (--insecure allows dev providers)")
+                return 5
+            except NoProvider as exc:
+                err.print(f"[red]no provider:[/] {exc}")
+                return 6
+            except JobError as exc:
+                err.print(f"\n[red]job failed:[/] {exc}")
+                return 4
+        sys.stdout.write("\n")
+        if insecure_run:
+            err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
+                      "could read the prompt[/]")
+        err.print(
+            f"[dim]{usage.completion_tokens} tokens from {', '.join(used)}, "
+            f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
+            f"finish: {usage.finish_reason}[/]"
+        )
+        return 0
+
+    raise typer.Exit(run(main))
+
+
+def client(
+    peer: Annotated[
+        list[str] | None, typer.Option("--peer", help="Provider multiaddr (repeatable).")
+    ] = None,
+    api: Annotated[
+        str, typer.Option("--api", help="Serve the OpenAI-compatible API on HOST:PORT.")
+    ] = "127.0.0.1:8080",
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="MESHNODE_API_KEY", help="Require this bearer key."),
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow a non-loopback bind (needs a key).")
+    ] = False,
+    strategy: Annotated[
+        str, typer.Option(help="random|round_robin|least_loaded|p2c|cheapest|fastest")
+    ] = "p2c",
+    bootstrap: BootstrapOpt = None,
+    insecure: InsecureOpt = False,
+    metrics: MetricsOpt = None,
+    allow_remote_metrics: RemoteMetricsOpt = False,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Run a light client with an OpenAI-compatible endpoint on loopback."""
+    from meshnode.api.backend import RoutedBackend
+    from meshnode.api.server import BindRefused, check_bind, parse_listen, serve_api
+    from meshnode.core.router import Strategy
+    from meshnode.node import client_node
+    from meshnode.ops.service import start_ops
+    from meshnode.ops.views import ClientView
+
+    setup_logging(verbose)
+    metrics_at = metrics_bind(metrics, allow_remote_metrics)
+    try:
+        api_host, api_port = parse_listen(api)
+        check_bind(api_host, allow_remote=allow_remote, api_key=api_key)
+        chosen = Strategy(strategy)
+    except (ValueError, BindRefused) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+    async def main() -> None:
+        stats = data_dir(home) / "client" / "peer-stats.json"
+        async with client_node(
+            allow_insecure=insecure, strategy=chosen, stats_path=stats,
+            bootstrap=bootstrap_addrs(bootstrap),
+        ) as node, trio.open_nursery() as nursery:
+            for addr in peer or []:
+                try:
+                    advert = await node.connect(addr)
+                except Exception as exc:  # one bad address must not stop the client
+                    err.print(f"[red]cannot use {addr}:[/] {type(exc).__name__}: {exc}")
+                    continue
+                out.print(f"provider {advert.peer_id}: {node.verification(advert.peer_id)}")
+            url = await nursery.start(
+                partial(serve_api, RoutedBackend(node), api_host, api_port,
+                        api_key=api_key, allow_remote=allow_remote)
+            )
+            out.print(f"[bold green]OpenAI-compatible API[/] at {url}/v1")
+            if insecure:
+                out.print("[yellow]--insecure: answers may come from providers without a TEE[/]")
+            print_ops(await start_ops(nursery, ClientView(node), home=data_dir(home),
+                                      metrics=metrics_at), home)
+            if not insecure:
+                nursery.start_soon(warn_dev_refused, node)
+
+    run(main)

@@ -1,0 +1,266 @@
+"""What every command shares: the consoles, option types, logging levels, and `run`.
+
+`run` is the one place a command's trio code is started. It turns Ctrl-C and SIGTERM into
+a clean, cancelled shutdown (exit 130 / 143, no traceback) and a `MeshnodeError` into its
+message and exit code. `main` (cli/__init__.py) covers the moments before and after trio
+runs, such as imports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
+
+import trio
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from meshnode.core.errors import EXIT_USAGE, MeshnodeError
+
+if TYPE_CHECKING:
+    from meshnode.pay.chain_choice import ChainChoice
+
+out = Console(soft_wrap=True)  # addresses and ids must stay copy-pasteable
+err = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+
+# --- options shared by several commands ------------------------------------------------
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Data dir for keys and state (default $MESHNODE_HOME or XDG)."),
+]
+VerboseOpt = Annotated[
+    int,
+    typer.Option(
+        "--verbose", "-v", count=True,
+        help="-v: meshnode's debug lines; -vv: the libraries' (libp2p, llama.cpp) too.",
+    ),
+]
+BootstrapOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--bootstrap",
+        help="Bootstrap peer multiaddr (repeatable; default: the packaged peers.toml).",
+    ),
+]
+InsecureOpt = Annotated[
+    bool, typer.Option("--insecure", help="Allow providers without a TEE (dev evidence).")
+]
+ChainOpt = Annotated[
+    str,
+    typer.Option(
+        "--chain",
+        help="TON chain for payments: 'local' (emulated, real contract code, state in "
+        "$MESHNODE_CHAIN_STATE or ~/.cache/meshnode) or 'liteclient' (not in this build).",
+    ),
+]
+NetworkConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--network-config", help="TON global config for --chain liteclient."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to listen to gossip first.")]
+MetricsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics",
+        help="Serve Prometheus metrics and the status page on HOST:PORT (loopback unless "
+        "--allow-remote-metrics), e.g. 127.0.0.1:9464.",
+    ),
+]
+RemoteMetricsOpt = Annotated[
+    bool,
+    typer.Option("--allow-remote-metrics", help="Allow --metrics on a non-loopback address."),
+]
+
+INSECURE_HINT = "pass --insecure to use them (their operators can read your prompts)"
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print a one-line error (markup allowed) and exit with `code`."""
+    err.print(f"[red]{message}[/]")
+    raise typer.Exit(code)
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: one JSON document on stdout, nothing else."""
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+# --- logging ---------------------------------------------------------------------------
+
+# Libraries whose WARNING/ERROR lines are routine at the default level: a peer that does not
+# speak gossipsub (every light client) makes py-libp2p log a failed meshsub stream with a
+# traceback, and the DHT/relay log every refused dial. They show from -vv on.
+NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "llama_cpp", "hypercorn")
+
+
+def setup_logging(verbose: int) -> None:
+    """0: meshnode INFO and up, libraries silent (their routine noise is not the user's);
+    1 (-v): meshnode DEBUG; 2 (-vv): the libraries' DEBUG too."""
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:  # journald, docker logs, a file: one line per record, never wrapped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.WARNING,
+        handlers=[handler],
+        force=True,
+    )
+    library_level = logging.DEBUG if verbose >= 2 else logging.CRITICAL
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(library_level)
+    logging.getLogger("meshnode").setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+    # hypercorn's own lines ("Running on …"), routed under meshnode's name by the API server.
+    logging.getLogger("meshnode.api.http").setLevel(library_level)
+
+
+# --- running a command's trio code ----------------------------------------------------
+
+SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
+
+
+class Interrupted(BaseException):
+    """A SIGINT/SIGTERM outside trio: raised by `main`'s handlers, so Click and Typer,
+    which turn KeyboardInterrupt into "Aborted!" and exit 1, let it through."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+async def _until_signal(fn: Callable[[], Awaitable[T]], got: list[int]) -> T | None:
+    """Run `fn`; the first SIGINT/SIGTERM cancels it (every task unwinds and hosts close
+    cleanly), a second one exits at once for an operator who will not wait."""
+    result: list[T] = []
+    body = trio.CancelScope()
+
+    async def watch(signals: Any) -> None:
+        async for signum in signals:
+            if got:
+                err.print("[yellow]signalled again: exiting without cleanup[/]")
+                os._exit(SIGNAL_EXIT.get(signum, 1))
+            got.append(signum)
+            body.cancel()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, signals)
+            with body:
+                result.append(await fn())
+            nursery.cancel_scope.cancel()
+    return result[0] if result else None
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """Errors inside a node's nursery arrive wrapped in (nested) one-member groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+# An error's message may quote a peer (a provider's error text): shown whole up to here.
+MAX_ERROR_CHARS = 2000
+
+
+def exit_for(exc: MeshnodeError) -> NoReturn:
+    message = escape(str(exc)[:MAX_ERROR_CHARS])  # brackets in it are text, not markup
+    err.print(f"[red]{escape(exc.label)}:[/] {message}", highlight=False)
+    raise typer.Exit(exc.exit_code) from None
+
+
+def exit_on_signal(signum: int) -> NoReturn:
+    err.print("[yellow]interrupted[/]" if signum == signal.SIGINT else "[yellow]terminated[/]")
+    raise typer.Exit(SIGNAL_EXIT.get(signum, 1))
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a command's async body under trio with clean signal and error handling."""
+    got: list[int] = []
+    try:
+        result = trio.run(_until_signal, fn, got)
+    except BaseException as raised:
+        exc = _leaf(raised)
+        if got:  # the error came while unwinding from the signal: the signal is the news
+            exit_on_signal(got[0])
+        if isinstance(exc, Interrupted):
+            exit_on_signal(exc.signum)
+        if isinstance(exc, KeyboardInterrupt):
+            exit_on_signal(signal.SIGINT)
+        if isinstance(exc, MeshnodeError):
+            exit_for(exc)
+        if isinstance(exc, typer.Exit):  # a check inside the body chose the exit code
+            raise exc from None
+        raise
+    if got:
+        exit_on_signal(got[0])
+    return cast(T, result)
+
+
+# --- shared argument parsing --------------------------------------------------------------
+
+
+def bootstrap_addrs(given: list[str] | None) -> list[str]:
+    from meshnode.bootstrap_peers import load_bootstrap_peers
+
+    if given:
+        return given
+    try:
+        return load_bootstrap_peers()
+    except MeshnodeError as exc:
+        exit_for(exc)
+
+
+def chain_choice(chain: str, network_config: Path | None) -> ChainChoice:
+    from meshnode.pay.chain_choice import ChainChoice, ChainKind
+
+    try:
+        choice = ChainChoice(ChainKind(chain.lower()), network_config)
+        choice.check()
+    except ValueError:
+        fail(f"--chain must be 'local' or 'liteclient', not {chain!r}")
+    except MeshnodeError as exc:
+        exit_for(exc)
+    return choice
+
+
+def metrics_bind(value: str | None, allow_remote: bool) -> tuple[str, int] | None:
+    """--metrics HOST:PORT checked (loopback unless allowed), or None when not given."""
+    if value is None or value.lower() == "none":
+        return None
+    from meshnode.ops.http import parse_bind
+
+    try:
+        return parse_bind(value, allow_remote=allow_remote)
+    except MeshnodeError as exc:
+        exit_for(exc)
+
+
+def print_ops(endpoints: Any, home: Path | None) -> None:
+    """Where the operator finds this node's status (an `ops.service.OpsEndpoints`)."""
+    hint = "meshnode status" + (f" --home {home}" if home is not None else "")
+    out.print(f"status    {hint}  (socket {endpoints.control_socket})")
+    if endpoints.url is not None:
+        out.print(f"metrics   {endpoints.url}/metrics   status page {endpoints.url}/")
+
+
+def parse_channel_arg(text: str) -> int:
+    from meshnode.channel_ops import parse_channel_id
+
+    try:
+        return parse_channel_id(text)
+    except ValueError as exc:
+        fail(str(exc))
