@@ -190,9 +190,15 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             bias_int = client["steady"]
         bias = {str(k): v for k, v in bias_int.items()}
 
+        adverts = [advert]
+
         async def mesh(i: int) -> tuple[float, int]:
+            if i == 0:
+                # Re-fetch the advert once per round: a client pinned to one address
+                # has no gossip to refresh it, and adverts live 5 minutes.
+                adverts[0] = await client["node"].connect(addr)
             res = await client["node"].ask(
-                advert, texts[i % len(texts)], max_tokens=args.tokens,
+                adverts[0], texts[i % len(texts)], max_tokens=args.tokens,
                 params={"temperature": 0.0, "logit_bias": bias_int})
             return res.ttft_s, res.usage.completion_tokens
 
