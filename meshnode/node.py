@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from meshnode.p2p.host import (
     running_host,
 )
 from meshnode.p2p.relay import RelayClient, is_circuit_addr
+from meshnode.tasks import background_tasks, node_context
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class ProviderNode:
         self.host.set_stream_handler(TProtocol(ADVERT_PROTOCOL), self._serve_advert)
 
 
-@asynccontextmanager
+@node_context
 async def provider_node(
     engine: Engine,
     *,
@@ -193,7 +194,7 @@ async def provider_node(
         node = ProviderNode(host, identity, engine, settings, gate_factory)
         await node.refresh_evidence()
         node.install()
-        async with trio.open_nursery() as nursery:
+        async with background_tasks() as nursery:
             nursery.start_soon(node.keep_evidence_fresh)
             if settings.bootstrap or settings.relay:
                 announcer = node.announcer = ProviderAnnouncer(
@@ -206,7 +207,6 @@ async def provider_node(
                 node.jobs.on_load_change = lambda _active, _queued: announcer.load_changed()
                 await nursery.start(announcer.run)
             yield node
-            nursery.cancel_scope.cancel()
 
 
 class ClientNode:
@@ -414,7 +414,7 @@ class ClientNode:
         await trio.to_thread.run_sync(write)
 
 
-@asynccontextmanager
+@node_context
 async def client_node(
     *,
     identity: NodeIdentity | None = None,
@@ -439,10 +439,14 @@ async def client_node(
             policy_path=policy_path,
         )
         async with AsyncExitStack() as stack:
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            nursery.start_soon(node.verify_loop)
+            # Everything the body may use is entered before the task nursery, so the
+            # tasks are cancelled first and these close after them, never under a
+            # cancelled scope (which would replace the body's exception).
             if bootstrap:
                 node.relay = await stack.enter_async_context(RelayClient(host).running())
+            nursery = await stack.enter_async_context(background_tasks())
+            nursery.start_soon(node.verify_loop)
+            if bootstrap:
                 node.discovery = ClientDiscovery(
                     host, node.directory, bootstrap, on_insert=node.on_discovered
                 )
@@ -452,4 +456,3 @@ async def client_node(
             finally:
                 with trio.CancelScope(shield=True):
                     await node.save_stats()
-                nursery.cancel_scope.cancel()
