@@ -216,7 +216,7 @@ async def close_paid_channel(
         _check_payee(channel, advert)
         status = await close_channel(payments, client.host, advert.peer_id, channel_id)
     wallet_after = await on_chain(payments.chain.balance, payments.wallet)
-    latest = await trio.to_thread.run_sync(payments.ledger.latest_voucher, channel_id)
+    latest = await trio.to_thread.run_sync(payments.ledger.latest_voucher, channel.ref)
     return ClosedChannel(
         status=status,
         paid_seqno=latest.voucher.seqno if latest else 0,

@@ -141,7 +141,7 @@ async def _ask_and_pay(
         f"{res.usage.finish_reason}; sealed end to end (X25519 + XChaCha20-Poly1305)[/]"
     )
     out.print("[yellow]this answer ran WITHOUT a TEE (dev provider)[/]")
-    latest = pay_c.ledger.latest_voucher(channel.channel_id)
+    latest = pay_c.ledger.latest_voucher(channel.ref)
     out.print(
         f"[bold]paid[/]     {format_ton(res.usage.cost_nanoton)} in signed vouchers "
         f"(last seqno {latest.voucher.seqno if latest else 0})"

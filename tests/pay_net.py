@@ -115,6 +115,7 @@ def job_open(
     *,
     signer: VoucherSigner | None = None,
     provider_peer_id: str = PROVIDER_PEER_ID,
+    key: bytes | None = None,
 ) -> Open:
     """An Open as a client would send it (for driving the gate without a network),
     with the channel proof when given the channel's client key."""
@@ -132,6 +133,7 @@ def job_open(
         client_pub=client_pub,
         header=bytes(24),
         auth=auth,
+        channel_key=key if key is not None else signer.public_key if signer else None,
     )
 
 

@@ -247,7 +247,8 @@ def _seeds(home: Path) -> list[str]:
 def test_open_ask_status_close_pays_the_provider_exactly_the_last_voucher(
     tmp_path: Path, env: dict[str, str], chain_state: Path, served: Served
 ) -> None:
-    from meshnode.pay.ledger import Ledger
+    from meshnode.pay.ledger import ChannelRef, Ledger
+    from meshnode.pay.wallet_keys import load_or_create_payment_keys
 
     home = tmp_path / "B"
     opened = run(env, "channel", "open", "--peer", served.addr, "--deposit", "0.1",
@@ -260,7 +261,8 @@ def test_open_ask_status_close_pays_the_provider_exactly_the_last_voucher(
                 "--max-tokens", str(MAX_TOKENS), "--home", str(home), "hi")
     assert "paid" in asked.stderr
     with Ledger(home / CLIENT_DIR) as ledger:
-        latest = ledger.latest_voucher(int(channel_id, 16))
+        key = load_or_create_payment_keys(home)[0].channel_public
+        latest = ledger.latest_voucher(ChannelRef(int(channel_id, 16), key))
     assert latest is not None and latest.voucher.sent > 0
     status = run(env, "channel", "status", channel_id, "--home", str(home))
     assert re.search(rf"seqno\s*│\s*{latest.voucher.seqno}\b", status.stdout), status.stdout

@@ -54,6 +54,15 @@ class PausingPayer:
     def check_usage(self, usage: Usage) -> None:
         self.inner.check_usage(usage)
 
+    def channel_key(self) -> bytes:
+        return self.inner.channel_key()
+
+    def accepted(self, prompt_tokens: int | None, owed_before: int | None) -> None:
+        self.inner.accepted(prompt_tokens, owed_before)
+
+    async def finish(self, received: int, complete: bool) -> None:
+        await self.inner.finish(received, complete)
+
     async def voucher_for(self, owed: int, received: int) -> bytes:
         if len(self.inner.vouchers) >= self.pay_times:
             self.stalled.set()
@@ -123,6 +132,6 @@ async def test_provider_killed_mid_job_keeps_the_last_accepted_voucher(
     sent = payer.inner.vouchers
     assert len(sent) == VOUCHERS_BEFORE_KILL
     with Ledger(home) as reopened:
-        stored = reopened.latest_voucher(channel.channel_id)
+        stored = reopened.latest_voucher(channel.ref)
     assert stored is not None
     assert stored.voucher == sent[-1]

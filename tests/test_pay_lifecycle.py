@@ -41,6 +41,7 @@ from meshnode.pay.channel_protocol import Announce
 from meshnode.pay.channel_service import ChannelRefused
 from meshnode.pay.channels import ChannelError, ClientChannel, WatchAction
 from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.ledger import ChannelRef
 from meshnode.pay.onchain import raw_address
 from meshnode.pay.payer import ChannelPayer
 
@@ -76,15 +77,18 @@ async def pay_in_steps(net: PayNet, channel: ClientChannel, steps: int) -> Chann
     gate = channel_gate(net.provider.gates, channel)
     payer = channel.payer(PRICE, WINDOW_TOKENS)
     payer.begin("hi")
+    await gate.admit()
     await gate.start(prompt_tokens=2)
+    payer.accepted(2, gate.owed_before)
     delivered = 0
     for _ in range(steps):
         delivered += TOKENS_PER_VOUCHER
         await gate.accept_voucher(
-            await payer.voucher_for(gate.owed(delivered), delivered), delivered
+            await payer.voucher_for(gate.ask(delivered, delivered), delivered), delivered
         )
     assert gate.settled(delivered)
     await gate.finish()
+    await payer.finish(delivered, complete=True)
     return payer
 
 
@@ -100,7 +104,7 @@ async def test_provider_learns_an_announced_channel_from_the_chain(net: PayNet) 
     channel = await net.open_channel()
     async with linked(net) as (client_host, provider):
         await channel.announce(client_host, provider)
-    record = net.provider.ledger.channel(channel.channel_id)
+    record = net.provider.ledger.channel(channel.ref)
     assert record is not None
     assert (record.client_key, record.deposit) == (channel.signer.public_key, DEPOSIT)
     assert channel.entry.counter_state is not None  # kept for a unilateral close
@@ -119,7 +123,7 @@ async def test_announce_of_a_channel_that_is_not_on_chain_is_refused(net: PayNet
     with pytest.raises(ChannelRefused) as info:
         await net.provider.service.learn(never_deployed)
     assert info.value.code == "not_on_chain"
-    assert net.provider.ledger.channel(77) is None
+    assert net.provider.ledger.channel(ChannelRef(77, net.client.keys.channel_public)) is None
 
 
 async def test_a_quarantine_too_short_to_challenge_in_is_refused(net: PayNet) -> None:
@@ -146,12 +150,14 @@ async def test_every_accepted_voucher_is_in_the_ledger_when_accept_returns(net: 
     gate = channel_gate(net.provider.gates, channel)
     payer = channel.payer(PRICE, WINDOW_TOKENS)
     payer.begin("hi")
+    await gate.admit()
     await gate.start(prompt_tokens=2)
+    payer.accepted(2, gate.owed_before)
     for delivered in (3, 6, 9):
         await gate.accept_voucher(
-            await payer.voucher_for(gate.owed(delivered), delivered), delivered
+            await payer.voucher_for(gate.ask(delivered, delivered), delivered), delivered
         )
-        stored = net.provider.ledger.latest_voucher(channel.channel_id)
+        stored = net.provider.ledger.latest_voucher(channel.ref)
         assert stored is not None and stored.voucher == payer.vouchers[-1]
     await gate.finish()
 
@@ -177,7 +183,8 @@ async def test_provider_will_not_cosign_a_close_below_its_latest_voucher(net: Pa
     async with linked(net) as (client_host, provider):
         await channel.announce(client_host, provider)
         payer = await pay_in_steps(net, channel, steps=3)
-        channel.latest = payer.vouchers[0]  # a client pretending it paid less
+        channel.latest = payer.vouchers[0]  # a client pretending it paid (and owes) less
+        channel.owed = payer.vouchers[0].sent
         with pytest.raises(ChannelError) as info:
             await channel.close(client_host, provider)
     assert info.value.code == "stale_voucher"

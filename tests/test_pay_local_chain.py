@@ -172,12 +172,15 @@ async def test_the_real_contract_opens_and_closes_across_two_instances(
             gate = channel_gate(provider.gates, channel)
             payer = channel.payer(PRICE, WINDOW_TOKENS)
             payer.begin("hi")
+            await gate.admit()
             await gate.start(prompt_tokens=2)
+            payer.accepted(2, gate.owed_before)
             for delivered in range(TOKENS_PER_VOUCHER, 4 * TOKENS_PER_VOUCHER + 1,
                                    TOKENS_PER_VOUCHER):
-                voucher = await payer.voucher_for(gate.owed(delivered), delivered)
+                voucher = await payer.voucher_for(gate.ask(delivered, delivered), delivered)
                 await gate.accept_voucher(voucher, delivered)
             await gate.finish()
+            await payer.finish(delivered, complete=True)
             last = payer.vouchers[-1]
             bob_before = LocalChain(state).balance(BOB)
             status = await close_channel(client, client_host, str(info.peer_id),

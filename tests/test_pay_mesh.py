@@ -18,6 +18,7 @@ from meshnode.core.advert import Advert
 from meshnode.core.voucher import VoucherSigner
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError, JobRequest, run_job
+from meshnode.jobs.payment_gate import NoPayer
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
 from meshnode.pay.channel_messages import FEE_RESERVE
 from meshnode.pay.channels import ClientChannel
@@ -93,7 +94,7 @@ async def test_a_job_is_paid_by_vouchers_and_the_bill_matches_them(
     expected = PRICE.cost(res.usage.prompt_tokens, res.usage.completion_tokens)
     assert res.usage.cost_nanoton == expected
     assert payer.vouchers[-1].sent - payer.job_base == expected
-    stored = m.net.provider.ledger.latest_voucher(m.channel.channel_id)
+    stored = m.net.provider.ledger.latest_voucher(m.channel.ref)
     assert stored is not None and stored.voucher == payer.vouchers[-1]
 
 
@@ -136,11 +137,7 @@ async def test_a_forged_voucher_ends_the_job_and_the_node_keeps_serving(
     tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
 ) -> None:
     async with mesh(tmp_path, code, tiny_engine) as m:
-        forger_ledger = Ledger(tmp_path / "forger")
-        forger_ledger.add_channel(ChannelRecord(m.channel.channel_id, bytes(32), DEPOSIT, 0.0))
-        forged = dataclasses.replace(
-            m.channel, signer=VoucherSigner(bytes([9]) * 32), ledger=forger_ledger
-        )
+        forged = forged_channel(m, tmp_path)
         forged_payer = forged.payer(PRICE, WINDOW_TOKENS)
         owner = m.channel.payer(PRICE, WINDOW_TOKENS)
 
@@ -153,12 +150,27 @@ async def test_a_forged_voucher_ends_the_job_and_the_node_keeps_serving(
             def authorize(self, job_id: bytes, client_pub: bytes, provider: str) -> bytes:
                 return owner.authorize(job_id, client_pub, provider)
 
+            def channel_key(self) -> bytes:
+                return owner.channel_key()
+
+            # The owner's client runs the job: it sees the Accept and the job's end.
+            def begin(self, prompt: str) -> None:
+                owner.begin(prompt)
+                forged_payer.begin(prompt)
+
+            def accepted(self, prompt_tokens: int | None, owed_before: int | None) -> None:
+                owner.accepted(prompt_tokens, owed_before)
+                forged_payer.accepted(prompt_tokens, owed_before)
+
+            async def finish(self, received: int, complete: bool) -> None:
+                await owner.finish(received, complete)
+
         with pytest.raises(JobError) as info:
             await m.client.ask(m.advert, "hello world", max_tokens=MAX_TOKENS,
                                params=steady(tiny_engine),
                                payer=ForgedVouchers())  # type: ignore[arg-type]
         assert info.value.code == "voucher_bad_signature"
-        assert m.net.provider.ledger.latest_voucher(m.channel.channel_id) is None
+        assert m.net.provider.ledger.latest_voucher(m.channel.ref) is None
         res = await m.client.ask(
             m.advert,
             "hello world",
@@ -198,6 +210,14 @@ async def test_a_prompt_costing_more_than_the_window_is_paid_before_decoding(
     assert res.usage.completion_tokens == 8
 
 
+def forged_channel(m: Mesh, tmp_path: Path) -> ClientChannel:
+    """The victim's channel as a forger would hold it: same id, another signing key."""
+    signer = VoucherSigner(bytes([9]) * 32)
+    forger_ledger = Ledger(tmp_path / "forger")
+    forger_ledger.add_channel(ChannelRecord(m.channel.channel_id, signer.public_key, DEPOSIT, 0.0))
+    return dataclasses.replace(m.channel, signer=signer, ledger=forger_ledger)
+
+
 @asynccontextmanager
 async def stranger(m: Mesh) -> AsyncIterator[ClientNode]:
     """A second client that knows the victim's channel id (it is on chain) but not its key."""
@@ -228,8 +248,16 @@ async def test_a_job_naming_a_channel_without_its_keys_proof_is_refused(
             params=steady(tiny_engine),
             channel_id=m.channel.channel_id,
         )
-        with pytest.raises(JobError) as info:  # NoPayer: the Open carries no proof
-            await run_job(other.host, m.provider_id, m.advert.job_pubkey, request)
+
+        class NamesOnly(NoPayer):
+            """Names the victim's channel (id and key are public), with no proof."""
+
+            def channel_key(self) -> bytes:
+                return m.channel.signer.public_key
+
+        with pytest.raises(JobError) as info:
+            await run_job(other.host, m.provider_id, m.advert.job_pubkey, request,
+                          payer=NamesOnly())
         assert info.value.code == "channel_auth"
         assert info.value.before_first_token
         await assert_the_channel_is_free(m, tiny_engine)
@@ -240,18 +268,24 @@ async def test_a_job_whose_proof_is_signed_by_another_key_is_refused(
     tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
 ) -> None:
     async with mesh(tmp_path, code, tiny_engine) as m, stranger(m) as other:
-        forger_ledger = Ledger(tmp_path / "forger")
-        forger_ledger.add_channel(ChannelRecord(m.channel.channel_id, bytes(32), DEPOSIT, 0.0))
-        forged = dataclasses.replace(
-            m.channel, signer=VoucherSigner(bytes([9]) * 32), ledger=forger_ledger
-        )
+        forged_payer = forged_channel(m, tmp_path).payer(PRICE, WINDOW_TOKENS)
+
+        class NamingTheVictim:
+            """A proof signed by the forger's key for a job naming the victim's channel."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(forged_payer, name)
+
+            def channel_key(self) -> bytes:
+                return m.channel.signer.public_key
+
         with pytest.raises(JobError) as info:
             await other.ask(
                 m.advert,
                 "hello world",
                 max_tokens=MAX_TOKENS,
                 params=steady(tiny_engine),
-                payer=forged.payer(PRICE, WINDOW_TOKENS),
+                payer=NamingTheVictim(),  # type: ignore[arg-type]
             )
         assert info.value.code == "channel_auth"
         await assert_the_channel_is_free(m, tiny_engine)

@@ -20,18 +20,37 @@ class PaymentRejected(Exception):
 
 
 class PaymentGate(Protocol):
-    """Provider side, one instance per job: `start` first, `finish` always, last."""
+    """Provider side, one instance per job: `admit` first, `finish` always, last.
+
+    Counts are completion tokens: `delivered` went out, `upto` would be out after the
+    next chunk."""
+
+    async def admit(self) -> None:
+        """Cheap checks before the job takes a queue place (the channel is known, open,
+        and named with its key's proof; it has a free place of its own); raise
+        PaymentRejected to refuse."""
+        ...
 
     async def start(self, prompt_tokens: int) -> None:
-        """Admit the job (before Accept); raise PaymentRejected to refuse it."""
+        """Admit the job (before Accept): wait for the channel, check its deposit covers
+        the debt and a window; raise PaymentRejected to refuse it."""
         ...
 
-    def may_produce(self, delivered: int) -> bool:
-        """True while unpaid tokens stay within the credit window."""
+    @property
+    def owed_before(self) -> int | None:
+        """What the channel owed before this job (for Accept; None: free)."""
         ...
 
-    def owed(self, delivered: int) -> int:
-        """Nanoton the client must have signed for before the next token."""
+    def may_produce(self, upto: int) -> bool:
+        """True while `upto` tokens may be out: debt paid, unpaid within the window."""
+        ...
+
+    def exhausted(self, upto: int) -> bool:
+        """True when the channel's deposit can never pay for `upto` tokens."""
+        ...
+
+    def ask(self, delivered: int, upto: int) -> int:
+        """Nanoton the client must have signed for before tokens up to `upto` go out."""
         ...
 
     def settled(self, delivered: int) -> bool:
@@ -45,7 +64,8 @@ class PaymentGate(Protocol):
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int: ...
 
     async def finish(self) -> None:
-        """The job is over (completed or not): record its usage, free its channel."""
+        """The job is over (completed or not, or refused): record its usage, free its
+        channel's place."""
         ...
 
 
@@ -66,6 +86,15 @@ class Payer(Protocol):
         channel (core.channel_auth); None when the payer has no channel."""
         ...
 
+    def channel_key(self) -> bytes | None:
+        """The channel's party-A public key (names the channel with its id)."""
+        ...
+
+    def accepted(self, prompt_tokens: int | None, owed_before: int | None) -> None:
+        """The provider's Accept: its prompt count and what it says the channel owed
+        before this job; raise PaymentRejected if the client cannot agree."""
+        ...
+
     async def voucher_for(self, owed: int, received: int) -> bytes:
         """A signed state covering `owed`; raise PaymentRejected to refuse."""
         ...
@@ -74,15 +103,30 @@ class Payer(Protocol):
         """Check the provider's final bill (Done); raise PaymentRejected if it is wrong."""
         ...
 
+    async def finish(self, received: int, complete: bool) -> None:
+        """The job is over: record what it received (`complete`: it ended with a Done
+        whose bill checked), so the channel's debt survives a restart."""
+        ...
+
 
 class FreeGate:
+    async def admit(self) -> None:
+        return None
+
     async def start(self, prompt_tokens: int) -> None:
         return None
 
-    def may_produce(self, delivered: int) -> bool:
+    @property
+    def owed_before(self) -> int | None:
+        return None
+
+    def may_produce(self, upto: int) -> bool:
         return True
 
-    def owed(self, delivered: int) -> int:
+    def exhausted(self, upto: int) -> bool:
+        return False
+
+    def ask(self, delivered: int, upto: int) -> int:
         return 0
 
     def settled(self, delivered: int) -> bool:
@@ -109,7 +153,16 @@ class NoPayer:
     def authorize(self, job_id: bytes, client_pub: bytes, provider_peer_id: str) -> bytes | None:
         return None
 
+    def channel_key(self) -> bytes | None:
+        return None
+
+    def accepted(self, prompt_tokens: int | None, owed_before: int | None) -> None:
+        return None
+
     def check_usage(self, usage: Usage) -> None:
+        return None
+
+    async def finish(self, received: int, complete: bool) -> None:
         return None
 
     async def voucher_for(self, owed: int, received: int) -> bytes:

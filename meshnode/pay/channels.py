@@ -38,6 +38,7 @@ from meshnode.pay.channel_messages import (
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_OPEN,
     CHANNEL_STATE_SETTLING_CONDITIONALS,
+    CHANNEL_STATE_UNINITED,
     FEE_RESERVE,
     ChannelConfig,
     ClosingConfig,
@@ -62,7 +63,7 @@ from meshnode.pay.channel_protocol import (
     parse_reply,
     signed_by,
 )
-from meshnode.pay.ledger import ChannelRecord, Ledger
+from meshnode.pay.ledger import STATE_CLOSED, STATE_CLOSING, ChannelRecord, ChannelRef, Ledger
 from meshnode.pay.onchain import ChannelView, on_chain, raw_address, read_channel
 from meshnode.pay.payer import DEFAULT_CLIENT_WINDOW_TOKENS, ChannelPayer
 
@@ -151,10 +152,28 @@ class ClientChannel:
     ledger: Ledger
     book: ChannelBook
     latest: Voucher | None = None
+    owed: int = 0
+    """What this client counts as owed on the channel: the cost of its recorded jobs."""
+    uncertain: bool = False
+    """Its last job ended after Accept but without a bill (tokens may have been in flight)."""
 
     @property
     def channel_id(self) -> int:
         return self.entry.config.channel_id
+
+    @property
+    def ref(self) -> ChannelRef:
+        return ChannelRef(self.channel_id, self.signer.public_key)
+
+    @property
+    def debt(self) -> int:
+        """Received but not yet paid (a job broke before its last voucher)."""
+        return max(0, self.owed - (self.latest.sent if self.latest else 0))
+
+    @property
+    def unspent(self) -> int:
+        """Deposit not yet owed to the provider."""
+        return self.deposit - max(self.owed, self.latest.sent if self.latest else 0)
 
     @property
     def address(self) -> Address:
@@ -195,7 +214,10 @@ class ClientChannel:
         entry = BookEntry(config, channel_address(code, config), deposit)
         # Written before any money moves, so a crash mid-open still finds the contract.
         await trio.to_thread.run_sync(book.save, entry)
-        record = ChannelRecord(config.channel_id, signer.public_key, deposit, chain.now())
+        record = ChannelRecord(
+            config.channel_id, signer.public_key, deposit, chain.now(),
+            address=raw_address(entry.address),
+        )
         await trio.to_thread.run_sync(ledger.add_channel, record)
         init = state_init(code, channel_data(config))
         deploy = await on_chain(
@@ -229,9 +251,29 @@ class ClientChannel:
         entry = await trio.to_thread.run_sync(book.load, channel_id)
         if entry is None:
             raise ChannelError("unknown_channel", f"no channel {channel_id:#x} in this data dir")
-        stored = await trio.to_thread.run_sync(ledger.latest_voucher, channel_id)
-        latest = stored.voucher if stored else None
-        return cls(chain, wallet, signer, entry, ledger, book, latest)
+        return await cls.from_entry(chain, wallet, signer, entry, ledger=ledger, book=book)
+
+    @classmethod
+    async def from_entry(
+        cls,
+        chain: Chain,
+        wallet: Address,
+        signer: VoucherSigner,
+        entry: BookEntry,
+        *,
+        ledger: Ledger,
+        book: ChannelBook,
+    ) -> ClientChannel:
+        """A channel from its book entry, with its latest voucher and what is owed."""
+        ref = ChannelRef(entry.config.channel_id, signer.public_key)
+        stored = await trio.to_thread.run_sync(ledger.latest_voucher, ref)
+        jobs = await trio.to_thread.run_sync(ledger.jobs, ref)
+        return cls(
+            chain, wallet, signer, entry, ledger, book,
+            latest=stored.voucher if stored else None,
+            owed=sum(j.cost for j in jobs),
+            uncertain=bool(jobs) and not jobs[-1].complete,
+        )
 
     async def announce(self, host: IHost, provider: ID) -> None:
         """Tell the provider about the channel; keep its signed zero state for closing."""
@@ -255,7 +297,9 @@ class ClientChannel:
             raise ChannelError("bad_counter_state", str(exc)) from exc
         if state_b.state != VoucherState(config.channel_id, 0, 0):
             raise ChannelError("bad_counter_state", "the provider's state must be seqno 0, sent 0")
-        self.entry = BookEntry(config, self.address, self.deposit, answer.state_b)
+        self.entry = BookEntry(
+            config, self.address, self.deposit, answer.state_b, peer_id=provider.to_base58()
+        )
         await trio.to_thread.run_sync(self.book.save, self.entry)
 
     def payer(
@@ -287,12 +331,19 @@ class ClientChannel:
     # --- closing ----------------------------------------------------------------------
 
     async def _closing_voucher(self) -> Voucher:
-        """The latest voucher; a zero one (seqno 1) if no job ever ran, since every close
-        needs A's seqno above the committed 0."""
-        if self.latest is None:
-            voucher = self.signer.sign(VoucherState(self.channel_id, 1, 0))
-            await trio.to_thread.run_sync(self.ledger.record_voucher, voucher, self.chain.now())
+        """The voucher a close pays: the latest one, or a new one paying any debt (what
+        jobs received but did not pay before they broke); a zero one (seqno 1) if no
+        job ever ran, since every close needs A's seqno above the committed 0."""
+        latest = self.latest
+        if latest is None or latest.sent < self.owed:
+            seqno = 1 if latest is None else latest.seqno + 1
+            sent = min(self.owed, self.deposit)
+            voucher = self.signer.sign(VoucherState(self.channel_id, seqno, sent))
+            await trio.to_thread.run_sync(
+                self.ledger.record_voucher, self.ref, voucher, self.chain.now()
+            )
             self.latest = voucher
+        assert self.latest is not None
         return self.latest
 
     async def close(self, host: IHost, provider: ID) -> CooperativeClose:
@@ -300,13 +351,15 @@ class ClientChannel:
         voucher = await self._closing_voucher()
         split = CooperativeClose.settling(voucher, self.deposit)
         signature_a = split.sign(self.signer)
-        request = CloseRequest(self.channel_id, voucher.to_boc(), signature_a)
+        request = CloseRequest(self.channel_id, self.signer.public_key, voucher.to_boc(),
+                               signature_a)
         answer: CloseSigned = await _request(host, provider, request, CloseSigned)
         if not signed_by(self.entry.config.key_b, split.to_cell(), answer.signature_b):
             raise ChannelError("bad_signature", "the provider's close signature does not verify")
         body = split.body(signature_a, answer.signature_b)
         sent = await on_chain(self.chain.send, self.wallet, self.address, SIGNED_OP_VALUE, body)
         _check_sent(sent, "cooperative close")
+        await trio.to_thread.run_sync(self.ledger.set_state, self.ref, STATE_CLOSED)
         return split
 
     def _counter_state(self) -> Voucher:
@@ -369,6 +422,10 @@ class ChannelWatcher:
                 log.exception("channel watch pass failed; retrying next interval")
             await trio.sleep(self.interval_s)
 
+    def _mark(self, ref: ChannelRef, state: str) -> None:
+        if self.ledger.channel(ref) is not None:
+            self.ledger.set_state(ref, state)
+
     async def check_once(self) -> list[WatchAction]:
         done: list[WatchAction] = []
         for entry in await trio.to_thread.run_sync(self.book.all):
@@ -379,19 +436,26 @@ class ChannelWatcher:
         return done
 
     async def _check(self, entry: BookEntry) -> WatchAction | None:
+        ref = ChannelRef(entry.config.channel_id, entry.config.key_a)
         view = await on_chain(read_channel, self.chain, entry.address)
         closing = view.state in (
             CHANNEL_STATE_CLOSURE_STARTED,
             CHANNEL_STATE_SETTLING_CONDITIONALS,
             CHANNEL_STATE_AWAITING_FINALIZATION,
         )
+        if view.state == CHANNEL_STATE_UNINITED and view.balance_a == 0:
+            # Closed (cooperatively, or an uncooperative close finished): no more jobs.
+            await trio.to_thread.run_sync(self._mark, ref, STATE_CLOSED)
+            return None
+        if closing:
+            await trio.to_thread.run_sync(self._mark, ref, STATE_CLOSING)
         if not closing or view.quarantine is None:
             return None
         channel_id = entry.config.channel_id
         quarantine = view.quarantine
         now = self.chain.now()
         in_quarantine = now < quarantine.started_at + view.quarantine_duration
-        stored = await trio.to_thread.run_sync(self.ledger.latest_voucher, channel_id)
+        stored = await trio.to_thread.run_sync(self.ledger.latest_voucher, ref)
         if in_quarantine and stored is not None and stored.voucher.seqno > quarantine.seqno_a:
             own = self.signer.sign(VoucherState(channel_id, 0, 0))
             body = challenge_quarantined_state_body(

@@ -1,5 +1,12 @@
 """Durable record of channels, the latest accepted voucher per channel, and job usage.
 
+A channel is known by its ``ChannelRef``: the channel id *and* party A's key. The id
+alone is public and anyone may deploy a contract with it, so keying by it let a
+stranger who announced a victim's id first get the victim's funded channel refused.
+Each record also keeps the contract address (a function of id, both keys and both
+wallets) that the channel service checked on chain, and the channel's state: ``open``,
+``closing`` (a close is co-signed or under way: no new job) or ``closed``.
+
 sqlite in WAL mode with ``synchronous=FULL``: a commit returns only after the WAL is
 fsynced, so ``record_voucher`` is durable when it returns. That matters because the
 provider calls it before producing the tokens the voucher paid for; after a crash it can
@@ -18,6 +25,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from meshnode.core.voucher import Voucher, parse_voucher
 
@@ -26,17 +34,26 @@ LEDGER_FILENAME = "ledger.sqlite3"
 BUSY_TIMEOUT_S = 10.0
 """How long a write waits for another connection's lock before failing loudly."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: channels keyed by (id, client key), with address and state; usage has `complete`."""
+
+STATE_OPEN = "open"
+STATE_CLOSING = "closing"
+STATE_CLOSED = "closed"
+STATES = (STATE_OPEN, STATE_CLOSING, STATE_CLOSED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS channels (
-    channel_id TEXT PRIMARY KEY,
+    ref TEXT PRIMARY KEY,
+    channel_id TEXT NOT NULL,
     client_key BLOB NOT NULL,
+    address TEXT NOT NULL,
     deposit TEXT NOT NULL,
-    opened_at REAL NOT NULL
+    opened_at REAL NOT NULL,
+    state TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS vouchers (
-    channel_id TEXT PRIMARY KEY REFERENCES channels(channel_id),
+    ref TEXT PRIMARY KEY REFERENCES channels(ref),
     seqno INTEGER NOT NULL,
     sent TEXT NOT NULL,
     boc BLOB NOT NULL,
@@ -44,12 +61,34 @@ CREATE TABLE IF NOT EXISTS vouchers (
 );
 CREATE TABLE IF NOT EXISTS usage (
     job_id TEXT PRIMARY KEY,
-    channel_id TEXT NOT NULL REFERENCES channels(channel_id),
+    ref TEXT NOT NULL REFERENCES channels(ref),
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     cost TEXT NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    complete INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS usage_by_ref ON usage(ref, updated_at);
+"""
+
+_MIGRATE_FROM_V1 = """
+ALTER TABLE channels RENAME TO channels_v1;
+ALTER TABLE vouchers RENAME TO vouchers_v1;
+ALTER TABLE usage RENAME TO usage_v1;
+{schema}
+INSERT INTO channels(ref, channel_id, client_key, address, deposit, opened_at, state)
+    SELECT channel_id || ':' || lower(hex(client_key)), channel_id, client_key, '',
+           deposit, opened_at, 'open' FROM channels_v1;
+INSERT INTO vouchers(ref, seqno, sent, boc, accepted_at)
+    SELECT c.channel_id || ':' || lower(hex(c.client_key)), v.seqno, v.sent, v.boc,
+           v.accepted_at FROM vouchers_v1 v JOIN channels_v1 c USING (channel_id);
+INSERT INTO usage(job_id, ref, prompt_tokens, completion_tokens, cost, updated_at, complete)
+    SELECT u.job_id, c.channel_id || ':' || lower(hex(c.client_key)), u.prompt_tokens,
+           u.completion_tokens, u.cost, u.updated_at, 1
+    FROM usage_v1 u JOIN channels_v1 c USING (channel_id);
+DROP TABLE usage_v1;
+DROP TABLE vouchers_v1;
+DROP TABLE channels_v1;
 """
 
 
@@ -62,11 +101,26 @@ class UnknownChannel(LedgerError):
 
 
 class ChannelConflict(LedgerError):
-    """The channel id is already recorded with a different client key."""
+    """The channel is already recorded at another contract address."""
 
 
 class StaleVoucher(LedgerError):
     """A voucher that does not advance the stored one (lower or equal seqno, lower sent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRef:
+    """Which channel: its id and party A's (the client's) public key."""
+
+    channel_id: int
+    client_key: bytes
+
+    @property
+    def key(self) -> str:
+        return f"{self.channel_id}:{self.client_key.hex()}"
+
+    def __str__(self) -> str:
+        return f"{self.channel_id:#x}/{self.client_key.hex()[:8]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +129,17 @@ class ChannelRecord:
     client_key: bytes
     deposit: int
     opened_at: float
+    address: str = ""
+    """The contract address, raw ``wc:hex`` ("" for channels recorded before v2)."""
+    state: str = STATE_OPEN
+
+    @property
+    def ref(self) -> ChannelRef:
+        return ChannelRef(self.channel_id, self.client_key)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state == STATE_OPEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +151,17 @@ class StoredVoucher:
 @dataclass(frozen=True, slots=True)
 class JobUsage:
     job_id: str
-    channel_id: int
+    ref: ChannelRef
     prompt_tokens: int
     completion_tokens: int
     cost: int
     updated_at: float
+    complete: bool = True
+    """False while the job runs, and for a job that ended before its Done."""
+
+    @property
+    def channel_id(self) -> int:
+        return self.ref.channel_id
 
 
 def _fsync_dir(path: Path) -> None:
@@ -119,7 +190,15 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._transaction():
-            for statement in _SCHEMA.split(";"):
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            has_v1 = version == 1 or (
+                version == 0
+                and self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'channels'"
+                ).fetchone() is not None
+            )
+            script = _MIGRATE_FROM_V1.format(schema=_SCHEMA) if has_v1 else _SCHEMA
+            for statement in script.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -148,42 +227,69 @@ class Ledger:
     # --- channels ---------------------------------------------------------------------
 
     def add_channel(self, record: ChannelRecord) -> None:
-        """Remember a channel; re-adding it with the same client key updates the deposit."""
-        key = str(record.channel_id)
+        """Remember a channel; re-adding it at the same address updates the deposit."""
+        key = record.ref.key
         with self._lock, self._transaction():
             row = self._db.execute(
-                "SELECT client_key FROM channels WHERE channel_id = ?", (key,)
+                "SELECT address FROM channels WHERE ref = ?", (key,)
             ).fetchone()
-            if row is not None and bytes(row[0]) != record.client_key:
-                raise ChannelConflict(f"channel {record.channel_id:#x} has another client key")
+            if row is not None and row[0] and record.address and row[0] != record.address:
+                raise ChannelConflict(
+                    f"channel {record.ref} is recorded at {row[0]}, not {record.address}"
+                )
             self._db.execute(
-                "INSERT INTO channels(channel_id, client_key, deposit, opened_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT(channel_id) DO UPDATE SET"
-                " deposit = excluded.deposit",
-                (key, record.client_key, str(record.deposit), record.opened_at),
+                "INSERT INTO channels(ref, channel_id, client_key, address, deposit, opened_at,"
+                " state) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(ref) DO UPDATE SET"
+                " deposit = excluded.deposit,"
+                " address = CASE WHEN address = '' THEN excluded.address ELSE address END",
+                (key, str(record.channel_id), record.client_key, record.address,
+                 str(record.deposit), record.opened_at, record.state),
             )
 
-    def channel(self, channel_id: int) -> ChannelRecord | None:
+    def channel(self, ref: ChannelRef) -> ChannelRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT client_key, deposit, opened_at FROM channels WHERE channel_id = ?",
-                (str(channel_id),),
+                "SELECT channel_id, client_key, deposit, opened_at, address, state"
+                " FROM channels WHERE ref = ?",
+                (ref.key,),
             ).fetchone()
-        if row is None:
-            return None
-        return ChannelRecord(channel_id, bytes(row[0]), int(row[1]), float(row[2]))
+        return None if row is None else _record(row)
+
+    def channels(self) -> list[ChannelRecord]:
+        """Every channel, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT channel_id, client_key, deposit, opened_at, address, state"
+                " FROM channels ORDER BY opened_at, ref"
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def set_state(self, ref: ChannelRef, state: str) -> None:
+        """Move a channel to ``closing`` or ``closed`` (never back to ``open``)."""
+        if state not in STATES:
+            raise ValueError(f"unknown channel state {state!r}")
+        with self._lock, self._transaction():
+            row = self._db.execute("SELECT state FROM channels WHERE ref = ?", (ref.key,))
+            current = row.fetchone()
+            if current is None:
+                raise UnknownChannel(f"channel {ref} was never added")
+            if STATES.index(state) < STATES.index(current[0]):
+                return  # a closed channel never reopens
+            self._db.execute("UPDATE channels SET state = ? WHERE ref = ?", (state, ref.key))
 
     # --- vouchers ---------------------------------------------------------------------
 
-    def record_voucher(self, voucher: Voucher, accepted_at: float) -> None:
+    def record_voucher(self, ref: ChannelRef, voucher: Voucher, accepted_at: float) -> None:
         """Store ``voucher`` as its channel's latest; durable (fsynced) on return."""
-        key = str(voucher.channel_id)
+        if voucher.channel_id != ref.channel_id:
+            raise UnknownChannel(f"voucher for {voucher.channel_id:#x} filed under {ref}")
+        key = ref.key
         with self._lock, self._transaction():
-            known = self._db.execute("SELECT 1 FROM channels WHERE channel_id = ?", (key,))
+            known = self._db.execute("SELECT 1 FROM channels WHERE ref = ?", (key,))
             if known.fetchone() is None:
-                raise UnknownChannel(f"channel {voucher.channel_id:#x} was never added")
+                raise UnknownChannel(f"channel {ref} was never added")
             row = self._db.execute(
-                "SELECT seqno, sent FROM vouchers WHERE channel_id = ?", (key,)
+                "SELECT seqno, sent FROM vouchers WHERE ref = ?", (key,)
             ).fetchone()
             if row is not None and (voucher.seqno <= int(row[0]) or voucher.sent < int(row[1])):
                 raise StaleVoucher(
@@ -191,17 +297,17 @@ class Ledger:
                     f"stored seqno {row[0]}/sent {row[1]}"
                 )
             self._db.execute(
-                "INSERT INTO vouchers(channel_id, seqno, sent, boc, accepted_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(channel_id) DO UPDATE SET"
+                "INSERT INTO vouchers(ref, seqno, sent, boc, accepted_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(ref) DO UPDATE SET"
                 " seqno = excluded.seqno, sent = excluded.sent, boc = excluded.boc,"
                 " accepted_at = excluded.accepted_at",
                 (key, voucher.seqno, str(voucher.sent), voucher.to_boc(), accepted_at),
             )
 
-    def latest_voucher(self, channel_id: int) -> StoredVoucher | None:
+    def latest_voucher(self, ref: ChannelRef) -> StoredVoucher | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT boc, accepted_at FROM vouchers WHERE channel_id = ?", (str(channel_id),)
+                "SELECT boc, accepted_at FROM vouchers WHERE ref = ?", (ref.key,)
             ).fetchone()
         if row is None:
             return None
@@ -212,43 +318,78 @@ class Ledger:
     def record_usage(self, usage: JobUsage) -> None:
         """Upsert a job's cumulative usage (the job's counts only ever grow)."""
         with self._lock, self._transaction():
-            try:
-                self._db.execute(
-                    "INSERT INTO usage(job_id, channel_id, prompt_tokens, completion_tokens,"
-                    " cost, updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO UPDATE"
-                    " SET prompt_tokens = excluded.prompt_tokens,"
-                    " completion_tokens = excluded.completion_tokens, cost = excluded.cost,"
-                    " updated_at = excluded.updated_at",
-                    (
-                        usage.job_id,
-                        str(usage.channel_id),
-                        usage.prompt_tokens,
-                        usage.completion_tokens,
-                        str(usage.cost),
-                        usage.updated_at,
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise UnknownChannel(f"channel {usage.channel_id:#x} was never added") from exc
+            known = self._db.execute("SELECT 1 FROM channels WHERE ref = ?", (usage.ref.key,))
+            if known.fetchone() is None:
+                raise UnknownChannel(f"channel {usage.ref} was never added")
+            self._db.execute(
+                "INSERT INTO usage(job_id, ref, prompt_tokens, completion_tokens, cost,"
+                " updated_at, complete) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id)"
+                " DO UPDATE SET prompt_tokens = excluded.prompt_tokens,"
+                " completion_tokens = excluded.completion_tokens, cost = excluded.cost,"
+                " updated_at = excluded.updated_at, complete = excluded.complete",
+                (
+                    usage.job_id,
+                    usage.ref.key,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    str(usage.cost),
+                    usage.updated_at,
+                    int(usage.complete),
+                ),
+            )
 
     def usage(self, job_id: str) -> JobUsage | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT channel_id, prompt_tokens, completion_tokens, cost, updated_at"
-                " FROM usage WHERE job_id = ?",
+                "SELECT u.job_id, c.channel_id, c.client_key, u.prompt_tokens,"
+                " u.completion_tokens, u.cost, u.updated_at, u.complete"
+                " FROM usage u JOIN channels c USING (ref) WHERE u.job_id = ?",
                 (job_id,),
             ).fetchone()
-        if row is None:
-            return None
-        return JobUsage(job_id, int(row[0]), int(row[1]), int(row[2]), int(row[3]), float(row[4]))
+        return None if row is None else _usage(row)
 
-    def channel_owed(self, channel_id: int) -> int:
-        """Total cost of all recorded jobs on a channel (a meter's ``owed_before``)."""
+    def jobs(self, ref: ChannelRef) -> list[JobUsage]:
+        """Every job on a channel, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT cost FROM usage WHERE channel_id = ?", (str(channel_id),)
+                "SELECT u.job_id, c.channel_id, c.client_key, u.prompt_tokens,"
+                " u.completion_tokens, u.cost, u.updated_at, u.complete"
+                " FROM usage u JOIN channels c USING (ref) WHERE u.ref = ?"
+                " ORDER BY u.updated_at, u.job_id",
+                (ref.key,),
             ).fetchall()
+        return [_usage(row) for row in rows]
+
+    def channel_owed(self, ref: ChannelRef) -> int:
+        """Total cost of all recorded jobs on a channel (a meter's ``owed_before``)."""
+        with self._lock:
+            rows = self._db.execute("SELECT cost FROM usage WHERE ref = ?", (ref.key,)).fetchall()
         return sum(int(r[0]) for r in rows)
+
+
+def _record(row: Any) -> ChannelRecord:
+    channel_id, client_key, deposit, opened_at, address, state = row
+    return ChannelRecord(
+        int(str(channel_id)),
+        bytes(client_key),
+        int(str(deposit)),
+        float(opened_at),
+        str(address),
+        str(state),
+    )
+
+
+def _usage(row: Any) -> JobUsage:
+    job_id, channel_id, client_key, prompt, completion, cost, updated_at, complete = row
+    return JobUsage(
+        str(job_id),
+        ChannelRef(int(str(channel_id)), bytes(client_key)),
+        int(prompt),
+        int(completion),
+        int(str(cost)),
+        float(updated_at),
+        bool(complete),
+    )
 
 
 class _Transaction:

@@ -146,9 +146,10 @@ class ProviderPayments:
         ledger = Ledger(folder)
         book = ChannelBook(folder, code)
         signer = keys.channel_signer()
+        gates = ChannelGates(ledger, price, credit_window_tokens)
         return cls(
-            gates=ChannelGates(ledger, price, credit_window_tokens),
-            service=ChannelService(chain, code, signer, wallet, ledger, book),
+            gates=gates,
+            service=ChannelService(chain, code, signer, wallet, ledger, book, busy=gates.busy),
             watcher=ChannelWatcher(chain, signer, wallet, ledger, book),
             keys=keys,
             ledger=ledger,
