@@ -39,14 +39,15 @@ from meshnode.core.router import Router, StatsFormatError, Strategy
 from meshnode.engine.base import Engine
 from meshnode.identity import NodeIdentity, load_or_create
 from meshnode.jobs.client import JobError, JobRequest, JobResult, OnText, run_job
-from meshnode.jobs.payment_gate import Payer
+from meshnode.jobs.payment_gate import JobPayments, Payer, PaymentService, PayNothing
 from meshnode.jobs.provider import GateFactory, JobProvider
-from meshnode.jobs.routed import DEFAULT_DEADLINE_S, PayerFor, RoutedJobs, RoutedResult
+from meshnode.jobs.routed import DEFAULT_DEADLINE_S, RoutedJobs, RoutedResult
 from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, fetch_signed_advert, serve_advert
 from meshnode.p2p.discovery import ClientDiscovery, ProviderAnnouncer
 from meshnode.p2p.host import (
     DEFAULT_LISTEN,
     DIAL_TIMEOUT_S,
+    forget_closed_connections,
     full_addrs,
     parse_peer_addr,
     running_host,
@@ -221,7 +222,7 @@ class ClientNode:
         strategy: Strategy = Strategy.POWER_OF_TWO,
         stats_path: Path | None = None,
         policy_path: Path | None = None,
-        payer_for: PayerFor | None = None,
+        payments: JobPayments | None = None,
     ) -> None:
         self.host = host
         policy = load_policy(policy_path)
@@ -245,7 +246,7 @@ class ClientNode:
             directory=self.directory,
             router=self.router,
             dial=self.ensure_connected,
-            payer_for=payer_for or (lambda _a: None),
+            payments=payments or PayNothing(),
             on_settled=self.save_stats,
         )
 
@@ -308,6 +309,7 @@ class ClientNode:
     async def connect(self, addr: str) -> Advert:
         """Dial a provider by multiaddr, fetch its advert, verify and list it."""
         info = parse_peer_addr(addr)
+        forget_closed_connections(self.host, info.peer_id)
         with trio.fail_after(DIAL_TIMEOUT_S):
             await self.host.connect(info)
         result = await self.add_advert(await fetch_signed_advert(self.host, info.peer_id))
@@ -317,6 +319,7 @@ class ClientNode:
 
     async def ensure_connected(self, advert: Advert) -> None:
         peer = ID.from_base58(advert.peer_id)
+        forget_closed_connections(self.host, peer)
         if self.host.get_network().connections.get(peer):
             return
         direct = [a for a in advert.addrs if not is_circuit_addr(a)]
@@ -335,6 +338,19 @@ class ClientNode:
                 await self.relay.dial(relayed[0])
             return
         raise ConnectionError(f"provider {advert.peer_id} advertises no address we can dial")
+
+    def advert_of(self, peer_id: str | None, channel_key: bytes | None = None) -> Advert | None:
+        """The freshest live, verified advert of the peer, or of whoever advertises that
+        TON channel key (a provider may come back under another peer id)."""
+        found = [
+            lst.advert
+            for lst in self.directory.peers(time.time())
+            if lst.verified and (
+                lst.advert.peer_id == peer_id
+                or (lst.advert.ton is not None and lst.advert.ton.channel_pubkey == channel_key)
+            )
+        ]
+        return max(found, key=lambda a: a.issued_at, default=None)
 
     def verification(self, peer_id: str) -> str:
         listing = self.directory.get(peer_id, time.time())
@@ -422,7 +438,7 @@ async def client_node(
     allow_insecure: bool = False,
     strategy: Strategy = Strategy.POWER_OF_TWO,
     stats_path: Path | None = None,
-    payer_for: PayerFor | None = None,
+    payments: JobPayments | None = None,
     bootstrap: Sequence[str] = (),
     policy_path: Path | None = None,
 ) -> AsyncIterator[ClientNode]:
@@ -435,7 +451,7 @@ async def client_node(
             allow_insecure=allow_insecure,
             strategy=strategy,
             stats_path=stats_path,
-            payer_for=payer_for,
+            payments=payments,
             policy_path=policy_path,
         )
         async with AsyncExitStack() as stack:
@@ -446,6 +462,9 @@ async def client_node(
                 node.relay = await stack.enter_async_context(RelayClient(host).running())
             nursery = await stack.enter_async_context(background_tasks())
             nursery.start_soon(node.verify_loop)
+            if isinstance(payments, PaymentService):
+                payments.attach(host, node.ensure_connected, node.advert_of)
+                await nursery.start(payments.run)
             if bootstrap:
                 node.discovery = ClientDiscovery(
                     host, node.directory, bootstrap, on_insert=node.on_discovered

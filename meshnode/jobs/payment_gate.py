@@ -6,8 +6,15 @@ meshnode.pay, and `FreeGate`/`NoPayer` serve free providers (dev and demo nodes)
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol, runtime_checkable
 
+import trio
+from libp2p.abc import IHost
+from trio_typing import TaskStatus
+
+from meshnode.core.advert import Advert
 from meshnode.core.messages import Usage
 
 
@@ -108,6 +115,11 @@ class Payer(Protocol):
         whose bill checked), so the channel's debt survives a restart."""
         ...
 
+    @property
+    def charged(self) -> int:
+        """Nanoton this job owes the provider (known after `finish`)."""
+        ...
+
 
 class FreeGate:
     async def admit(self) -> None:
@@ -165,7 +177,64 @@ class NoPayer:
     async def finish(self, received: int, complete: bool) -> None:
         return None
 
+    @property
+    def charged(self) -> int:
+        return 0
+
     async def voucher_for(self, owed: int, received: int) -> bytes:
         raise PaymentRejected(
             "no_channel", "the provider asks for payment but this client has no open channel"
         )
+
+
+class PaymentUnavailable(Exception):
+    """The client cannot pay this provider now (over budget, no wallet advertised, the
+    chain or the provider refused the channel): try another provider."""
+
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(f"{code}: {msg}")
+        self.code = code
+
+
+class JobPayments(Protocol):
+    """How routed jobs pay (client side): which providers the client can afford, and
+    the payer for one job there (None: the provider is free). `meshnode.pay` implements
+    it with channels opened on demand within a budget; `PayNothing` pays no one."""
+
+    def affordable(self, advert: Advert, model_id: str, prompt: str, max_tokens: int) -> bool:
+        ...
+
+    def job(
+        self, advert: Advert, model_id: str, prompt: str, max_tokens: int
+    ) -> AbstractAsyncContextManager[Payer | None]:
+        """The payer for one job; raise PaymentUnavailable if there is none."""
+        ...
+
+
+class PayNothing:
+    """No payments: every provider is tried, and a priced one refuses the job."""
+
+    def affordable(self, advert: Advert, model_id: str, prompt: str, max_tokens: int) -> bool:
+        return True
+
+    @asynccontextmanager
+    async def job(
+        self, advert: Advert, model_id: str, prompt: str, max_tokens: int
+    ) -> AsyncIterator[Payer | None]:
+        yield None
+
+
+@runtime_checkable
+class PaymentService(JobPayments, Protocol):
+    """JobPayments that live as long as the client node: attached to its host, dialer
+    and directory, with a background task (loading state, closing idle channels)."""
+
+    def attach(
+        self,
+        host: IHost,
+        dial: Callable[[Advert], Awaitable[None]],
+        lookup: Callable[[str | None, bytes | None], Advert | None],
+    ) -> None: ...
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ...

@@ -102,6 +102,8 @@ class ChannelPayer:
         """The channel's cumulative payment when this job began."""
         self.adopted = 0
         """Debt the provider stated beyond this client's count, taken over (nanoton)."""
+        self.charged = 0
+        """What this job owes the provider (set by `finish`), its share of the channel."""
         self.vouchers: list[Voucher] = []
         """Vouchers this job signed, in order (the last one is the job's final state)."""
 
@@ -232,5 +234,6 @@ class ChannelPayer:
             complete=complete,
         )
         await trio.to_thread.run_sync(self._channel.ledger.record_usage, usage)
+        self.charged = owed - self._recorded_owed - self.adopted
         self._channel.owed = owed
         self._channel.uncertain = not complete
