@@ -4,10 +4,14 @@ funded wallets for a client and a provider, and both sides' payment contexts."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
@@ -16,7 +20,9 @@ from meshnode.core.messages import Open
 from meshnode.core.meter import Price
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.voucher import VoucherSigner
+from meshnode.identity import NodeIdentity
 from meshnode.jobs.payment_gate import PaymentGate
+from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
 from meshnode.pay.chain import SendResult
 from meshnode.pay.channel_messages import ClosingConfig
 from meshnode.pay.channels import ClientChannel, Payee
@@ -140,3 +146,14 @@ def job_open(
 def channel_gate(gates: ChannelGates, channel: ClientChannel) -> PaymentGate:
     """The provider's gate for one job on ``channel``, opened by the channel's client."""
     return gates(job_open(channel.channel_id, signer=channel.signer), PROVIDER_PEER_ID)
+
+
+@asynccontextmanager
+async def linked(net: PayNet) -> AsyncIterator[tuple[IHost, ID]]:
+    """A provider host serving /meshnode/channel/1 and a client host connected to it."""
+    async with running_host(NodeIdentity.generate()) as provider_host:
+        net.provider.service.install(provider_host)
+        async with running_host(NodeIdentity.generate()) as client_host:
+            info = parse_peer_addr(full_addrs(provider_host)[0])
+            await client_host.connect(info)
+            yield client_host, info.peer_id

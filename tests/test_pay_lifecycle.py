@@ -7,14 +7,10 @@ through the provider's real gate and the client's real payer, without a model.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
-from libp2p.abc import IHost
-from libp2p.peer.id import ID
 from pay_net import (
     CLIENT_WALLET,
     DEPOSIT,
@@ -25,13 +21,12 @@ from pay_net import (
     WINDOW_TOKENS,
     PayNet,
     channel_gate,
+    linked,
     pay_net,
 )
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.voucher import VoucherState
-from meshnode.identity import NodeIdentity
-from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
 from meshnode.pay.channel_messages import (
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_UNINITED,
@@ -59,17 +54,6 @@ def code() -> Cell:
 @pytest.fixture
 def net(tmp_path: Path, code: Cell) -> PayNet:
     return pay_net(tmp_path, code)
-
-
-@asynccontextmanager
-async def linked(net: PayNet) -> AsyncIterator[tuple[IHost, ID]]:
-    """A provider host serving /meshnode/channel/1 and a client host connected to it."""
-    async with running_host(NodeIdentity.generate()) as provider_host:
-        net.provider.service.install(provider_host)
-        async with running_host(NodeIdentity.generate()) as client_host:
-            info = parse_peer_addr(full_addrs(provider_host)[0])
-            await client_host.connect(info)
-            yield client_host, info.peer_id
 
 
 async def pay_in_steps(net: PayNet, channel: ClientChannel, steps: int) -> ChannelPayer:
