@@ -58,6 +58,19 @@ NetworkConfigOpt = Annotated[
     Path | None,
     typer.Option("--network-config", help="TON global config for --chain liteclient."),
 ]
+DepositOpt = Annotated[
+    str, typer.Option("--deposit", envvar="MESHNODE_DEPOSIT",
+                      help="TON locked in each channel a routed job opens to a provider."),
+]
+BudgetOpt = Annotated[
+    str, typer.Option("--budget", envvar="MESHNODE_BUDGET",
+                      help="TON this data dir may ever commit to channels (deposits of open "
+                           "ones plus what closed ones paid)."),
+]
+IdleCloseOpt = Annotated[
+    float, typer.Option("--idle-close", envvar="MESHNODE_IDLE_CLOSE",
+                        help="Close a channel unused for this many seconds."),
+]
 
 
 def _bootstrap(given: list[str] | None) -> list[str]:
@@ -144,6 +157,18 @@ def _channel_id(text: str) -> int:
         return parse_channel_id(text)
     except ValueError as exc:
         err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
+def _budget(deposit: str, budget: str, idle_close_s: float) -> Any:
+    """The routed-payment budget from its flags (exit 2 when they make no sense)."""
+    from meshnode.channel_ops import parse_ton
+    from meshnode.pay.client_channels import Budget
+
+    try:
+        return Budget(parse_ton(deposit), parse_ton(budget), idle_close_s)
+    except ValueError as exc:
+        err.print(f"[red]--deposit/--budget/--idle-close: {exc}[/]")
         raise typer.Exit(2) from None
 
 
@@ -354,16 +379,20 @@ def ask(
     ] = None,
     chain: ChainOpt = "local",
     network_config: NetworkConfigOpt = None,
+    deposit: DepositOpt = "0.1",
+    budget: BudgetOpt = "1",
     insecure: InsecureOpt = False,
     home: HomeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Send one prompt to a provider (--peer) or to the best provider of --model, and
-    print the tokens as they arrive."""
-    from meshnode.channel_ops import channel_payer, client_payments, format_ton
+    print the tokens as they arrive. With --model, priced providers are paid through
+    channels opened on first use (within --deposit and --budget) and reused."""
+    from meshnode.channel_ops import channel_payer, client_payments, format_ton, routed_payments
     from meshnode.jobs.client import JobError
     from meshnode.jobs.routed import NoProvider
     from meshnode.node import client_node
+    from meshnode.pay.client_channels import DEFAULT_IDLE_CLOSE_S
     from meshnode.pay.payer import ChannelPayer
 
     _setup_logging(verbose)
@@ -377,6 +406,9 @@ def ask(
             raise typer.Exit(2)
         channel_id, choice = _channel_id(channel), _chain_choice(chain, network_config)
     boot = _bootstrap(bootstrap) if model is not None else []
+    routed_budget = _budget(deposit, budget, DEFAULT_IDLE_CLOSE_S) if model is not None else None
+    if routed_budget is not None:
+        choice = _chain_choice(chain, network_config)
     if model is not None and not boot:
         err.print("[red]--model needs a bootstrap peer (--bootstrap or bootstrap/peers.toml)[/]")
         raise typer.Exit(2)
@@ -389,7 +421,11 @@ def ask(
         sys.stdout.flush()
 
     async def main() -> int:
-        async with client_node(allow_insecure=insecure, bootstrap=boot) as client:
+        channels = None
+        if routed_budget is not None and choice is not None:
+            channels = routed_payments(data_dir(home), choice, routed_budget)
+        async with client_node(allow_insecure=insecure, bootstrap=boot,
+                               payments=channels) as client:
             try:
                 if peer is not None:
                     try:
@@ -399,8 +435,8 @@ def ask(
                         return 3
                     payer: ChannelPayer | None = None
                     if channel_id is not None and choice is not None:
-                        payments = client_payments(data_dir(home), choice)
-                        payer = await channel_payer(payments, channel_id, advert)
+                        payer = await channel_payer(
+                            client_payments(data_dir(home), choice), channel_id, advert)
                     try:
                         res = await client.ask(advert, prompt, max_tokens=max_tokens,
                                                params=params, on_text=on_text, payer=payer)
@@ -427,6 +463,8 @@ def ask(
                                                    params=params, on_text=on_text)
                     used, usage = routed.providers, routed.usage
                     insecure_run = client.ran_insecure(routed)
+                    if usage.cost_nanoton:
+                        err.print(f"[dim]paid {format_ton(usage.cost_nanoton)} by voucher[/]")
                     ttft, elapsed = routed.ttft_s, routed.elapsed_s
             except PermissionError as exc:
                 err.print(f"[red]refused:[/] {exc} (--insecure allows dev providers)")
@@ -470,13 +508,21 @@ def client(
         str, typer.Option(help="random|round_robin|least_loaded|p2c|cheapest|fastest")
     ] = "p2c",
     bootstrap: BootstrapOpt = None,
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    deposit: DepositOpt = "0.1",
+    budget: BudgetOpt = "1",
+    idle_close: IdleCloseOpt = 24 * 3600.0,
     insecure: InsecureOpt = False,
     home: HomeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run a light client with an OpenAI-compatible endpoint on loopback."""
+    """Run a light client with an OpenAI-compatible endpoint on loopback. Priced
+    providers are paid through channels opened on first use, within --deposit and
+    --budget, reused across restarts and closed after --idle-close seconds unused."""
     from meshnode.api.backend import RoutedBackend
     from meshnode.api.server import BindRefused, check_bind, parse_listen, serve_api
+    from meshnode.channel_ops import format_ton, routed_payments
     from meshnode.core.router import Strategy
     from meshnode.node import client_node
 
@@ -489,11 +535,15 @@ def client(
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
 
+    choice = _chain_choice(chain, network_config)
+    limits = _budget(deposit, budget, idle_close)
+
     async def main() -> None:
         stats = data_dir(home) / "client" / "peer-stats.json"
         async with client_node(
             allow_insecure=insecure, strategy=chosen, stats_path=stats,
             bootstrap=_bootstrap(bootstrap),
+            payments=routed_payments(data_dir(home), choice, limits),
         ) as node, trio.open_nursery() as nursery:
             for addr in peer or []:
                 try:
@@ -507,6 +557,8 @@ def client(
                         api_key=api_key, allow_remote=allow_remote)
             )
             out.print(f"[bold green]OpenAI-compatible API[/] at {url}/v1")
+            out.print(f"payments  channels of {format_ton(limits.deposit)} each, budget "
+                      f"{format_ton(limits.total)} on the {choice.kind} chain")
             if insecure:
                 out.print("[yellow]--insecure: answers may come from providers without a TEE[/]")
 
@@ -865,6 +917,95 @@ def channel_close(
               f"{raw_address(closed.provider_wallet)} (voucher seqno {closed.paid_seqno})")
     out.print(f"refunded {format_ton(closed.refunded)} to this node's wallet "
               "(rest of the deposit + fee reserve)")
+
+
+# --- market: channels of routed jobs, provider earnings ------------------------------
+
+
+def _channel_table(title: str, rows: list[Any], counterparty: str) -> Any:
+    from rich.table import Table
+
+    from meshnode.channel_ops import format_ton
+
+    table = Table(title=title)
+    for col in ("channel", "state", counterparty, "deposit", "paid (latest voucher)",
+                "unpaid debt", "jobs", "tokens"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(f"{r.channel_id:#x}", r.state, r.counterparty[:16], format_ton(r.deposit),
+                      format_ton(r.paid), format_ton(r.debt), str(r.jobs),
+                      str(r.completion_tokens))
+    return table
+
+
+@channel_app.command("list")
+def channel_list(
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Every channel this node opened (by `channel open` or by routed jobs)."""
+    from meshnode.channel_ops import list_channels
+
+    _setup_logging(verbose)
+    choice = _chain_choice(chain, network_config)
+    rows = _run_paying(lambda: list_channels(data_dir(home), choice))
+    out.print(_channel_table(f"{len(rows)} channel(s)", rows, "provider"))
+
+
+@channel_app.command("close-all")
+def channel_close_all(
+    bootstrap: BootstrapOpt = None,
+    peer: Annotated[
+        list[str] | None, typer.Option("--peer", help="Provider multiaddr (repeatable).")
+    ] = None,
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    insecure: InsecureOpt = False,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Close every open channel cooperatively, paying each provider its last voucher
+    (and any debt a broken job left). Providers are found through the mesh."""
+    from meshnode.channel_ops import close_all_channels
+
+    _setup_logging(verbose)
+    choice = _chain_choice(chain, network_config)
+    boot = _bootstrap(bootstrap) if peer is None else list(bootstrap or [])
+    closed, left = _run_paying(lambda: close_all_channels(
+        data_dir(home), choice, boot, list(peer or []), insecure=insecure))
+    for cid in closed:
+        out.print(f"[bold green]closed[/] {cid:#x}")
+    for cid in left:
+        out.print(f"[yellow]still open[/] {cid:#x} (provider unreachable; try again later)")
+    raise typer.Exit(0 if not left else 1)
+
+
+@app.command()
+def earnings(
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """What clients owe and have paid this provider, per channel."""
+    from meshnode.channel_ops import earnings as provider_earnings
+    from meshnode.channel_ops import format_ton
+
+    _setup_logging(verbose)
+    choice = _chain_choice(chain, network_config)
+    rows = _run_paying(lambda: provider_earnings(data_dir(home), choice))
+    out.print(_channel_table(f"{len(rows)} channel(s) to this provider", rows, "client key"))
+    open_rows = [r for r in rows if r.state == "open"]
+    out.print(f"earned    {format_ton(sum(r.paid for r in rows))} in vouchers "
+              f"({format_ton(sum(r.paid for r in open_rows))} in open channels)")
+    out.print(f"unpaid    {format_ton(sum(r.debt for r in rows))} of debt (jobs that ended "
+              "before their last voucher; the next job on the channel pays it first)")
+    out.print("[dim]withdraw: a client's cooperative close pays the latest voucher straight "
+              "to this node's wallet; a client that stays away can be closed unilaterally "
+              "with the latest voucher (the running `serve` finishes closes and challenges "
+              "stale ones).[/]")
 
 
 def main() -> None:
