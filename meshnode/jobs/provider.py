@@ -196,6 +196,7 @@ class JobProvider:
                 prompt_tokens=None if owed_before is None else prompt_tokens,
                 owed_before=owed_before,
             ))
+            log.info("job %s from %s accepted", first.job_id.hex()[:8], peer)
             async with self._limiter:
                 self._load_changed()
                 await self._generate(fs, first, prompt, prompt_tokens, params, sealer, peer,
