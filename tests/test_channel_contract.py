@@ -110,6 +110,21 @@ def test_deposit_then_init_opens_the_channel(code: Cell) -> None:
     assert chain.get_int(address, "get_channel_state") == CHANNEL_STATE_OPEN
 
 
+def test_one_message_deploys_funds_and_inits_the_channel(code: Cell) -> None:
+    chain = EmulatedChain(start_time=START)
+    chain.add_wallet(WALLET_A, WALLET_FUNDS)
+    config = ChannelConfig(CHANNEL_ID, CLIENT.public_key, PROVIDER.public_key, WALLET_A,
+                           WALLET_B, ClosingConfig(QUARANTINE_S, FINE, CONDITIONAL_CLOSE_S))
+    address = channel_address(code, config)
+    init = init_channel_body(CHANNEL_ID, DEPOSIT, 0, is_a=True, signer=CLIENT)
+    # The contract counts the message's own value towards the balances init sets.
+    result = chain.send(WALLET_A, address, DEPOSIT + FEE_RESERVE, init,
+                        state_init(code, channel_data(config)))
+    assert result.success, result
+    assert chain.get_int(address, "get_channel_state") == CHANNEL_STATE_OPEN
+    assert chain.balance(address) == DEPOSIT + FEE_RESERVE
+
+
 def test_init_signer_sets_the_balances_so_the_client_must_init(code: Cell) -> None:
     # init_channel only requires balances >= the top-ups and < the contract balance:
     # a provider signing init could move the client's fee reserve to itself.

@@ -216,7 +216,7 @@ async def test_watcher_leaves_a_close_with_the_latest_voucher_alone(net: PayNet)
 
 
 @pytest.mark.parametrize("jobs, steps", [(1, 1), (5, 12)])
-async def test_a_channel_costs_three_chain_messages_whatever_it_carries(
+async def test_a_channel_costs_two_chain_messages_whatever_it_carries(
     net: PayNet, jobs: int, steps: int
 ) -> None:
     channel = await net.open_channel()
@@ -227,7 +227,7 @@ async def test_a_channel_costs_three_chain_messages_whatever_it_carries(
             vouchers += len((await pay_in_steps(net, channel, steps)).vouchers)
         await channel.close(client_host, provider)
     assert vouchers == jobs * steps
-    assert net.chain.sends == 3  # deploy with deposit, init, cooperative close
+    assert net.chain.sends == 2  # one message opens (deploy, deposit, init), one closes
 
 
 async def test_a_zero_voucher_closes_a_channel_that_never_carried_a_job(net: PayNet) -> None:

@@ -120,7 +120,7 @@ async def test_jobs_then_a_cooperative_close_pay_the_provider_exactly_the_last_v
     assert m.net.chain.balance(PROVIDER_WALLET) - b_before == last.sent
     assert m.net.chain.balance(CLIENT_WALLET) - a_before == DEPOSIT - last.sent + FEE_RESERVE
     assert m.net.chain.balance(m.channel.address) == 0
-    assert m.net.chain.sends == 3  # deploy, init, close: not one per job or token
+    assert m.net.chain.sends == 2  # open (deploy+deposit+init), close: not per job or token
 
 
 async def test_a_priced_provider_refuses_a_job_without_a_channel(

@@ -1,7 +1,8 @@
 """Payment-channel lifecycle from the client's side, plus the provider's chain watcher.
 
-A channel costs the client three on-chain messages whatever it carries: deploy with the
-deposit, init, and one close. Everything between is off-chain vouchers. The client is
+A channel costs two on-chain messages whatever it carries: one that deploys the contract
+with the deposit and inits it (the contract counts the message's value towards the
+balances init sets), and one close. Everything between is off-chain vouchers. The client is
 party A and must send init itself (whoever signs init sets the balances). After opening,
 the client announces the channel to the provider on `/meshnode/channel/1`; the provider
 checks it on chain and hands back its signed zero state, which the client keeps so it
@@ -50,7 +51,6 @@ from meshnode.pay.channel_messages import (
     init_channel_body,
     start_uncooperative_close_body,
     state_init,
-    top_up_body,
 )
 from meshnode.pay.channel_protocol import (
     CHANNEL_PROTOCOL,
@@ -200,7 +200,7 @@ class ClientChannel:
         closing: ClosingConfig = DEFAULT_CLOSING,
         channel_id: int | None = None,
     ) -> ClientChannel:
-        """Deploy the channel with ``deposit`` from ``wallet``, then init it (2 messages)."""
+        """Deploy the channel with ``deposit`` from ``wallet`` and init it: one message."""
         if deposit <= 0:
             raise ChannelError("bad_deposit", "the deposit must be positive")
         config = ChannelConfig(
@@ -219,15 +219,14 @@ class ClientChannel:
             address=raw_address(entry.address),
         )
         await trio.to_thread.run_sync(ledger.add_channel, record)
+        # One message deploys, funds and inits: the contract checks init's balances
+        # against its balance *with* the message's value, so no separate top-up is needed.
         init = state_init(code, channel_data(config))
-        deploy = await on_chain(
-            chain.send, wallet, entry.address, deposit + FEE_RESERVE, top_up_body(deposit, 0), init
-        )
-        _check_sent(deploy, "deploy with deposit")
         body = init_channel_body(config.channel_id, deposit, 0, is_a=True, signer=signer)
-        _check_sent(
-            await on_chain(chain.send, wallet, entry.address, SIGNED_OP_VALUE, body), "init"
+        deploy = await on_chain(
+            chain.send, wallet, entry.address, deposit + FEE_RESERVE, body, init
         )
+        _check_sent(deploy, "deploy, deposit and init")
         channel = cls(chain, wallet, signer, entry, ledger, book)
         view = await channel.view()
         if view.state != CHANNEL_STATE_OPEN or view.balance_a != deposit:

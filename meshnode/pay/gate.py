@@ -110,6 +110,9 @@ class MeteredGate:
             raise PaymentRejected(
                 "channel_closed", f"channel {ref} is {record.state}: open a new channel"
             )
+        # Checked again (authoritatively) in start; here so that a channel that cannot
+        # pay never takes one of the queue places all channels share.
+        await self._check_deposit(record)
         if not self._gates.take_place(ref):
             raise PaymentRejected(
                 "channel_busy", f"channel {ref} already holds {MAX_CHANNEL_PLACES} jobs"
@@ -130,17 +133,7 @@ class MeteredGate:
         if current is None or not current.is_open:  # closed while this job waited
             state = "gone" if current is None else current.state
             raise PaymentRejected("channel_closed", f"channel {ref} is {state}")
-        latest = await trio.to_thread.run_sync(ledger.latest_voucher, ref)
-        recorded = await trio.to_thread.run_sync(ledger.channel_owed, ref)
-        paid = Paid(latest.voucher.seqno, latest.voucher.sent) if latest else Paid()
-        owed_before = max(recorded, paid.sent)
-        credit = self._gates.price.window_cost(self._gates.credit_window_tokens)
-        if not admits(current.deposit, owed_before, credit):
-            raise PaymentRejected(
-                "deposit_low",
-                f"channel {ref} has {current.deposit - owed_before} nanoton of deposit left "
-                f"(debt {owed_before - paid.sent}); a job needs {credit}: open a new channel",
-            )
+        paid, owed_before = await self._check_deposit(current)
         meter = ProviderMeter(
             ChannelTerms(ref.channel_id, record.client_key, current.deposit),
             self._gates.price,
@@ -150,6 +143,24 @@ class MeteredGate:
         )
         meter.record_prompt(prompt_tokens)
         self._meter = meter
+
+    async def _check_deposit(self, record: ChannelRecord) -> tuple[Paid, int]:
+        """(the last payment, what the channel owes) if its unspent deposit covers the
+        debt plus one credit window; else PaymentRejected."""
+        ledger = self._gates.ledger
+        latest = await trio.to_thread.run_sync(ledger.latest_voucher, record.ref)
+        recorded = await trio.to_thread.run_sync(ledger.channel_owed, record.ref)
+        paid = Paid(latest.voucher.seqno, latest.voucher.sent) if latest else Paid()
+        owed_before = max(recorded, paid.sent)
+        credit = self._gates.price.window_cost(self._gates.credit_window_tokens)
+        if not admits(record.deposit, owed_before, credit):
+            raise PaymentRejected(
+                "deposit_low",
+                f"channel {record.ref} has {record.deposit - owed_before} nanoton of deposit "
+                f"left (debt {owed_before - paid.sent}); a job needs {credit}: open a new "
+                "channel",
+            )
+        return paid, owed_before
 
     @property
     def owed_before(self) -> int | None:
