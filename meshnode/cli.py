@@ -319,18 +319,11 @@ def serve(
             tee=tee,
             price_prompt_per_1k=price_prompt,
             price_completion_per_1k=price_completion,
-            ton=pay.payee if pay is not None else None,
         )
-        async with (
-            provider_node(
-                engine, identity=identity, settings=settings,
-                gate_factory=pay.payments.gates if pay is not None else None,
-            ) as node,
-            trio.open_nursery() as nursery,
-        ):
-            if pay is not None:
-                pay.payments.service.install(node.host)
-                await nursery.start(pay.payments.watcher.run)
+        async with provider_node(
+            engine, identity=identity, settings=settings,
+            payments=pay.payments if pay is not None else None,
+        ) as node:
             out.print(f"[bold green]serving[/] {engine.info.name} ({engine.info.quant})")
             out.print(f"model id  {engine.info.model_id}")
             out.print(f"peer id   {node.peer_id}" + (" (new identity)" if created else ""))

@@ -14,12 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import trio
 from pytoniq_core.boc.address import Address
 from rich.console import Console
 
 from meshnode.channel_ops import format_ton, state_name
-from meshnode.core.advert import TonPayee
 from meshnode.core.meter import Price
 from meshnode.engine.demo_model import (
     DemoModel,
@@ -77,23 +75,15 @@ async def run_demo(out: Console, err: Console, prompt: str, max_tokens: int, tin
         settings = ProviderSettings(
             price_prompt_per_1k=DEMO_PRICE.prompt_per_1k,
             price_completion_per_1k=DEMO_PRICE.completion_per_1k,
-            ton=TonPayee(pay_p.keys.channel_public, PROVIDER_WALLET_RAW),
         )
         try:
-            async with (
-                provider_node(
-                    engine, identity=NodeIdentity.generate(), settings=settings,
-                    gate_factory=pay_p.gates,
-                ) as prov,
-                trio.open_nursery() as nursery,
-            ):
-                pay_p.service.install(prov.host)
-                await nursery.start(pay_p.watcher.run)
+            async with provider_node(
+                engine, identity=NodeIdentity.generate(), settings=settings, payments=pay_p,
+            ) as prov:
                 out.print(f"[bold]provider[/] {prov.peer_id}\n         {prov.addrs[0]}")
                 async with client_node(allow_insecure=True) as client:
                     await _ask_and_pay(out, client, prov, pay_c, model, prompt, max_tokens,
                                        params, chain)
-                nursery.cancel_scope.cancel()
         finally:
             await engine.aclose()
     return 0

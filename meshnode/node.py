@@ -7,6 +7,7 @@ Each owns one nursery; everything it starts lives and dies with it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -53,6 +54,7 @@ from meshnode.p2p.host import (
     running_host,
 )
 from meshnode.p2p.relay import RelayClient, is_circuit_addr
+from meshnode.pay.wiring import ProviderPayments
 from meshnode.tasks import background_tasks, node_context
 
 log = logging.getLogger(__name__)
@@ -184,19 +186,28 @@ async def provider_node(
     home: Path | None = None,
     settings: ProviderSettings | None = None,
     gate_factory: GateFactory | None = None,
+    payments: ProviderPayments | None = None,
 ) -> AsyncIterator[ProviderNode]:
-    """Run a provider until the block exits. Identity comes from `home` unless given."""
+    """Run a provider until the block exits. Identity comes from `home` unless given.
+    `payments` attaches the payment service in one place: its gates admit the jobs, its
+    handler learns channels, its watcher runs with the node, its payee is advertised."""
     if identity is None:
         if home is None:
             raise ValueError("provider_node needs an identity or a home directory")
         identity, _ = load_or_create(home)
     settings = settings or ProviderSettings()
+    if payments is not None:
+        gate_factory = payments.gates
+        settings = dataclasses.replace(settings, ton=settings.ton or payments.payee)
     async with running_host(identity, settings.listen) as host:
         node = ProviderNode(host, identity, engine, settings, gate_factory)
         await node.refresh_evidence()
         node.install()
         async with background_tasks() as nursery:
             nursery.start_soon(node.keep_evidence_fresh)
+            if payments is not None:
+                payments.install(host)
+                await nursery.start(payments.run)
             if settings.bootstrap or settings.relay:
                 announcer = node.announcer = ProviderAnnouncer(
                     host,

@@ -67,12 +67,8 @@ async def mesh(tmp_path: Path, code: Cell, engine: LlamaEngine) -> AsyncIterator
         price_prompt_per_1k=PRICE.prompt_per_1k, price_completion_per_1k=PRICE.completion_per_1k
     )
     async with provider_node(
-        engine,
-        identity=NodeIdentity.generate(),
-        settings=settings,
-        gate_factory=net.provider.gates,
+        engine, identity=NodeIdentity.generate(), settings=settings, payments=net.provider
     ) as prov:
-        net.provider.service.install(prov.host)
         async with client_node(allow_insecure=True) as client:  # dev provider, no TEE here
             advert = await client.connect(prov.addrs[0])
             channel = await net.open_channel()

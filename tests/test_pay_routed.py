@@ -99,11 +99,11 @@ async def priced(
     settings = ProviderSettings(
         price_prompt_per_1k=price.prompt_per_1k,
         price_completion_per_1k=price.completion_per_1k,
-        ton=TonPayee(pay.keys.channel_public, raw_address(pay.service.wallet), WINDOW),
     )
     async with provider_node(engine, identity=identity, settings=settings,
-                             gate_factory=pay.gates) as node:
-        pay.service.install(node.host)
+                             payments=pay) as node:
+        assert node.advert().ton == TonPayee(
+            pay.keys.channel_public, raw_address(pay.service.wallet), WINDOW)
         yield node
 
 
