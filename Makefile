@@ -37,7 +37,7 @@ lint: $(STAMP)
 # The payment-channel contract code comes from the npm package tonweb at set-up time,
 # checked against its pinned code hash and cached outside the repository.
 contract: $(STAMP)
-	$(BIN)/python -m meshnode.pay.contract_code
+	$(BIN)/python -m meshnode.pay.contract.code
 
 # pytest exits 5 when it collects nothing; for us that is a failure, not a pass.
 test: lint contract

@@ -47,12 +47,12 @@ from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError, JobRequest, run_job
 from meshnode.jobs.payment_gate import PaymentRejected
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
-from meshnode.pay.channel_messages import ClosingConfig
-from meshnode.pay.channels import ClientChannel, Payee
-from meshnode.pay.contract_code import load_payment_channel_code
-from meshnode.pay.emulator import EmulatedChain
-from meshnode.pay.onchain import raw_address
-from meshnode.pay.wiring import ClientPayments, ProviderPayments
+from meshnode.pay.channel.lifecycle import ClientChannel, Payee
+from meshnode.pay.contract.cells import ClosingConfig
+from meshnode.pay.contract.code import load_payment_channel_code
+from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments
+from meshnode.pay.ton.emulator import EmulatedChain
+from meshnode.pay.ton.onchain import raw_address
 
 RESULTS = Path(__file__).parent / "results"
 TON = 10**9

@@ -19,10 +19,11 @@ from pytoniq_core.boc.address import Address
 from meshnode.core.advert import Advert, TonPayee
 from meshnode.core.meter import Price
 from meshnode.node import ClientNode, client_node
-from meshnode.pay.chain import Chain
-from meshnode.pay.chain_choice import ChainChoice
-from meshnode.pay.channel_book import ChannelBook
-from meshnode.pay.channel_messages import (
+from meshnode.pay.channel.book import ChannelBook
+from meshnode.pay.channel.ledger import Ledger
+from meshnode.pay.channel.lifecycle import ChannelStatus, ClientChannel
+from meshnode.pay.channel.pool import Budget, ClientChannels
+from meshnode.pay.contract.cells import (
     CHANNEL_STATE_AWAITING_FINALIZATION,
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_OPEN,
@@ -30,15 +31,10 @@ from meshnode.pay.channel_messages import (
     CHANNEL_STATE_UNINITED,
     FEE_RESERVE,
 )
-from meshnode.pay.channels import ChannelStatus, ClientChannel
-from meshnode.pay.client_channels import Budget, ClientChannels
-from meshnode.pay.contract_code import load_payment_channel_code
-from meshnode.pay.ledger import Ledger
-from meshnode.pay.local_chain import LocalChain
-from meshnode.pay.onchain import ChannelReadError, on_chain, raw_address, read_channel
-from meshnode.pay.payer import ChannelPayer
-from meshnode.pay.wallet_keys import load_or_create_payment_keys
-from meshnode.pay.wiring import (
+from meshnode.pay.contract.code import load_payment_channel_code
+from meshnode.pay.metering.payer import ChannelPayer
+from meshnode.pay.setup.keys import load_or_create_payment_keys
+from meshnode.pay.setup.wiring import (
     PROVIDER_DIR,
     ClientPayments,
     ProviderPayments,
@@ -47,6 +43,10 @@ from meshnode.pay.wiring import (
     payee_of,
     price_of,
 )
+from meshnode.pay.ton.chain import Chain
+from meshnode.pay.ton.chain_choice import ChainChoice
+from meshnode.pay.ton.local_chain import LocalChain
+from meshnode.pay.ton.onchain import ChannelReadError, on_chain, raw_address, read_channel
 
 NANO_PER_TON = 10**9
 TON_DECIMALS = 9

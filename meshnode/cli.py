@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from meshnode.identity import KeyFileError, data_dir, load_or_create
 
 if TYPE_CHECKING:
-    from meshnode.pay.chain_choice import ChainChoice
+    from meshnode.pay.ton.chain_choice import ChainChoice
 
 app = typer.Typer(
     help="meshnode: a peer-to-peer mesh for confidential LLM inference.",
@@ -136,7 +136,7 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def _chain_choice(chain: str, network_config: Path | None) -> ChainChoice:
-    from meshnode.pay.chain_choice import ChainChoice, ChainKind, ChainUnavailable
+    from meshnode.pay.ton.chain_choice import ChainChoice, ChainKind, ChainUnavailable
 
     try:
         choice = ChainChoice(ChainKind(chain.lower()), network_config)
@@ -163,7 +163,7 @@ def _channel_id(text: str) -> int:
 def _budget(deposit: str, budget: str, idle_close_s: float) -> Any:
     """The routed-payment budget from its flags (exit 2 when they make no sense)."""
     from meshnode.channel_ops import parse_ton
-    from meshnode.pay.client_channels import Budget
+    from meshnode.pay.channel.pool import Budget
 
     try:
         return Budget(parse_ton(deposit), parse_ton(budget), idle_close_s)
@@ -175,11 +175,11 @@ def _budget(deposit: str, budget: str, idle_close_s: float) -> Any:
 def _run_paying(fn: Callable[[], Awaitable[T]]) -> T:
     """`_run` for commands that touch channels: their errors become clear exits."""
     from meshnode.channel_ops import ChannelCommandError
-    from meshnode.pay.channels import ChannelError
-    from meshnode.pay.contract_code import ContractCodeError
-    from meshnode.pay.emulator import EmulatorError
-    from meshnode.pay.local_chain import LocalChainError
-    from meshnode.pay.wallet_keys import PaymentKeyError
+    from meshnode.pay.channel.lifecycle import ChannelError
+    from meshnode.pay.contract.code import ContractCodeError
+    from meshnode.pay.setup.keys import PaymentKeyError
+    from meshnode.pay.ton.emulator import EmulatorError
+    from meshnode.pay.ton.local_chain import LocalChainError
 
     try:
         return _run(fn)
@@ -385,8 +385,8 @@ def ask(
     from meshnode.jobs.client import JobError
     from meshnode.jobs.routed import NoProvider
     from meshnode.node import client_node
-    from meshnode.pay.client_channels import DEFAULT_IDLE_CLOSE_S
-    from meshnode.pay.payer import ChannelPayer
+    from meshnode.pay.channel.pool import DEFAULT_IDLE_CLOSE_S
+    from meshnode.pay.metering.payer import ChannelPayer
 
     _setup_logging(verbose)
     if (peer is None) == (model is None):
@@ -832,7 +832,7 @@ def channel_open(
 ) -> None:
     """Open a channel to a provider: deploy it with the deposit, init it, announce it."""
     from meshnode.channel_ops import format_ton, open_paid_channel, parse_ton
-    from meshnode.pay.onchain import raw_address
+    from meshnode.pay.ton.onchain import raw_address
 
     _setup_logging(verbose)
     try:
@@ -866,7 +866,7 @@ def channel_status(
     from rich.table import Table
 
     from meshnode.channel_ops import format_ton, read_status, state_name
-    from meshnode.pay.onchain import raw_address
+    from meshnode.pay.ton.onchain import raw_address
 
     _setup_logging(verbose)
     cid = _channel_id(channel_id)
@@ -898,7 +898,7 @@ def channel_close(
 ) -> None:
     """Close cooperatively: the provider co-signs a split paying exactly the last voucher."""
     from meshnode.channel_ops import close_paid_channel, format_ton, state_name
-    from meshnode.pay.onchain import raw_address
+    from meshnode.pay.ton.onchain import raw_address
 
     _setup_logging(verbose)
     cid = _channel_id(channel_id)

@@ -27,8 +27,8 @@ from meshnode.engine.demo_model import (
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity, data_dir
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
-from meshnode.pay.emulator import EmulatedChain
-from meshnode.pay.wiring import ClientPayments, ProviderPayments, close_channel, open_channel
+from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments, close_channel, open_channel
+from meshnode.pay.ton.emulator import EmulatedChain
 
 # The demo model's context; its answers are short, so 2k leaves ample room.
 DEMO_CTX = 2048

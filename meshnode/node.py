@@ -48,7 +48,7 @@ from meshnode.p2p.host import (
     running_host,
 )
 from meshnode.p2p.relay import RelayClient
-from meshnode.pay.wiring import ProviderPayments
+from meshnode.pay.setup.wiring import ProviderPayments
 from meshnode.tasks import background_tasks, node_context
 
 log = logging.getLogger(__name__)

@@ -23,12 +23,12 @@ from meshnode.core.voucher import VoucherSigner
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.payment_gate import PaymentGate
 from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
-from meshnode.pay.chain import SendResult
-from meshnode.pay.channel_messages import ClosingConfig
-from meshnode.pay.channels import ClientChannel, Payee
-from meshnode.pay.emulator import EmulatedChain
-from meshnode.pay.gate import ChannelGates
-from meshnode.pay.wiring import ClientPayments, ProviderPayments
+from meshnode.pay.channel.lifecycle import ClientChannel, Payee
+from meshnode.pay.contract.cells import ClosingConfig
+from meshnode.pay.metering.gates import ChannelGates
+from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments
+from meshnode.pay.ton.chain import SendResult
+from meshnode.pay.ton.emulator import EmulatedChain
 
 TON = 10**9
 DEPOSIT = 2 * TON

@@ -2,7 +2,7 @@
 
 Party A is the client (deposits, signs vouchers), party B the provider. The contract
 code is the published one (hash-checked); fetch it once with
-``python -m meshnode.pay.contract_code``.
+``python -m meshnode.pay.contract.code``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.voucher import Voucher, VoucherSigner, VoucherState
-from meshnode.pay.channel_messages import (
+from meshnode.pay.contract.cells import (
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_OPEN,
     CHANNEL_STATE_UNINITED,
@@ -31,8 +31,8 @@ from meshnode.pay.channel_messages import (
     state_init,
     top_up_body,
 )
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.emulator import EmulatedChain
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.ton.emulator import EmulatedChain
 
 TON = 10**9
 DEPOSIT = 10 * TON

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshnode.core.voucher import VoucherSigner, VoucherState
-from meshnode.pay.ledger import (
+from meshnode.pay.channel.ledger import (
     LEDGER_FILENAME,
     ChannelConflict,
     ChannelRecord,
@@ -137,7 +137,7 @@ _CHILD = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from meshnode.core.voucher import VoucherSigner, VoucherState
-    from meshnode.pay.ledger import ChannelRecord, Ledger
+    from meshnode.pay.channel.ledger import ChannelRecord, Ledger
 
     data_dir, seed_hex = Path(sys.argv[1]), sys.argv[2]
     channel, sent = int(sys.argv[3]), int(sys.argv[4])

@@ -29,12 +29,12 @@ from pathlib import Path
 import pytest
 
 from meshnode.core.meter import Price
-from meshnode.pay.channel_book import ChannelBook
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.ledger import Ledger
-from meshnode.pay.local_chain import STATE_ENV, LocalChain, local_wallet_address
-from meshnode.pay.wallet_keys import load_or_create_payment_keys
-from meshnode.pay.wiring import CLIENT_DIR, PROVIDER_DIR
+from meshnode.pay.channel.book import ChannelBook
+from meshnode.pay.channel.ledger import Ledger
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.setup.keys import load_or_create_payment_keys
+from meshnode.pay.setup.wiring import CLIENT_DIR, PROVIDER_DIR
+from meshnode.pay.ton.local_chain import STATE_ENV, LocalChain, local_wallet_address
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def test_a_priced_mesh_with_a_provider_killed_mid_stream_settles_to_the_nanoton(
     try:
         code = load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
     state = tmp_path / "chain.json"
     env = {**os.environ, STATE_ENV: str(state), "COLUMNS": "250", "PYTHONUNBUFFERED": "1"}
     chain = LocalChain(state)

@@ -20,8 +20,8 @@ from meshnode.core.messages import Open, SchemaError, parse_message
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.voucher import VoucherSigner
 from meshnode.jobs.payment_gate import PaymentRejected
-from meshnode.pay.gate import CHANNEL_BUSY_WAIT_S, ChannelGates
-from meshnode.pay.ledger import ChannelRecord, Ledger
+from meshnode.pay.channel.ledger import ChannelRecord, Ledger
+from meshnode.pay.metering.gates import CHANNEL_BUSY_WAIT_S, ChannelGates
 
 SIGNER = VoucherSigner(bytes([7]) * 32)
 JOB_ID = bytes([1]) * 16

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from meshnode.pay.channel_protocol import (
+from meshnode.pay.channel.protocol import (
     Announce,
     Announced,
     ChannelProtocolError,

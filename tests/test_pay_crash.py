@@ -18,9 +18,9 @@ from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.messages import Usage
 from meshnode.node import client_node
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.ledger import ChannelRecord, Ledger
-from meshnode.pay.payer import ChannelPayer
+from meshnode.pay.channel.ledger import ChannelRecord, Ledger
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.metering.payer import ChannelPayer
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -75,7 +75,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 async def test_provider_killed_mid_job_keeps_the_last_accepted_voucher(

@@ -16,12 +16,12 @@ from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.jobs.payment_gate import PaymentGate, PaymentRejected
-from meshnode.pay.channels import ClientChannel
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.gate import MAX_CHANNEL_PLACES
-from meshnode.pay.ledger import JobUsage
-from meshnode.pay.payer import ChannelPayer
-from meshnode.pay.wiring import ClientPayments
+from meshnode.pay.channel.ledger import JobUsage
+from meshnode.pay.channel.lifecycle import ClientChannel
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.metering.gates import MAX_CHANNEL_PLACES
+from meshnode.pay.metering.payer import ChannelPayer
+from meshnode.pay.setup.wiring import ClientPayments
 
 PROMPT_TOKENS = 2
 STRANGER_WALLET = Address((0, bytes([0x5A]) * 32))
@@ -32,7 +32,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 @pytest.fixture

@@ -27,18 +27,18 @@ from pay_net import (
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.voucher import VoucherState
-from meshnode.pay.channel_messages import (
+from meshnode.pay.channel.ledger import ChannelRef
+from meshnode.pay.channel.lifecycle import ChannelError, ClientChannel, WatchAction
+from meshnode.pay.channel.protocol import Announce
+from meshnode.pay.channel.service import ChannelRefused
+from meshnode.pay.contract.cells import (
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_UNINITED,
     FEE_RESERVE,
 )
-from meshnode.pay.channel_protocol import Announce
-from meshnode.pay.channel_service import ChannelRefused
-from meshnode.pay.channels import ChannelError, ClientChannel, WatchAction
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.ledger import ChannelRef
-from meshnode.pay.onchain import raw_address
-from meshnode.pay.payer import ChannelPayer
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.metering.payer import ChannelPayer
+from meshnode.pay.ton.onchain import raw_address
 
 TOKENS_PER_VOUCHER = 3
 
@@ -48,7 +48,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 @pytest.fixture

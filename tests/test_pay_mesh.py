@@ -20,10 +20,10 @@ from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError, JobRequest, run_job
 from meshnode.jobs.payment_gate import NoPayer
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
-from meshnode.pay.channel_messages import FEE_RESERVE
-from meshnode.pay.channels import ClientChannel
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.ledger import ChannelRecord, Ledger
+from meshnode.pay.channel.ledger import ChannelRecord, Ledger
+from meshnode.pay.channel.lifecycle import ClientChannel
+from meshnode.pay.contract.cells import FEE_RESERVE
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -38,7 +38,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 def steady(engine: LlamaEngine) -> dict[str, Any]:

@@ -23,12 +23,12 @@ from meshnode.core.router import Strategy
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.routed import NoProvider
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
-from meshnode.pay.client_channels import Budget, ClientChannels
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.emulator import EmulatedChain
-from meshnode.pay.ledger import ChannelRef
-from meshnode.pay.onchain import raw_address
-from meshnode.pay.wiring import ClientPayments, ProviderPayments
+from meshnode.pay.channel.ledger import ChannelRef
+from meshnode.pay.channel.pool import Budget, ClientChannels
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments
+from meshnode.pay.ton.emulator import EmulatedChain
+from meshnode.pay.ton.onchain import raw_address
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -47,7 +47,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 @pytest.fixture

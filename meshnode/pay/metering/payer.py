@@ -38,7 +38,7 @@ from meshnode.core.meter import (
 )
 from meshnode.core.voucher import Voucher, VoucherSigner
 from meshnode.jobs.payment_gate import PaymentRejected
-from meshnode.pay.ledger import ChannelRef, JobUsage, Ledger
+from meshnode.pay.channel.ledger import ChannelRef, JobUsage, Ledger
 
 PROMPT_SPECIAL_TOKENS = 8
 """Tokens a template may add beyond the prompt's bytes (BOS/EOS and role markers)."""

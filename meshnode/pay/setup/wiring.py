@@ -16,11 +16,9 @@ from trio_typing import TaskStatus
 
 from meshnode.core.advert import Advert, TonPayee
 from meshnode.core.meter import Price
-from meshnode.pay.chain import Chain
-from meshnode.pay.channel_book import ChannelBook
-from meshnode.pay.channel_messages import ClosingConfig
-from meshnode.pay.channel_service import ChannelService
-from meshnode.pay.channels import (
+from meshnode.pay.channel.book import ChannelBook
+from meshnode.pay.channel.ledger import Ledger
+from meshnode.pay.channel.lifecycle import (
     DEFAULT_CLOSING,
     ChannelError,
     ChannelStatus,
@@ -28,11 +26,13 @@ from meshnode.pay.channels import (
     ClientChannel,
     Payee,
 )
-from meshnode.pay.contract_code import load_payment_channel_code
-from meshnode.pay.gate import ChannelGates
-from meshnode.pay.ledger import Ledger
-from meshnode.pay.onchain import raw_address
-from meshnode.pay.wallet_keys import PaymentKeys, load_or_create_payment_keys
+from meshnode.pay.channel.service import ChannelService
+from meshnode.pay.contract.cells import ClosingConfig
+from meshnode.pay.contract.code import load_payment_channel_code
+from meshnode.pay.metering.gates import ChannelGates
+from meshnode.pay.setup.keys import PaymentKeys, load_or_create_payment_keys
+from meshnode.pay.ton.chain import Chain
+from meshnode.pay.ton.onchain import raw_address
 
 CLIENT_DIR = "pay-client"
 PROVIDER_DIR = "pay-provider"

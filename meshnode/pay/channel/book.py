@@ -19,8 +19,8 @@ from typing import Any
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
-from meshnode.pay.channel_messages import ChannelConfig, ClosingConfig, channel_address
-from meshnode.pay.onchain import raw_address
+from meshnode.pay.contract.cells import ChannelConfig, ClosingConfig, channel_address
+from meshnode.pay.ton.onchain import raw_address
 
 BOOK_DIR = "channels"
 MAX_BOOK_FILE_BYTES = 16 * 1024

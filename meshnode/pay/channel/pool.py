@@ -35,16 +35,16 @@ from trio_typing import TaskStatus
 from meshnode.core.advert import Advert
 from meshnode.core.meter import Price
 from meshnode.jobs.payment_gate import Payer, PaymentUnavailable
-from meshnode.pay.channel_messages import (
+from meshnode.pay.channel.lifecycle import ChannelError, ClientChannel
+from meshnode.pay.contract.cells import (
     CHANNEL_STATE_OPEN,
     CHANNEL_STATE_UNINITED,
     FEE_RESERVE,
 )
-from meshnode.pay.channels import ChannelError, ClientChannel
-from meshnode.pay.local_chain import LocalChain
-from meshnode.pay.onchain import ChannelReadError, on_chain, raw_address
-from meshnode.pay.payer import DEFAULT_CLIENT_WINDOW_TOKENS, prompt_token_bound
-from meshnode.pay.wiring import ClientPayments, open_channel
+from meshnode.pay.metering.payer import DEFAULT_CLIENT_WINDOW_TOKENS, prompt_token_bound
+from meshnode.pay.setup.wiring import ClientPayments, open_channel
+from meshnode.pay.ton.local_chain import LocalChain
+from meshnode.pay.ton.onchain import ChannelReadError, on_chain, raw_address
 
 log = logging.getLogger(__name__)
 

@@ -23,16 +23,15 @@ from pytoniq_core.boc.cell import Cell
 from meshnode.core.voucher import VoucherError, VoucherSigner, VoucherState, parse_voucher
 from meshnode.core.wire import WireError
 from meshnode.p2p.framed import FramedStream, StreamClosed
-from meshnode.pay.chain import Chain
-from meshnode.pay.channel_book import BookEntry, ChannelBook
-from meshnode.pay.channel_messages import (
-    CHANNEL_STATE_OPEN,
-    ChannelConfig,
-    ClosingConfig,
-    CooperativeClose,
-    channel_address,
+from meshnode.pay.channel.book import BookEntry, ChannelBook
+from meshnode.pay.channel.ledger import (
+    STATE_CLOSING,
+    ChannelConflict,
+    ChannelRecord,
+    ChannelRef,
+    Ledger,
 )
-from meshnode.pay.channel_protocol import (
+from meshnode.pay.channel.protocol import (
     CHANNEL_PROTOCOL,
     Announce,
     Announced,
@@ -42,8 +41,15 @@ from meshnode.pay.channel_protocol import (
     parse_request,
     signed_by,
 )
-from meshnode.pay.ledger import STATE_CLOSING, ChannelConflict, ChannelRecord, ChannelRef, Ledger
-from meshnode.pay.onchain import ChannelReadError, on_chain, raw_address, read_channel
+from meshnode.pay.contract.cells import (
+    CHANNEL_STATE_OPEN,
+    ChannelConfig,
+    ClosingConfig,
+    CooperativeClose,
+    channel_address,
+)
+from meshnode.pay.ton.chain import Chain
+from meshnode.pay.ton.onchain import ChannelReadError, on_chain, raw_address, read_channel
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,26 @@ from trio_typing import TaskStatus
 from meshnode.core.meter import Price
 from meshnode.core.voucher import Voucher, VoucherError, VoucherSigner, VoucherState, parse_voucher
 from meshnode.p2p.framed import FramedStream
-from meshnode.pay.chain import Chain, SendResult
-from meshnode.pay.channel_book import BookEntry, ChannelBook
-from meshnode.pay.channel_messages import (
+from meshnode.pay.channel.book import BookEntry, ChannelBook
+from meshnode.pay.channel.ledger import (
+    STATE_CLOSED,
+    STATE_CLOSING,
+    ChannelRecord,
+    ChannelRef,
+    Ledger,
+)
+from meshnode.pay.channel.protocol import (
+    CHANNEL_PROTOCOL,
+    UINT64_MAX,
+    Announce,
+    Announced,
+    CloseRequest,
+    CloseSigned,
+    Refusal,
+    parse_reply,
+    signed_by,
+)
+from meshnode.pay.contract.cells import (
     CHANNEL_STATE_AWAITING_FINALIZATION,
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_OPEN,
@@ -52,20 +69,9 @@ from meshnode.pay.channel_messages import (
     start_uncooperative_close_body,
     state_init,
 )
-from meshnode.pay.channel_protocol import (
-    CHANNEL_PROTOCOL,
-    UINT64_MAX,
-    Announce,
-    Announced,
-    CloseRequest,
-    CloseSigned,
-    Refusal,
-    parse_reply,
-    signed_by,
-)
-from meshnode.pay.ledger import STATE_CLOSED, STATE_CLOSING, ChannelRecord, ChannelRef, Ledger
-from meshnode.pay.onchain import ChannelView, on_chain, raw_address, read_channel
-from meshnode.pay.payer import DEFAULT_CLIENT_WINDOW_TOKENS, ChannelPayer
+from meshnode.pay.metering.payer import DEFAULT_CLIENT_WINDOW_TOKENS, ChannelPayer
+from meshnode.pay.ton.chain import Chain, SendResult
+from meshnode.pay.ton.onchain import ChannelView, on_chain, raw_address, read_channel
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from meshnode.core.meter import (
 )
 from meshnode.core.voucher import VoucherError, parse_voucher
 from meshnode.jobs.payment_gate import FreeGate, PaymentGate, PaymentRejected
-from meshnode.pay.ledger import ChannelRecord, ChannelRef, JobUsage, Ledger
+from meshnode.pay.channel.ledger import ChannelRecord, ChannelRef, JobUsage, Ledger
 
 CHANNEL_BUSY_WAIT_S = 5.0
 """A client starts its next job right after the previous Done, while the provider may
