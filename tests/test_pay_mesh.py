@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import trio
 from libp2p.peer.id import ID
 from pay_net import CLIENT_WALLET, DEPOSIT, PRICE, PROVIDER_WALLET, WINDOW_TOKENS, PayNet, pay_net
 from pytoniq_core.boc.cell import Cell
@@ -286,3 +287,57 @@ async def test_a_job_whose_proof_is_signed_by_another_key_is_refused(
         assert info.value.code == "channel_auth"
         await assert_the_channel_is_free(m, tiny_engine)
     assert m.provider.jobs.stats.errors == {"channel_auth": 1}
+
+
+async def test_a_channel_that_runs_dry_mid_job_ends_it_paid_exactly_for_what_arrived(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        # Enough for the admission (one window) and a few tokens, not for 24 of them.
+        dry = await m.net.open_channel(deposit=PRICE.window_cost(WINDOW_TOKENS)
+                                       + PRICE.cost(40, 6))
+        await dry.announce(m.client.host, m.provider_id)
+        payer = dry.payer(PRICE, WINDOW_TOKENS)
+        with pytest.raises(JobError) as info:
+            await m.client.ask(m.advert, "hello world", max_tokens=MAX_TOKENS,
+                               params=steady(tiny_engine), payer=payer)
+        assert info.value.code == "channel_exhausted"
+        got = info.value.received_tokens
+        assert 0 < got < MAX_TOKENS
+        [job] = m.net.client.ledger.jobs(dry.ref)
+        stored = m.net.provider.ledger.latest_voucher(dry.ref)
+        assert stored is not None and dry.latest == stored.voucher
+        assert stored.voucher.sent == PRICE.cost(job.prompt_tokens, got) <= dry.deposit
+        await assert_the_channel_is_free(m, tiny_engine)  # the funded channel still works
+
+
+async def test_a_legitimate_job_completes_while_a_cheap_channel_floods_the_provider(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        cheap = await m.net.open_channel(deposit=1)
+        await cheap.announce(m.client.host, m.provider_id)
+        floods: list[str] = []
+
+        async def flood() -> None:
+            request = JobRequest(model_id=m.advert.models[0].id, prompt="free lunch",
+                                 max_tokens=MAX_TOKENS, params=steady(tiny_engine))
+            while True:
+                try:
+                    await run_job(m.client.host, m.provider_id, m.advert.job_pubkey, request,
+                                  payer=cheap.payer(PRICE, WINDOW_TOKENS))
+                except JobError as exc:
+                    floods.append(exc.code)
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(flood)
+            with trio.fail_after(10):
+                while len(floods) < 20:
+                    await trio.sleep(0.01)
+            for _ in range(3):
+                await assert_the_channel_is_free(m, tiny_engine)
+            nursery.cancel_scope.cancel()
+    assert set(floods) == {"deposit_low"}
+    assert m.provider.jobs.stats.busy_refusals == 0
