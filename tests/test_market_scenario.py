@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from meshnode.channel_ops import format_ton
 from meshnode.core.meter import Price
 from meshnode.pay.channel.book import ChannelBook
 from meshnode.pay.channel.ledger import Ledger
@@ -118,6 +119,13 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "meshnode.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=STARTUP_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def _free_port() -> int:
@@ -280,6 +288,11 @@ def test_a_priced_mesh_with_a_provider_killed_mid_stream_settles_to_the_nanoton(
             if k != killed:  # both meters counted the same tokens
                 provider_tokens = sum(j.completion_tokens for j in ledger.jobs(client_refs[k]))
                 assert provider_tokens == sum(c for _, c, _ in received[k])
+    listed = _cli(env, "channel", "list", "--home", str(client_home))
+    assert listed.count("closed") >= len(client_refs), listed
+    earned = _cli(env, "earnings", "--home", str(homes[killed]))
+    assert format_ton(gains[killed]) in earned, earned  # what its channel paid it
+
     print(f"\nscenario: killed provider {killed}, gains {gains}, "
           f"channels {len(client_refs)}, tokens {seen_tokens}, "
           f"jobs per provider {[len(r) for r in received]}")
