@@ -11,7 +11,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from pay_net import PRICE, TON, WINDOW_TOKENS, PayNet, channel_gate, linked, pay_net
+from pay_net import (
+    PRICE,
+    PROVIDER_WALLET,
+    TON,
+    WINDOW_TOKENS,
+    PayNet,
+    channel_gate,
+    linked,
+    pay_net,
+)
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
@@ -210,3 +219,16 @@ async def test_a_stranger_announcing_the_same_channel_id_first_blocks_nobody(
     await paid_job(net, squat, 2)
     assert net.provider.ledger.latest_voucher(channel.ref) != net.provider.ledger.latest_voucher(
         squat.ref)
+
+
+async def test_a_close_pays_the_debt_a_broken_job_left(
+    net: PayNet, channel: ClientChannel
+) -> None:
+    await paid_job(net, channel, 6, unpaid_tail=2)  # the stream broke two tokens on
+    latest = channel.latest
+    assert latest is not None and latest.sent < channel.owed
+    before = net.chain.balance(PROVIDER_WALLET)
+    async with linked(net) as (client_host, provider):
+        await channel.close(client_host, provider)
+    assert net.chain.balance(PROVIDER_WALLET) - before == channel.owed
+    assert channel.owed == net.provider.ledger.channel_owed(channel.ref)  # both counted it
