@@ -26,9 +26,9 @@ from pytoniq_core.boc.address import Address
 from typer.testing import CliRunner
 
 from meshnode.cli import app
-from meshnode.pay.local_chain import STATE_ENV, LocalChain
-from meshnode.pay.wallet_keys import KEY_DIR
-from meshnode.pay.wiring import CLIENT_DIR
+from meshnode.pay.setup.keys import KEY_DIR
+from meshnode.pay.setup.wiring import CLIENT_DIR
+from meshnode.pay.ton.local_chain import STATE_ENV, LocalChain
 
 STARTUP_TIMEOUT_S = 60.0
 """Importing llama.cpp and libp2p and loading the model on a busy 2-core box."""
@@ -248,7 +248,8 @@ def _seeds(home: Path) -> list[str]:
 def test_open_ask_status_close_pays_the_provider_exactly_the_last_voucher(
     tmp_path: Path, env: dict[str, str], chain_state: Path, served: Served
 ) -> None:
-    from meshnode.pay.ledger import Ledger
+    from meshnode.pay.channel.ledger import ChannelRef, Ledger
+    from meshnode.pay.setup.keys import load_or_create_payment_keys
 
     home = tmp_path / "B"
     opened = run(env, "channel", "open", "--peer", served.addr, "--deposit", "0.1",
@@ -261,7 +262,8 @@ def test_open_ask_status_close_pays_the_provider_exactly_the_last_voucher(
                 "--max-tokens", str(MAX_TOKENS), "--home", str(home), "hi")
     assert "paid" in asked.stderr
     with Ledger(home / CLIENT_DIR) as ledger:
-        latest = ledger.latest_voucher(int(channel_id, 16))
+        key = load_or_create_payment_keys(home)[0].channel_public
+        latest = ledger.latest_voucher(ChannelRef(int(channel_id, 16), key))
     assert latest is not None and latest.voucher.sent > 0
     status = run(env, "channel", "status", channel_id, "--home", str(home))
     assert re.search(rf"seqno\s*│\s*{latest.voucher.seqno}\b", status.stdout), status.stdout

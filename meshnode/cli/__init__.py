@@ -21,13 +21,16 @@ from meshnode.cli import (
     demo,
     directory,
     doctor,
+    earnings,
     identity,
     mesh,
     serve,
     status,
 )
 
-GROUPS = (serve, doctor, ask, directory, status, mesh, demo, identity, attest, channel)
+GROUPS = (
+    serve, doctor, ask, directory, status, mesh, demo, identity, attest, channel, earnings,
+)
 
 app = typer.Typer(
     help="meshnode: a peer-to-peer mesh for confidential LLM inference.",

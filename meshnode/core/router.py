@@ -9,6 +9,24 @@ plus what the job costs converted to seconds, plus a failure penalty that decays
 ``Router.choose`` returns every eligible candidate, best first: the shell tries the
 first and falls back down the list (before the first token, or to continue a stream
 that broke). The same code runs in the node and in ``bench/routing_sim.py``.
+
+Exploration: a provider this client has never run a job on is *unexplored*. It has only
+its advert, which says 0 tok/s if it never ran a job, and may lie. Two rules:
+
+- **Capped optimistic prior.** Its speed is the median speed this client measured among
+  the other candidates when the advert says nothing, and never more than the best speed
+  measured among them whatever the advert claims (its RTT: their median RTT). It scores
+  like a typical measured provider, and a lying advert can at best tie the best one.
+- **One probe, bounded share.** With p2c (the default), an unexplored provider whose
+  prior score is within ``P2C_SCORE_CUTOFF`` of the best explored one is tried first, one
+  job at a time (``MAX_UNMEASURED_INFLIGHT``), while probes stay under
+  ``MAX_PROBE_SHARE`` of this client's jobs; otherwise unexplored providers are only
+  fallbacks. After its probe a provider's own measurement replaces the prior.
+
+Why not UCB or ε-greedy: both keep spending jobs on providers already measured, and
+ε needs a decay schedule. Here a single measurement replaces the prior completely, so one
+probe per provider is the whole cost, and the share cap bounds what a flood of new (or
+Sybil) peers can take. A provider whose advert lied loses its traffic after that probe.
 """
 
 from __future__ import annotations
@@ -45,6 +63,12 @@ DEFAULT_PRICE_WEIGHT_S_PER_NANOTON = 1.0 / 10_000_000
 # factor of the best one: with providers of very different speeds, plain p2c sends a
 # fixed 1/C(n,2) share to the two slowest whatever their queues, which overloads them.
 P2C_SCORE_CUTOFF = 2.0
+# Jobs in flight from this client to an unexplored provider while it may still be tried
+# first: one probe measures it; more would bet traffic on an advert nobody has checked.
+MAX_UNMEASURED_INFLIGHT = 1
+# At most one job in five goes to a provider nobody measured: a flood of new (or Sybil)
+# peers cannot take more, while a single new provider still gets its probe at once.
+MAX_PROBE_SHARE = 0.2
 MAX_TRACKED_PEERS = 4096  # 4x the directory's default cap: stats outlive brief absences
 STATS_FORMAT_VERSION = 1  # bump when PeerStats' persisted fields change
 
@@ -93,6 +117,22 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """What this client measured among a pool's explored providers: the prior for the
+    unexplored ones (module docstring)."""
+
+    median_tokens_per_s: float
+    best_tokens_per_s: float
+    median_rtt_s: float | None
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+@dataclass(frozen=True)
 class JobEstimate:
     model_id: str
     prompt_tokens: int
@@ -133,6 +173,11 @@ class PeerStats:
     failures: int = 0
     last_seen: float = 0.0
     inflight: int = 0  # jobs this client has running there; not persisted
+
+    @property
+    def explored(self) -> bool:
+        """Whether a job of this client ever ended there (success or failure)."""
+        return self.successes > 0 or self.failures > 0
 
     def penalty(self, now: float) -> float:
         """The failure penalty at ``now``, halving every PENALTY_HALF_LIFE_S."""
@@ -207,6 +252,8 @@ class Router:
     _rng: random.Random = field(init=False, repr=False)
     _stats: dict[str, PeerStats] = field(default_factory=dict, init=False, repr=False)
     _rr_next: int = field(default=0, init=False, repr=False)
+    _started: int = field(default=0, init=False, repr=False)
+    _probes: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.strategy = Strategy(self.strategy)
@@ -234,24 +281,54 @@ class Router:
             out.append(c)
         return out
 
-    def expected_finish_s(self, c: Candidate, job: JobEstimate) -> float:
+    def explored(self, peer_id: str) -> bool:
+        stats = self._stats.get(peer_id)
+        return stats is not None and stats.explored
+
+    def reference(self, candidates: Sequence[Candidate]) -> Reference | None:
+        """The prior for ``candidates`` this client has not explored; None when it
+        measured the speed of none of them."""
+        measured = [s for c in candidates if (s := self._stats.get(c.peer_id)) is not None]
+        speeds = [s.tokens_per_s for s in measured if s.tokens_per_s is not None]
+        if not speeds:
+            return None
+        rtts = [s.rtt_s for s in measured if s.rtt_s is not None]
+        return Reference(_median(speeds), max(speeds), _median(rtts) if rtts else None)
+
+    def speed(self, c: Candidate, reference: Reference | None = None) -> float:
+        """Tokens per second to expect: measured, else the capped prior."""
+        stats = self._stats.get(c.peer_id)
+        if stats is not None and stats.tokens_per_s is not None:
+            return max(MIN_TOKENS_PER_S, stats.tokens_per_s)
+        if reference is None:
+            return max(MIN_TOKENS_PER_S, c.tokens_per_s)
+        claimed = c.tokens_per_s if c.tokens_per_s > 0 else reference.median_tokens_per_s
+        return max(MIN_TOKENS_PER_S, min(claimed, reference.best_tokens_per_s))
+
+    def expected_finish_s(
+        self, c: Candidate, job: JobEstimate, reference: Reference | None = None
+    ) -> float:
         """Expected seconds from sending the job to its last token."""
         stats = self._stats.get(c.peer_id, PeerStats())
-        rtt = DEFAULT_RTT_S if stats.rtt_s is None else stats.rtt_s
-        speed = max(
-            MIN_TOKENS_PER_S, c.tokens_per_s if stats.tokens_per_s is None else stats.tokens_per_s
-        )
+        rtt = stats.rtt_s
+        if rtt is None:
+            known = reference.median_rtt_s if reference is not None else None
+            rtt = DEFAULT_RTT_S if known is None else known
+        speed = self.speed(c, reference)
         generation = job.completion_tokens / speed + job.prompt_tokens / (speed * PROMPT_SPEEDUP)
         mean_job = generation if stats.job_time_s is None else stats.job_time_s
         slots = max(1, c.slots)
         ahead = max(0, c.busy_slots + c.queue_len + stats.inflight - slots + 1)
         return rtt + ahead * mean_job / slots + generation
 
-    def score(self, c: Candidate, job: JobEstimate, now: float) -> float:
-        """Lower is better: expected finish + price weight × cost + failure penalty."""
+    def score(
+        self, c: Candidate, job: JobEstimate, now: float, reference: Reference | None = None
+    ) -> float:
+        """Lower is better: expected finish + price weight × cost + failure penalty.
+        ``reference`` is ``self.reference(pool)`` of the pool ``c`` is ranked in."""
         penalty = self._stats[c.peer_id].penalty(now) if c.peer_id in self._stats else 0.0
         return (
-            self.expected_finish_s(c, job)
+            self.expected_finish_s(c, job, reference)
             + self.price_weight_s_per_nanoton * job.cost_nanoton(c)
             + penalty
         )
@@ -263,10 +340,50 @@ class Router:
         pool = self.eligible(candidates, job)
         if not pool:
             return []
+        reference = self.reference(pool)
 
         def by_score(c: Candidate) -> float:
-            return self.score(c, job, now)
+            return self.score(c, job, now, reference)
 
+        if self.strategy is Strategy.POWER_OF_TWO:
+            explored = [c for c in pool if self.explored(c.peer_id)]
+            if explored and len(explored) < len(pool):
+                return self._explore(pool, explored, job, by_score)
+        return self._rank(pool, job, by_score)
+
+    def _explore(
+        self,
+        pool: list[Candidate],
+        explored: list[Candidate],
+        job: JobEstimate,
+        by_score: Callable[[Candidate], float],
+    ) -> list[Candidate]:
+        """p2c among the explored candidates, after the one probe that is due (if any);
+        the other unexplored ones are fallbacks (module docstring)."""
+        fresh = sorted((c for c in pool if c not in explored), key=by_score)
+        best = min(by_score(c) for c in explored)
+        due = self._probes < MAX_PROBE_SHARE * self._started + 1
+        probe = next(
+            (c for c in fresh
+             if due and not self._probing(c.peer_id) and by_score(c) <= best * P2C_SCORE_CUTOFF),
+            None,
+        )
+        first = [probe] if probe is not None else []
+        return [*first, *self._rank(explored, job, by_score),
+                *(c for c in fresh if c is not probe)]
+
+    def _probing(self, peer_id: str) -> bool:
+        """An unexplored provider with its probe job already in flight."""
+        stats = self._stats.get(peer_id)
+        return (
+            stats is not None
+            and not stats.explored
+            and stats.inflight >= MAX_UNMEASURED_INFLIGHT
+        )
+
+    def _rank(
+        self, pool: list[Candidate], job: JobEstimate, by_score: Callable[[Candidate], float]
+    ) -> list[Candidate]:
         if self.strategy is Strategy.RANDOM:
             self._rng.shuffle(pool)
             return pool
@@ -323,7 +440,11 @@ class Router:
 
     def record_start(self, peer_id: str, now: float) -> None:
         """A job was sent: counts against the provider's load until it ends."""
-        self._peer(peer_id, now).inflight += 1
+        stats = self._peer(peer_id, now)
+        self._started += 1
+        if not stats.explored:
+            self._probes += 1
+        stats.inflight += 1
 
     def record_success(
         self,

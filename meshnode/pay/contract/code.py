@@ -5,7 +5,7 @@ its PaymentChannel source). We fetch the package tarball with ``npm pack`` (no i
 no scripts run), pull out the hex, and accept it only if its cell hash is the published
 code hash. The repository never contains the code itself.
 
-Run ``python -m meshnode.pay.contract_code`` once to fill the cache.
+Run ``python -m meshnode.pay.contract.code`` once to fill the cache.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def load_payment_channel_code(cache_dir: Path | None = None) -> Cell:
         boc = path.read_bytes()
     except FileNotFoundError as exc:
         raise ContractCodeError(
-            f"no payment-channel code at {path}; run `python -m meshnode.pay.contract_code`"
+            f"no payment-channel code at {path}; run `python -m meshnode.pay.contract.code`"
         ) from exc
     try:
         code = Cell.one_from_boc(boc)

@@ -7,18 +7,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
+from trio_typing import TaskStatus
 
-from meshnode.core.advert import Advert
+from meshnode.core.advert import Advert, TonPayee
 from meshnode.core.meter import Price
-from meshnode.pay.chain import Chain
-from meshnode.pay.channel_book import ChannelBook
-from meshnode.pay.channel_messages import ClosingConfig
-from meshnode.pay.channel_service import ChannelService
-from meshnode.pay.channels import (
+from meshnode.pay.channel.book import ChannelBook
+from meshnode.pay.channel.ledger import Ledger
+from meshnode.pay.channel.lifecycle import (
     DEFAULT_CLOSING,
     ChannelError,
     ChannelStatus,
@@ -26,10 +26,13 @@ from meshnode.pay.channels import (
     ClientChannel,
     Payee,
 )
-from meshnode.pay.contract_code import load_payment_channel_code
-from meshnode.pay.gate import ChannelGates
-from meshnode.pay.ledger import Ledger
-from meshnode.pay.wallet_keys import PaymentKeys, load_or_create_payment_keys
+from meshnode.pay.channel.service import ChannelService
+from meshnode.pay.contract.cells import ClosingConfig
+from meshnode.pay.contract.code import load_payment_channel_code
+from meshnode.pay.metering.gates import ChannelGates
+from meshnode.pay.setup.keys import PaymentKeys, load_or_create_payment_keys
+from meshnode.pay.ton.chain import Chain
+from meshnode.pay.ton.onchain import raw_address
 
 CLIENT_DIR = "pay-client"
 PROVIDER_DIR = "pay-provider"
@@ -118,10 +121,10 @@ async def close_channel(
 
 @dataclass
 class ProviderPayments:
-    """A provider's payment side: gate factory for jobs, channel service, chain watcher.
-
-    Wiring: ``provider_node(engine, gate_factory=pay.gates, ...)``, then
-    ``pay.service.install(node.host)`` and ``nursery.start_soon(pay.watcher.run)``.
+    """A provider's payment side, as one service of the node: the gate factory for its
+    jobs, the `/meshnode/channel/1` handler (``install``) and the chain watcher
+    (``run``). ``provider_node(engine, payments=...)`` attaches all of it and
+    advertises ``payee``.
     """
 
     gates: ChannelGates
@@ -129,6 +132,18 @@ class ProviderPayments:
     watcher: ChannelWatcher
     keys: PaymentKeys
     ledger: Ledger
+
+    @property
+    def payee(self) -> TonPayee:
+        """What the advert carries: channel key, wallet and credit window."""
+        return TonPayee(self.keys.channel_public, raw_address(self.service.wallet),
+                        self.gates.credit_window_tokens)
+
+    def install(self, host: IHost) -> None:
+        self.service.install(host)
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.watcher.run(task_status=task_status)
 
     @classmethod
     def at(
@@ -146,9 +161,10 @@ class ProviderPayments:
         ledger = Ledger(folder)
         book = ChannelBook(folder, code)
         signer = keys.channel_signer()
+        gates = ChannelGates(ledger, price, credit_window_tokens)
         return cls(
-            gates=ChannelGates(ledger, price, credit_window_tokens),
-            service=ChannelService(chain, code, signer, wallet, ledger, book),
+            gates=gates,
+            service=ChannelService(chain, code, signer, wallet, ledger, book, busy=gates.busy),
             watcher=ChannelWatcher(chain, signer, wallet, ledger, book),
             keys=keys,
             ledger=ledger,

@@ -2,7 +2,8 @@
 
 The ledger keeps vouchers and usage; this keeps what is needed to find and close each
 channel after a restart (its full config, hence its address, and the counterparty's
-signed zero state for an uncooperative close). One small JSON file per channel, written
+signed zero state for an uncooperative close). One small JSON file per channel, named by
+the contract address (ids are chosen by clients and may repeat across them), written
 atomically (temp file, fsync, rename, fsync of the folder) with mode 0600. Blocking:
 the shell calls it through a worker thread.
 """
@@ -18,8 +19,8 @@ from typing import Any
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
-from meshnode.pay.channel_messages import ChannelConfig, ClosingConfig, channel_address
-from meshnode.pay.onchain import raw_address
+from meshnode.pay.contract.cells import ChannelConfig, ClosingConfig, channel_address
+from meshnode.pay.ton.onchain import raw_address
 
 BOOK_DIR = "channels"
 MAX_BOOK_FILE_BYTES = 16 * 1024
@@ -38,6 +39,8 @@ class BookEntry:
     """Party A's balance when the channel was opened (what vouchers may reach)."""
     counter_state: bytes | None = None
     """The other party's signed semi-channel state (BOC), needed to close unilaterally."""
+    peer_id: str | None = None
+    """The client's note of the provider's peer id (to reach it to close the channel)."""
 
 
 def _config_to_json(config: ChannelConfig) -> dict[str, Any]:
@@ -75,8 +78,8 @@ class ChannelBook:
         self.dir = data_dir / BOOK_DIR
         self._code = code
 
-    def _path(self, channel_id: int) -> Path:
-        return self.dir / f"{channel_id:032x}.json"
+    def _path(self, address: Address) -> Path:
+        return self.dir / f"{address.wc}_{bytes(address.hash_part).hex()}.json"
 
     def save(self, entry: BookEntry) -> None:
         if channel_address(self._code, entry.config) != entry.address:
@@ -86,8 +89,9 @@ class ChannelBook:
             "config": _config_to_json(entry.config),
             "deposit": str(entry.deposit),
             "counter_state": entry.counter_state.hex() if entry.counter_state else None,
+            "peer_id": entry.peer_id,
         }
-        path = self._path(entry.config.channel_id)
+        path = self._path(entry.address)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -102,10 +106,15 @@ class ChannelBook:
             os.close(dir_fd)
 
     def load(self, channel_id: int) -> BookEntry | None:
-        path = self._path(channel_id)
-        if not path.exists():
-            return None
-        return self._read(path)
+        """This node's channel with that id (a client picks unique ids for its own)."""
+        found = [e for e in self.all() if e.config.channel_id == channel_id]
+        if len(found) > 1:
+            raise ChannelBookError(f"{len(found)} channels with id {channel_id:#x} here")
+        return found[0] if found else None
+
+    def at(self, address: Address) -> BookEntry | None:
+        path = self._path(address)
+        return self._read(path) if path.exists() else None
 
     def all(self) -> list[BookEntry]:
         if not self.dir.exists():
@@ -124,6 +133,7 @@ class ChannelBook:
                 address=channel_address(self._code, config),
                 deposit=int(doc["deposit"]),
                 counter_state=bytes.fromhex(counter) if counter else None,
+                peer_id=doc.get("peer_id"),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ChannelBookError(f"{path} is unreadable: {exc}") from exc

@@ -1,7 +1,7 @@
 """What the payment code needs from a TON chain, whoever provides it.
 
 Two implementations are meant to sit behind ``Chain``: the in-process emulator
-(``meshnode.pay.emulator``, for tests and local nets) and, later, a pytoniq LiteClient
+(``meshnode.pay.ton.emulator``, for tests and local nets) and, later, a pytoniq LiteClient
 adapter for the real network. The protocol is synchronous like the ledger: the trio
 shell calls it through ``trio.to_thread.run_sync`` (pytoniq's asyncio client would run
 its own loop in that thread).

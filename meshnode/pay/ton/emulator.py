@@ -35,7 +35,7 @@ from pytoniq_core.tlb.vm_stack import VmStack
 
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.voucher import cell_to_boc
-from meshnode.pay.chain import Chain, SendResult, Transfer
+from meshnode.pay.ton.chain import Chain, SendResult, Transfer
 
 EMULATOR_LIB_ENV = "MESHNODE_TVM_EMULATOR_LIB"
 
@@ -283,7 +283,7 @@ class EmulatedChain:
     @property
     def accounts(self) -> dict[tuple[int, bytes], Account]:
         """Every account, keyed by (workchain, hash): the whole chain state, for
-        persisting it (meshnode.pay.local_chain)."""
+        persisting it (meshnode.pay.ton.local_chain)."""
         return self._accounts
 
     def restore(self, accounts: dict[tuple[int, bytes], Account]) -> None:

@@ -23,16 +23,15 @@ from pytoniq_core.boc.cell import Cell
 from meshnode.core.voucher import VoucherError, VoucherSigner, VoucherState, parse_voucher
 from meshnode.core.wire import WireError
 from meshnode.p2p.framed import FramedStream, StreamClosed
-from meshnode.pay.chain import Chain
-from meshnode.pay.channel_book import BookEntry, ChannelBook
-from meshnode.pay.channel_messages import (
-    CHANNEL_STATE_OPEN,
-    ChannelConfig,
-    ClosingConfig,
-    CooperativeClose,
-    channel_address,
+from meshnode.pay.channel.book import BookEntry, ChannelBook
+from meshnode.pay.channel.ledger import (
+    STATE_CLOSING,
+    ChannelConflict,
+    ChannelRecord,
+    ChannelRef,
+    Ledger,
 )
-from meshnode.pay.channel_protocol import (
+from meshnode.pay.channel.protocol import (
     CHANNEL_PROTOCOL,
     Announce,
     Announced,
@@ -42,8 +41,15 @@ from meshnode.pay.channel_protocol import (
     parse_request,
     signed_by,
 )
-from meshnode.pay.ledger import ChannelRecord, Ledger
-from meshnode.pay.onchain import ChannelReadError, on_chain, read_channel
+from meshnode.pay.contract.cells import (
+    CHANNEL_STATE_OPEN,
+    ChannelConfig,
+    ClosingConfig,
+    CooperativeClose,
+    channel_address,
+)
+from meshnode.pay.ton.chain import Chain
+from meshnode.pay.ton.onchain import ChannelReadError, on_chain, raw_address, read_channel
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,8 @@ class ChannelService:
     book: ChannelBook
     min_quarantine_s: int = MIN_QUARANTINE_S
     clock: Callable[[], float] = time.time
+    busy: Callable[[ChannelRef], bool] = lambda _ref: False
+    """Whether a job holds the channel (the gates'): no close is co-signed under it."""
 
     def install(self, host: IHost) -> None:
         host.set_stream_handler(TProtocol(CHANNEL_PROTOCOL), self.handle_stream)
@@ -131,10 +139,18 @@ class ChannelService:
             raise ChannelRefused("not_open", f"channel state is {view.state}, not open")
         if view.balance_a <= 0:
             raise ChannelRefused("no_deposit", "the channel holds no deposit from party A")
-        record = ChannelRecord(config.channel_id, config.key_a, view.balance_a, self.clock())
+        if view.channel_id != config.channel_id or view.key_a != config.key_a:
+            raise ChannelRefused("not_on_chain", "the contract's id or key A differ")
+        record = ChannelRecord(
+            config.channel_id, config.key_a, view.balance_a, self.clock(),
+            address=raw_address(address),
+        )
+        known = await trio.to_thread.run_sync(self.ledger.channel, record.ref)
+        if known is not None and not known.is_open:
+            raise ChannelRefused("channel_closed", f"channel {record.ref} is {known.state}")
         try:
             await trio.to_thread.run_sync(self.ledger.add_channel, record)
-        except Exception as exc:  # ChannelConflict: the id is taken by another client key
+        except ChannelConflict as exc:  # the same key re-announced at another address
             raise ChannelRefused("channel_conflict", str(exc)) from exc
         entry = BookEntry(config, address, view.balance_a)
         await trio.to_thread.run_sync(self.book.save, entry)
@@ -144,9 +160,12 @@ class ChannelService:
 
     async def co_sign_close(self, request: CloseRequest) -> CloseSigned:
         """B's signature on a cooperative close that pays at least the latest voucher."""
-        record = await trio.to_thread.run_sync(self.ledger.channel, request.channel_id)
+        ref = ChannelRef(request.channel_id, request.key_a)
+        record = await trio.to_thread.run_sync(self.ledger.channel, ref)
         if record is None:
-            raise ChannelRefused("unknown_channel", f"channel {request.channel_id:#x}")
+            raise ChannelRefused("unknown_channel", f"channel {ref}")
+        if self.busy(ref):
+            raise ChannelRefused("channel_busy", "a job is running on the channel; close later")
         try:
             voucher = parse_voucher(request.voucher)
             voucher.verify(record.client_key)
@@ -156,7 +175,7 @@ class ChannelService:
             raise ChannelRefused("bad_voucher", "voucher is for another channel")
         if voucher.sent > record.deposit:
             raise ChannelRefused("bad_voucher", "voucher exceeds the deposit")
-        stored = await trio.to_thread.run_sync(self.ledger.latest_voucher, request.channel_id)
+        stored = await trio.to_thread.run_sync(self.ledger.latest_voucher, ref)
         if stored is not None:
             latest = stored.voucher
             if voucher.seqno < latest.seqno or voucher.sent < latest.sent:
@@ -167,8 +186,10 @@ class ChannelService:
                 )
         if stored is None or voucher.seqno > stored.voucher.seqno:
             # Newer than anything we saw (sent before a crash): it only pays us more.
-            await trio.to_thread.run_sync(self.ledger.record_voucher, voucher, self.clock())
+            await trio.to_thread.run_sync(self.ledger.record_voucher, ref, voucher, self.clock())
         split = CooperativeClose.settling(voucher, record.deposit)
         if not signed_by(record.client_key, split.to_cell(), request.signature_a):
             raise ChannelRefused("bad_signature", "A's signature is not on this close")
+        # Signed means final: no job may run on it again (its tokens could not be paid).
+        await trio.to_thread.run_sync(self.ledger.set_state, ref, STATE_CLOSING)
         return CloseSigned(signature_b=split.sign(self.signer))

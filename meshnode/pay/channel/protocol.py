@@ -128,6 +128,8 @@ class CloseRequest:
     """Client → provider: close paying exactly ``voucher``; A's signature on the split."""
 
     channel_id: int
+    key_a: bytes
+    """With the id, names the channel (ids are chosen by clients and may repeat)."""
     voucher: bytes
     signature_a: bytes
 
@@ -135,15 +137,17 @@ class CloseRequest:
         return {
             "t": "close",
             "channel_id": self.channel_id,
+            "key_a": self.key_a,
             "voucher": self.voucher,
             "sig_a": self.signature_a,
         }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> CloseRequest:
-        _keys(d, "close", {"channel_id", "voucher", "sig_a"})
+        _keys(d, "close", {"channel_id", "key_a", "voucher", "sig_a"})
         return cls(
             channel_id=_int(d, "channel_id"),
+            key_a=_bytes(d, "key_a", exact=PUBLIC_KEY_BYTES),
             voucher=_bytes(d, "voucher", limit=MAX_VOUCHER_BOC_BYTES),
             signature_a=_bytes(d, "sig_a", exact=SIGNATURE_BYTES),
         )

@@ -7,7 +7,7 @@ offline (the real wallet code in the TVM emulator accepts them and emits exactly
 intended message), the liteserver conversation is not.
 
 Threads and event loops: the ``Chain`` protocol is synchronous and the trio shell calls
-it from a worker thread, one call at a time (``meshnode.pay.onchain.on_chain``).
+it from a worker thread, one call at a time (``meshnode.pay.ton.onchain.on_chain``).
 pytoniq's client is asyncio and keeps per-connection background tasks (reader, pinger,
 block updater) on the loop that connected it. So each ``LiteChain`` owns one asyncio
 loop in a daemon helper thread: the connection is made lazily on the first call and
@@ -39,8 +39,8 @@ from pytoniq_core.boc.cell import Cell
 from pytoniq_core.tlb.transaction import InternalMsgInfo
 
 from meshnode.core.voucher import VoucherSigner, cell_to_boc
-from meshnode.pay.chain import Chain, SendResult
-from meshnode.pay.wallet_v4 import (
+from meshnode.pay.ton.chain import Chain, SendResult
+from meshnode.pay.ton.wallet_v4 import (
     SUBWALLET_ID,
     build_wallet_transfer,
     wallet_external_message,

@@ -2,7 +2,7 @@
 
 ``local`` (the default) is ``LocalChain``: the real contract code in an emulator, state
 in a file every process on this machine shares. ``liteclient`` is the real network
-(``meshnode.pay.lite_chain.LiteChain``: a pytoniq LiteClient on the liteservers of the
+(``meshnode.pay.ton.lite_chain.LiteChain``: a pytoniq LiteClient on the liteservers of the
 ``--network-config`` file, paying from the node's wallet-v4r2). It is opt-in only and has
 not yet been run against a live network, which ``open`` says in a warning each time.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 from pytoniq_core.boc.address import Address
 
 from meshnode.core.errors import EXIT_USAGE, MeshnodeError
-from meshnode.pay.chain import Chain
-from meshnode.pay.lite_chain import LiteChain, LiteChainError, load_network_config
-from meshnode.pay.local_chain import LocalChain, local_wallet_address
-from meshnode.pay.wallet_keys import PaymentKeys
-from meshnode.pay.wallet_v4 import wallet_v4_address
+from meshnode.pay.setup.keys import PaymentKeys
+from meshnode.pay.ton.chain import Chain
+from meshnode.pay.ton.lite_chain import LiteChain, LiteChainError, load_network_config
+from meshnode.pay.ton.local_chain import LocalChain, local_wallet_address
+from meshnode.pay.ton.wallet_v4 import wallet_v4_address
 
 log = logging.getLogger(__name__)
 

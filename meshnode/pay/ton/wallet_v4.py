@@ -4,7 +4,7 @@ A node's wallet key (``PaymentKeys.wallet_seed``) controls a wallet-v4r2 contrac
 address follows from its StateInit (the public contract code plus seqno 0, the subwallet
 id and the public key). Every payment-channel operation is one signed external message
 to that wallet asking it to send one internal message. Nothing here talks to a network;
-``meshnode.pay.lite_chain`` sends what this module builds.
+``meshnode.pay.ton.lite_chain`` sends what this module builds.
 
 The code cell comes from pytoniq (which ships the published wallet code); its hash is
 pinned below so a changed or corrupted copy fails loudly instead of yielding a
@@ -19,7 +19,7 @@ from pytoniq_core.boc.builder import Builder
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.voucher import VoucherSigner
-from meshnode.pay.channel_messages import state_init
+from meshnode.pay.contract.cells import state_init
 
 WALLET_V4R2_CODE_HASH = bytes.fromhex(
     "feb5ff6820e2ff0d9483e7e0d62c817d846789fb4ae580c878866d959dabd5c0"

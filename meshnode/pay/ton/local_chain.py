@@ -34,8 +34,8 @@ from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 from meshnode.core.voucher import cell_to_boc
-from meshnode.pay.chain import Chain, SendResult
-from meshnode.pay.emulator import Account, EmulatedChain, TvmLibrary
+from meshnode.pay.ton.chain import Chain, SendResult
+from meshnode.pay.ton.emulator import Account, EmulatedChain, TvmLibrary
 
 STATE_ENV = "MESHNODE_CHAIN_STATE"
 STATE_FORMAT = "meshnode-local-ton-chain-v1"

@@ -1,7 +1,8 @@
 """Payment-channel lifecycle from the client's side, plus the provider's chain watcher.
 
-A channel costs the client three on-chain messages whatever it carries: deploy with the
-deposit, init, and one close. Everything between is off-chain vouchers. The client is
+A channel costs two on-chain messages whatever it carries: one that deploys the contract
+with the deposit and inits it (the contract counts the message's value towards the
+balances init sets), and one close. Everything between is off-chain vouchers. The client is
 party A and must send init itself (whoever signs init sets the balances). After opening,
 the client announces the channel to the provider on `/meshnode/channel/1`; the provider
 checks it on chain and hands back its signed zero state, which the client keeps so it
@@ -32,13 +33,31 @@ from meshnode.core.errors import MeshnodeError
 from meshnode.core.meter import Price
 from meshnode.core.voucher import Voucher, VoucherError, VoucherSigner, VoucherState, parse_voucher
 from meshnode.p2p.framed import FramedStream
-from meshnode.pay.chain import Chain, SendResult
-from meshnode.pay.channel_book import BookEntry, ChannelBook
-from meshnode.pay.channel_messages import (
+from meshnode.pay.channel.book import BookEntry, ChannelBook
+from meshnode.pay.channel.ledger import (
+    STATE_CLOSED,
+    STATE_CLOSING,
+    ChannelRecord,
+    ChannelRef,
+    Ledger,
+)
+from meshnode.pay.channel.protocol import (
+    CHANNEL_PROTOCOL,
+    UINT64_MAX,
+    Announce,
+    Announced,
+    CloseRequest,
+    CloseSigned,
+    Refusal,
+    parse_reply,
+    signed_by,
+)
+from meshnode.pay.contract.cells import (
     CHANNEL_STATE_AWAITING_FINALIZATION,
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_OPEN,
     CHANNEL_STATE_SETTLING_CONDITIONALS,
+    CHANNEL_STATE_UNINITED,
     FEE_RESERVE,
     ChannelConfig,
     ClosingConfig,
@@ -50,22 +69,10 @@ from meshnode.pay.channel_messages import (
     init_channel_body,
     start_uncooperative_close_body,
     state_init,
-    top_up_body,
 )
-from meshnode.pay.channel_protocol import (
-    CHANNEL_PROTOCOL,
-    UINT64_MAX,
-    Announce,
-    Announced,
-    CloseRequest,
-    CloseSigned,
-    Refusal,
-    parse_reply,
-    signed_by,
-)
-from meshnode.pay.ledger import ChannelRecord, Ledger
-from meshnode.pay.onchain import ChannelView, on_chain, raw_address, read_channel
-from meshnode.pay.payer import DEFAULT_CLIENT_WINDOW_TOKENS, ChannelPayer
+from meshnode.pay.metering.payer import DEFAULT_CLIENT_WINDOW_TOKENS, ChannelPayer
+from meshnode.pay.ton.chain import Chain, SendResult
+from meshnode.pay.ton.onchain import ChannelView, on_chain, raw_address, read_channel
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +161,28 @@ class ClientChannel:
     ledger: Ledger
     book: ChannelBook
     latest: Voucher | None = None
+    owed: int = 0
+    """What this client counts as owed on the channel: the cost of its recorded jobs."""
+    uncertain: bool = False
+    """Its last job ended after Accept but without a bill (tokens may have been in flight)."""
 
     @property
     def channel_id(self) -> int:
         return self.entry.config.channel_id
+
+    @property
+    def ref(self) -> ChannelRef:
+        return ChannelRef(self.channel_id, self.signer.public_key)
+
+    @property
+    def debt(self) -> int:
+        """Received but not yet paid (a job broke before its last voucher)."""
+        return max(0, self.owed - (self.latest.sent if self.latest else 0))
+
+    @property
+    def unspent(self) -> int:
+        """Deposit not yet owed to the provider."""
+        return self.deposit - max(self.owed, self.latest.sent if self.latest else 0)
 
     @property
     def address(self) -> Address:
@@ -184,7 +209,7 @@ class ClientChannel:
         closing: ClosingConfig = DEFAULT_CLOSING,
         channel_id: int | None = None,
     ) -> ClientChannel:
-        """Deploy the channel with ``deposit`` from ``wallet``, then init it (2 messages)."""
+        """Deploy the channel with ``deposit`` from ``wallet`` and init it: one message."""
         if deposit <= 0:
             raise ChannelError("bad_deposit", "the deposit must be positive")
         config = ChannelConfig(
@@ -198,17 +223,19 @@ class ClientChannel:
         entry = BookEntry(config, channel_address(code, config), deposit)
         # Written before any money moves, so a crash mid-open still finds the contract.
         await trio.to_thread.run_sync(book.save, entry)
-        record = ChannelRecord(config.channel_id, signer.public_key, deposit, chain.now())
+        record = ChannelRecord(
+            config.channel_id, signer.public_key, deposit, chain.now(),
+            address=raw_address(entry.address),
+        )
         await trio.to_thread.run_sync(ledger.add_channel, record)
+        # One message deploys, funds and inits: the contract checks init's balances
+        # against its balance *with* the message's value, so no separate top-up is needed.
         init = state_init(code, channel_data(config))
-        deploy = await on_chain(
-            chain.send, wallet, entry.address, deposit + FEE_RESERVE, top_up_body(deposit, 0), init
-        )
-        _check_sent(deploy, "deploy with deposit")
         body = init_channel_body(config.channel_id, deposit, 0, is_a=True, signer=signer)
-        _check_sent(
-            await on_chain(chain.send, wallet, entry.address, SIGNED_OP_VALUE, body), "init"
+        deploy = await on_chain(
+            chain.send, wallet, entry.address, deposit + FEE_RESERVE, body, init
         )
+        _check_sent(deploy, "deploy, deposit and init")
         channel = cls(chain, wallet, signer, entry, ledger, book)
         view = await channel.view()
         if view.state != CHANNEL_STATE_OPEN or view.balance_a != deposit:
@@ -232,9 +259,29 @@ class ClientChannel:
         entry = await trio.to_thread.run_sync(book.load, channel_id)
         if entry is None:
             raise ChannelError("unknown_channel", f"no channel {channel_id:#x} in this data dir")
-        stored = await trio.to_thread.run_sync(ledger.latest_voucher, channel_id)
-        latest = stored.voucher if stored else None
-        return cls(chain, wallet, signer, entry, ledger, book, latest)
+        return await cls.from_entry(chain, wallet, signer, entry, ledger=ledger, book=book)
+
+    @classmethod
+    async def from_entry(
+        cls,
+        chain: Chain,
+        wallet: Address,
+        signer: VoucherSigner,
+        entry: BookEntry,
+        *,
+        ledger: Ledger,
+        book: ChannelBook,
+    ) -> ClientChannel:
+        """A channel from its book entry, with its latest voucher and what is owed."""
+        ref = ChannelRef(entry.config.channel_id, signer.public_key)
+        stored = await trio.to_thread.run_sync(ledger.latest_voucher, ref)
+        jobs = await trio.to_thread.run_sync(ledger.jobs, ref)
+        return cls(
+            chain, wallet, signer, entry, ledger, book,
+            latest=stored.voucher if stored else None,
+            owed=sum(j.cost for j in jobs),
+            uncertain=bool(jobs) and not jobs[-1].complete,
+        )
 
     async def announce(self, host: IHost, provider: ID) -> None:
         """Tell the provider about the channel; keep its signed zero state for closing."""
@@ -258,7 +305,9 @@ class ClientChannel:
             raise ChannelError("bad_counter_state", str(exc)) from exc
         if state_b.state != VoucherState(config.channel_id, 0, 0):
             raise ChannelError("bad_counter_state", "the provider's state must be seqno 0, sent 0")
-        self.entry = BookEntry(config, self.address, self.deposit, answer.state_b)
+        self.entry = BookEntry(
+            config, self.address, self.deposit, answer.state_b, peer_id=provider.to_base58()
+        )
         await trio.to_thread.run_sync(self.book.save, self.entry)
 
     def payer(
@@ -290,12 +339,19 @@ class ClientChannel:
     # --- closing ----------------------------------------------------------------------
 
     async def _closing_voucher(self) -> Voucher:
-        """The latest voucher; a zero one (seqno 1) if no job ever ran, since every close
-        needs A's seqno above the committed 0."""
-        if self.latest is None:
-            voucher = self.signer.sign(VoucherState(self.channel_id, 1, 0))
-            await trio.to_thread.run_sync(self.ledger.record_voucher, voucher, self.chain.now())
+        """The voucher a close pays: the latest one, or a new one paying any debt (what
+        jobs received but did not pay before they broke); a zero one (seqno 1) if no
+        job ever ran, since every close needs A's seqno above the committed 0."""
+        latest = self.latest
+        if latest is None or latest.sent < self.owed:
+            seqno = 1 if latest is None else latest.seqno + 1
+            sent = min(self.owed, self.deposit)
+            voucher = self.signer.sign(VoucherState(self.channel_id, seqno, sent))
+            await trio.to_thread.run_sync(
+                self.ledger.record_voucher, self.ref, voucher, self.chain.now()
+            )
             self.latest = voucher
+        assert self.latest is not None
         return self.latest
 
     async def close(self, host: IHost, provider: ID) -> CooperativeClose:
@@ -303,13 +359,15 @@ class ClientChannel:
         voucher = await self._closing_voucher()
         split = CooperativeClose.settling(voucher, self.deposit)
         signature_a = split.sign(self.signer)
-        request = CloseRequest(self.channel_id, voucher.to_boc(), signature_a)
+        request = CloseRequest(self.channel_id, self.signer.public_key, voucher.to_boc(),
+                               signature_a)
         answer: CloseSigned = await _request(host, provider, request, CloseSigned)
         if not signed_by(self.entry.config.key_b, split.to_cell(), answer.signature_b):
             raise ChannelError("bad_signature", "the provider's close signature does not verify")
         body = split.body(signature_a, answer.signature_b)
         sent = await on_chain(self.chain.send, self.wallet, self.address, SIGNED_OP_VALUE, body)
         _check_sent(sent, "cooperative close")
+        await trio.to_thread.run_sync(self.ledger.set_state, self.ref, STATE_CLOSED)
         return split
 
     def _counter_state(self) -> Voucher:
@@ -372,6 +430,10 @@ class ChannelWatcher:
                 log.exception("channel watch pass failed; retrying next interval")
             await trio.sleep(self.interval_s)
 
+    def _mark(self, ref: ChannelRef, state: str) -> None:
+        if self.ledger.channel(ref) is not None:
+            self.ledger.set_state(ref, state)
+
     async def check_once(self) -> list[WatchAction]:
         done: list[WatchAction] = []
         for entry in await trio.to_thread.run_sync(self.book.all):
@@ -382,19 +444,26 @@ class ChannelWatcher:
         return done
 
     async def _check(self, entry: BookEntry) -> WatchAction | None:
+        ref = ChannelRef(entry.config.channel_id, entry.config.key_a)
         view = await on_chain(read_channel, self.chain, entry.address)
         closing = view.state in (
             CHANNEL_STATE_CLOSURE_STARTED,
             CHANNEL_STATE_SETTLING_CONDITIONALS,
             CHANNEL_STATE_AWAITING_FINALIZATION,
         )
+        if view.state == CHANNEL_STATE_UNINITED and view.balance_a == 0:
+            # Closed (cooperatively, or an uncooperative close finished): no more jobs.
+            await trio.to_thread.run_sync(self._mark, ref, STATE_CLOSED)
+            return None
+        if closing:
+            await trio.to_thread.run_sync(self._mark, ref, STATE_CLOSING)
         if not closing or view.quarantine is None:
             return None
         channel_id = entry.config.channel_id
         quarantine = view.quarantine
         now = self.chain.now()
         in_quarantine = now < quarantine.started_at + view.quarantine_duration
-        stored = await trio.to_thread.run_sync(self.ledger.latest_voucher, channel_id)
+        stored = await trio.to_thread.run_sync(self.ledger.latest_voucher, ref)
         if in_quarantine and stored is not None and stored.voucher.seqno > quarantine.seqno_a:
             own = self.signer.sign(VoucherState(channel_id, 0, 0))
             body = challenge_quarantined_state_body(

@@ -20,7 +20,7 @@ from pytoniq_core.boc.cell import Cell
 from pytoniq_core.boc.slice import Slice
 from pytoniq_core.tlb.vm_stack import VmTuple
 
-from meshnode.pay.chain import Chain
+from meshnode.pay.ton.chain import Chain
 
 T = TypeVar("T")
 
