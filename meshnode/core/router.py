@@ -8,19 +8,25 @@ plus what the job costs converted to seconds, plus a failure penalty that decays
 
 ``Router.choose`` returns every eligible candidate, best first: the shell tries the
 first and falls back down the list (before the first token, or to continue a stream
-that broke). The same code runs in the node and in ``bench/routing_sim.py``.
+that broke). ``Router.rank`` does the same over a ``CandidateTable`` and can stop after
+the first few; ``choose`` is ``rank`` over a table built from its list. Scores are
+computed for all rows at once with numpy: the same code runs in the node and in the
+routing lab (``meshnode.lab``) at 10,000 providers.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from meshnode.core.directory import Provider
+import numpy as np
+
+from meshnode.core.candidates import Candidate, CandidateTable, Floats, Ints, JobEstimate
+
+__all__ = ["Candidate", "CandidateTable", "JobEstimate", "Router", "Strategy"]
 
 # Unknown peers get a typical cross-region RTT: neither favoured over measured nearby
 # peers nor shunned, so new providers get tried.
@@ -60,51 +66,6 @@ class Strategy(StrEnum):
 
 class StatsFormatError(ValueError):
     """Persisted router statistics are not in the expected shape."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A provider of one model, as the router sees it."""
-
-    peer_id: str
-    model_id: str
-    price_prompt_per_1k: int  # nanoton
-    price_completion_per_1k: int  # nanoton
-    slots: int
-    busy_slots: int
-    queue_len: int
-    tokens_per_s: float  # advertised
-    verified: bool
-
-    @classmethod
-    def from_provider(cls, provider: Provider) -> Candidate:
-        advert = provider.advert
-        return cls(
-            peer_id=advert.peer_id,
-            model_id=provider.offer.id,
-            price_prompt_per_1k=provider.offer.price_prompt_per_1k,
-            price_completion_per_1k=provider.offer.price_completion_per_1k,
-            slots=advert.capacity.slots,
-            busy_slots=advert.load.busy_slots,
-            queue_len=advert.load.queue_len,
-            tokens_per_s=advert.capacity.tokens_per_s,
-            verified=provider.listing.verified,
-        )
-
-
-@dataclass(frozen=True)
-class JobEstimate:
-    model_id: str
-    prompt_tokens: int
-    completion_tokens: int  # max_tokens, or a better guess if the caller has one
-    max_price_prompt_per_1k: int | None = None  # nanoton; None = no cap
-    max_price_completion_per_1k: int | None = None
-
-    def cost_nanoton(self, c: Candidate) -> float:
-        return (
-            self.prompt_tokens * c.price_prompt_per_1k
-            + self.completion_tokens * c.price_completion_per_1k
-        ) / 1000.0
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:
@@ -191,6 +152,46 @@ class PeerStats:
         )
 
 
+def _smallest(key: Floats, want: int) -> Ints:
+    """Positions of the ``want`` smallest keys, ascending; ties in position order (a
+    stable sort's prefix, found in linear time when ``want`` is small)."""
+    n = len(key)
+    if want >= n:
+        return np.argsort(key, kind="stable")
+    if want <= 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(key, want - 1)[want - 1]
+    below = np.flatnonzero(key < kth)
+    tied = np.flatnonzero(key == kth)[: want - len(below)]
+    chosen = np.sort(np.concatenate((below, tied)))
+    return chosen[np.argsort(key[chosen], kind="stable")]
+
+
+def _smallest_by(primary: Floats, secondary: Floats, want: int) -> Ints:
+    """Positions of the ``want`` smallest (primary, secondary) pairs, ties in position
+    order; only rows whose primary key can reach the prefix are sorted."""
+    n = len(primary)
+    if want < n and want > 0:
+        kth = np.partition(primary, want - 1)[want - 1]
+        pool = np.flatnonzero(primary <= kth)
+    else:
+        pool = np.arange(n)
+    order = pool[np.lexsort((secondary[pool], primary[pool]))]
+    return order[:want]
+
+
+@dataclass
+class _Columns:
+    """Per-row inputs of the score for the rows being ranked (eligible rows only)."""
+
+    rows: Ints  # table row of each position
+    rtt: Floats
+    speed: Floats
+    job_time: Floats  # NaN where nothing is measured
+    inflight: Floats
+    penalty: Floats
+
+
 @dataclass
 class Router:
     """Ranks candidates for a job and learns from how jobs went.
@@ -204,14 +205,14 @@ class Router:
     seed: int | None = None
     price_weight_s_per_nanoton: float = DEFAULT_PRICE_WEIGHT_S_PER_NANOTON
     allow_unverified: bool = False
-    _rng: random.Random = field(init=False, repr=False)
+    _rng: np.random.Generator = field(init=False, repr=False)
     _stats: dict[str, PeerStats] = field(default_factory=dict, init=False, repr=False)
     _rr_next: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.strategy = Strategy(self.strategy)
         _check_sample("price weight", self.price_weight_s_per_nanoton)
-        self._rng = random.Random(self.seed)
+        self._rng = np.random.default_rng(self.seed)
 
     # --------------------------------------------------------------------- choosing
 
@@ -234,71 +235,156 @@ class Router:
             out.append(c)
         return out
 
+    def _eligible_rows(
+        self, table: CandidateTable, job: JobEstimate, now: float, exclude: Collection[str]
+    ) -> Ints:
+        """The same rules as ``eligible`` (plus advert expiry), as a mask over a table."""
+        n = len(table)
+        code = table.model_code(job.model_id)
+        if code is None or n == 0:
+            return np.zeros(0, dtype=np.int64)
+        ok = (table.model[:n] == code) & (table.expires_at[:n] > now)
+        if not self.allow_unverified:
+            ok &= table.verified[:n]
+        if job.max_price_prompt_per_1k is not None:
+            ok &= table.price_prompt[:n] <= job.max_price_prompt_per_1k
+        if job.max_price_completion_per_1k is not None:
+            ok &= table.price_completion[:n] <= job.max_price_completion_per_1k
+        for peer_id in exclude:
+            row = table.row_of(peer_id)
+            if row is not None:
+                ok[row] = False
+        return np.flatnonzero(ok)
+
+    def _columns(self, table: CandidateTable, rows: Ints, now: float) -> _Columns:
+        """Score inputs for ``rows``: advertised values, overridden by what this client
+        measured. Only the peers it has statistics for are visited one by one."""
+        k = len(rows)
+        cols = _Columns(
+            rows=rows,
+            rtt=np.full(k, DEFAULT_RTT_S),
+            speed=table.tokens_per_s[rows].copy(),
+            job_time=np.full(k, np.nan),
+            inflight=np.zeros(k),
+            penalty=np.zeros(k),
+        )
+        if self._stats:
+            position = np.full(len(table), -1, dtype=np.int64)
+            position[rows] = np.arange(k)
+            for peer_id, stats in self._stats.items():
+                row = table.row_of(peer_id)
+                if row is None or position[row] < 0:
+                    continue
+                i = position[row]
+                if stats.rtt_s is not None:
+                    cols.rtt[i] = stats.rtt_s
+                if stats.tokens_per_s is not None:
+                    cols.speed[i] = stats.tokens_per_s
+                if stats.job_time_s is not None:
+                    cols.job_time[i] = stats.job_time_s
+                cols.inflight[i] = stats.inflight
+                cols.penalty[i] = stats.penalty(now)
+        return cols
+
+    def _finish(self, table: CandidateTable, cols: _Columns, job: JobEstimate) -> Floats:
+        """Expected seconds from sending the job to its last token, per row::
+
+            rtt + ahead × mean_job_time / slots + generation_time
+        """
+        rows = cols.rows
+        speed = np.maximum(MIN_TOKENS_PER_S, cols.speed)
+        generation = job.completion_tokens / speed + job.prompt_tokens / (speed * PROMPT_SPEEDUP)
+        mean_job = np.where(np.isnan(cols.job_time), generation, cols.job_time)
+        slots = np.maximum(1.0, table.slots[rows])
+        ahead = np.maximum(0.0, table.busy[rows] + table.queue[rows] + cols.inflight - slots + 1)
+        finish: Floats = cols.rtt + ahead * mean_job / slots + generation
+        return finish
+
+    def _cost(self, table: CandidateTable, rows: Ints, job: JobEstimate) -> Floats:
+        cost: Floats = (
+            job.prompt_tokens * table.price_prompt[rows]
+            + job.completion_tokens * table.price_completion[rows]
+        ) / 1000.0
+        return cost
+
+    def _score(self, table: CandidateTable, cols: _Columns, job: JobEstimate) -> Floats:
+        score: Floats = (
+            self._finish(table, cols, job)
+            + self.price_weight_s_per_nanoton * self._cost(table, cols.rows, job)
+            + cols.penalty
+        )
+        return score
+
     def expected_finish_s(self, c: Candidate, job: JobEstimate) -> float:
         """Expected seconds from sending the job to its last token."""
-        stats = self._stats.get(c.peer_id, PeerStats())
-        rtt = DEFAULT_RTT_S if stats.rtt_s is None else stats.rtt_s
-        speed = max(
-            MIN_TOKENS_PER_S, c.tokens_per_s if stats.tokens_per_s is None else stats.tokens_per_s
-        )
-        generation = job.completion_tokens / speed + job.prompt_tokens / (speed * PROMPT_SPEEDUP)
-        mean_job = generation if stats.job_time_s is None else stats.job_time_s
-        slots = max(1, c.slots)
-        ahead = max(0, c.busy_slots + c.queue_len + stats.inflight - slots + 1)
-        return rtt + ahead * mean_job / slots + generation
+        table = CandidateTable([c])
+        rows = np.zeros(1, dtype=np.int64)
+        return float(self._finish(table, self._columns(table, rows, 0.0), job)[0])
 
     def score(self, c: Candidate, job: JobEstimate, now: float) -> float:
         """Lower is better: expected finish + price weight × cost + failure penalty."""
-        penalty = self._stats[c.peer_id].penalty(now) if c.peer_id in self._stats else 0.0
-        return (
-            self.expected_finish_s(c, job)
-            + self.price_weight_s_per_nanoton * job.cost_nanoton(c)
-            + penalty
-        )
+        table = CandidateTable([c])
+        rows = np.zeros(1, dtype=np.int64)
+        return float(self._score(table, self._columns(table, rows, now), job)[0])
 
     def choose(
         self, candidates: Sequence[Candidate], job: JobEstimate, now: float
     ) -> list[Candidate]:
         """Eligible candidates ordered first choice, then fallbacks; empty if none."""
         pool = self.eligible(candidates, job)
-        if not pool:
+        table = CandidateTable(pool, capacity=len(pool))
+        return [table.candidate(row) for row in self.rank(table, job, now)]
+
+    def rank(
+        self,
+        table: CandidateTable,
+        job: JobEstimate,
+        now: float,
+        *,
+        exclude: Collection[str] = (),
+        limit: int | None = None,
+    ) -> list[int]:
+        """Rows of ``table`` eligible for ``job``, first choice then fallbacks, leaving
+        out the peers in ``exclude``; only the first ``limit`` when given (the order of
+        that prefix is the same as without a limit)."""
+        rows = self._eligible_rows(table, job, now, exclude)
+        k = len(rows)
+        if k == 0:
             return []
-
-        def by_score(c: Candidate) -> float:
-            return self.score(c, job, now)
-
+        want = k if limit is None else max(0, min(limit, k))
         if self.strategy is Strategy.RANDOM:
-            self._rng.shuffle(pool)
-            return pool
+            return rows[self._rng.permutation(k)[:want]].tolist()  # type: ignore[no-any-return]
         if self.strategy is Strategy.ROUND_ROBIN:
-            start = self._rr_next % len(pool)
+            start = self._rr_next % k
             self._rr_next += 1
-            return pool[start:] + pool[:start]
+            return rows[(start + np.arange(want)) % k].tolist()  # type: ignore[no-any-return]
+        cols = self._columns(table, rows, now)
+        score = self._score(table, cols, job)
         if self.strategy is Strategy.FASTEST:
-            return sorted(pool, key=by_score)
-        if self.strategy is Strategy.CHEAPEST:
-            return sorted(pool, key=lambda c: (job.cost_nanoton(c), by_score(c)))
-        if self.strategy is Strategy.LEAST_LOADED:
-            return sorted(pool, key=lambda c: (self._load_fraction(c), by_score(c)))
-        return self._power_of_two(pool, by_score)
+            order = _smallest(score, want)
+        elif self.strategy is Strategy.CHEAPEST:
+            order = _smallest_by(self._cost(table, rows, job), score, want)
+        elif self.strategy is Strategy.LEAST_LOADED:
+            load = (table.busy[rows] + table.queue[rows] + cols.inflight) / np.maximum(
+                1.0, table.slots[rows]
+            )
+            order = _smallest_by(load, score, want)
+        else:
+            order = self._power_of_two(score, want)
+        return rows[order].tolist()  # type: ignore[no-any-return]
 
-    def _load_fraction(self, c: Candidate) -> float:
-        inflight = self._stats[c.peer_id].inflight if c.peer_id in self._stats else 0
-        return (c.busy_slots + c.queue_len + inflight) / max(1, c.slots)
-
-    def _power_of_two(
-        self, pool: list[Candidate], by_score: Callable[[Candidate], float]
-    ) -> list[Candidate]:
+    def _power_of_two(self, score: Floats, want: int) -> Ints:
         # Two random candidates, keep the better: spreads load even when every client
         # sees the same stale adverts, where always taking the best would herd.
-        ranked = sorted(pool, key=by_score)
-        best = by_score(ranked[0])
-        contenders = [c for c in ranked if by_score(c) <= best * P2C_SCORE_CUTOFF]
+        contenders = np.flatnonzero(score <= score.min() * P2C_SCORE_CUTOFF)
         if len(contenders) < 2:
-            return ranked
-        a, b = self._rng.sample(contenders, 2)
-        first = a if by_score(a) <= by_score(b) else b
-        return [first, *(c for c in ranked if c is not first)]
+            return _smallest(score, want)
+        i = int(self._rng.integers(len(contenders)))
+        j = int(self._rng.integers(len(contenders) - 1))
+        a, b = contenders[i], contenders[j + (j >= i)]
+        first = a if score[a] <= score[b] else b
+        rest = _smallest(score, min(want + 1, len(score)))
+        return np.concatenate(([first], rest[rest != first]))[:want]
 
     # --------------------------------------------------------------------- learning
 
