@@ -28,7 +28,8 @@ BASELINE = "random"  # the strategy a client without a router would amount to
 
 def run_one(sc: Scenario, strategy: str, seed: int | None = None) -> dict[str, Any]:
     sim = Simulation(sc, strategy, seed=seed)
-    summary = summarize(sim.run())
+    summary = summarize(sim.run(progress=lambda line: print(f"  [{strategy}] {line}",
+                                                           flush=True)))
     print(f"  {strategy:13s} p50 {summary['finish_s']['p50']:8.2f} s  "
           f"p99 {summary['finish_s']['p99']:8.2f} s  failed {summary['jobs_failed']:6d}  "
           f"jain {summary['jain_utilisation']:.3f}  wall {summary['wall_s']:6.1f} s",
