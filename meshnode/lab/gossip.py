@@ -20,7 +20,7 @@ import numpy as np
 
 from meshnode.core.advert import Advert, check_times, decode_and_verify
 from meshnode.core.candidates import Candidate, CandidateTable, Ints
-from meshnode.core.directory import Directory, Provider
+from meshnode.core.directory import Directory
 
 
 @dataclass
@@ -71,8 +71,13 @@ class CityView:
             # The lab's providers all pass attestation; the verdict takes effect at once.
             self.directory.set_verification(peer, True, "lab: attested", seq=listing.advert.seq)
             listing = self.directory.get(peer, now) or listing
-        offer = listing.advert.models[0]
-        candidate = Candidate.from_provider(Provider(listing=listing, offer=offer))
+        advert = listing.advert
+        offer = advert.models[0]
+        # Candidate.from_provider(Provider(listing, offer)), without the Provider
+        candidate = Candidate(peer, offer.id, offer.price_prompt_per_1k,
+                              offer.price_completion_per_1k, advert.capacity.slots,
+                              advert.load.busy_slots, advert.load.queue_len,
+                              advert.capacity.tokens_per_s, listing.verified)
         known = peer in self.table
         row = self.table.upsert(candidate, expires_at=listing.advert.expires_at)
         if not known:

@@ -119,7 +119,18 @@ class _Job:
 
 
 class Simulation:
-    def __init__(self, sc: Scenario, strategy: str, *, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        sc: Scenario,
+        strategy: str,
+        *,
+        seed: int | None = None,
+        jobs: Jobs | None = None,
+        estimate_exact: bool = False,
+    ) -> None:
+        """``jobs`` replaces the scenario's job list (a replay of a real run);
+        ``estimate_exact`` makes clients ask for exactly the tokens a job produces, as
+        the real clients of ``lab real`` do, instead of the scenario's max_tokens."""
         if strategy not in ALL_STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose from {ALL_STRATEGIES}")
         self.sc = sc
@@ -128,8 +139,10 @@ class Simulation:
         setup = np.random.default_rng(seed)  # same mesh and jobs for every strategy
         self.mesh: Mesh = build_mesh(sc, setup)
         self.trace = read_trace(sc)
-        jobs, capacity = build_jobs(sc, self.mesh, self.trace, setup)
+        built, capacity = build_jobs(sc, self.mesh, self.trace, setup)
+        jobs = built if jobs is None else jobs
         self.jobs: Jobs = jobs
+        self.estimate_exact = estimate_exact
         self.capacity = capacity
         self.chance = np.random.default_rng(seed + 1)  # churn draws
         self.churn_rng = np.random.default_rng(seed + 2)
@@ -178,7 +191,7 @@ class Simulation:
         self._advert_ids = itertools.count()
         self._advert_left: dict[int, int] = {}
         self.live: dict[int, _Job] = {}
-        m = sc.jobs
+        m = len(jobs.arrival)
         self.out = Outcome(
             arrival=jobs.arrival + WARMUP_S,
             ttft=np.full(m, np.nan),
@@ -240,7 +253,7 @@ class Simulation:
                 self.at(self._session_s(), _LEAVE, p)
         for city in range(len(self.views)):
             self.at(EXPIRE_INTERVAL_S, _EXPIRE, city)
-        for j in range(sc.jobs):
+        for j in range(len(self.jobs.arrival)):
             self.at(float(self.out.arrival[j]), _ARRIVE, j)
         handlers = {
             _ARRIVE: self._arrive, _REACH: self._reach, _CLIENT_FAIL: self._client_fail,
@@ -248,10 +261,10 @@ class Simulation:
             _PUBLISH: self._publish, _DELIVER: self._deliver,
             _LEAVE: self._leave, _JOIN: self._join,
         }  # fmt: skip
-        pending = sc.jobs
+        pending = len(self.jobs.arrival)
         events = self.events
         views = self.view_list
-        step = max(1, sc.jobs // 10)
+        step = max(1, pending // 10)
         done_jobs = 0
         while events and pending:
             now, _, kind, a, b = heapq.heappop(events)
@@ -265,7 +278,7 @@ class Simulation:
                 pending -= 1
                 done_jobs += 1
                 if progress is not None and done_jobs % step == 0:
-                    progress(f"{done_jobs}/{sc.jobs} jobs, sim t={now:.1f} s, "
+                    progress(f"{done_jobs}/{len(self.jobs.arrival)} jobs, sim t={now:.1f} s, "
                              f"wall {time.perf_counter() - t0:.1f} s")
         t_end = self.window[1]
         for p in np.flatnonzero(self.online):
@@ -414,6 +427,8 @@ class Simulation:
 
     def _estimate(self, job: _Job) -> JobEstimate:
         # A client knows its prompt and its max_tokens, not how long the answer will be.
+        if self.estimate_exact:
+            return JobEstimate(MODEL_ID, job.prompt, max(1, job.remaining))
         return JobEstimate(MODEL_ID, job.prompt, max(1, self.sc.max_tokens - job.delivered))
 
     def _pick(self, job: _Job, now: float) -> int | None:
