@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -189,6 +190,7 @@ def main_real(args: argparse.Namespace) -> None:
     print(f"{sc.name}: {sc.providers} providers + {sc.clients} clients + 1 bootstrap in "
           f"network namespaces; logs in {workdir}", flush=True)
     t0 = time.time()
+    load_before = os.getloadavg()
     try:
         real = run_real(sc, strategy, workdir)
     except BaseException:
@@ -209,6 +211,8 @@ def main_real(args: argparse.Namespace) -> None:
                      "cities": {k: CITIES[k].name for k in sc.provider_cities}},
         "machine": machine(),
         "nodes": 1 + sc.providers + sc.clients,
+        # The simulator models no CPU contention: a busy machine slows the real nodes.
+        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "ping_check": real["config"].get("ping_check"),
         "known_providers": real["known_providers"],
         "validation": result["table"],
