@@ -766,6 +766,16 @@ def testnet(
     _run(main)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lab(ctx: typer.Context) -> None:
+    """Routing lab: `meshnode lab sim|sweep|profile|real SCENARIO.toml [--options]`.
+
+    Same as `python -m meshnode.lab ...`; see the README's "Routing lab" section."""
+    from meshnode.lab.__main__ import main as lab_main
+
+    raise typer.Exit(lab_main(list(ctx.args)))
+
+
 channel_app = typer.Typer(
     help="TON payment channels from this node (the client) to providers.",
     no_args_is_help=True,
