@@ -32,7 +32,8 @@ def run_one(sc: Scenario, strategy: str, seed: int | None = None) -> dict[str, A
                                                            flush=True)))
     print(f"  {strategy:13s} p50 {summary['finish_s']['p50']:8.2f} s  "
           f"p99 {summary['finish_s']['p99']:8.2f} s  failed {summary['jobs_failed']:6d}  "
-          f"jain {summary['jain_utilisation']:.3f}  wall {summary['wall_s']:6.1f} s",
+          f"jain {summary['jain_utilisation']:.3f}  wall {summary['wall_s']:6.1f} s  "
+          f"cpu {summary['cpu_s']:6.1f} s",
           flush=True)
     return summary
 
@@ -77,7 +78,8 @@ def _overrides(sc: Scenario, args: argparse.Namespace) -> Scenario:
 
 
 def _strategies(sc: Scenario, args: argparse.Namespace) -> list[str]:
-    chosen = args.strategies.split(",") if args.strategies else list(sc.strategies or ALL_STRATEGIES)
+    default = list(sc.strategies or ALL_STRATEGIES)
+    chosen = args.strategies.split(",") if args.strategies else default
     bad = [s for s in chosen if s not in ALL_STRATEGIES]
     if bad:
         raise ScenarioError(f"unknown strategies {bad}; choose from {ALL_STRATEGIES}")
@@ -93,6 +95,7 @@ def cmd_sim(args: argparse.Namespace) -> None:
     results = compare(sc, strategies, args.workers)
     out = args.out or RESULTS / f"lab_{sc.name}.json"
     write_json(out, {"scenario": scenario_info(sc), "machine": machine(),
+                     "command": " ".join(["python -m meshnode.lab", *sys.argv[1:]]),
                      "wall_s_total": time.perf_counter() - t0, "results": results})
     plot_strategies(results, f"{sc.name}: {sc.providers} providers, load {sc.load}",
                     out.with_suffix(".png"))

@@ -64,6 +64,7 @@ def summarize(out: Outcome) -> dict[str, Any]:
             if done.any() else None
         ),
         "wall_s": out.wall_s,
+        "cpu_s": out.cpu_s,
         "capacity_jobs_per_s": out.capacity_jobs_per_s,
         "counters": dict(out.counters),
     }

@@ -34,7 +34,7 @@ from meshnode.lab.netns import NetnsLab
 from meshnode.lab.report import RESULTS, machine, plot_validation, write_json
 from meshnode.lab.scenario import Scenario, load_scenario
 from meshnode.lab.sim import Simulation
-from meshnode.lab.workload import Jobs, build_jobs, build_mesh, read_trace
+from meshnode.lab.workload import Jobs
 
 BOOTSTRAP_UP_S = 30.0  # a bootstrap node starts in ~2 s; 30 covers a loaded machine
 # Providers load the model, join the DHT and publish; clients then wait for every advert.
@@ -172,12 +172,13 @@ def compare_real_sim(sc: Scenario, strategy: str, real: dict[str, Any]) -> dict[
     finish = np.array([r["finish_s"] if r.get("finish_s") is not None else np.nan for r in recs])
     ttft = np.array([r.get("ttft_s", np.nan) if r.get("finish_s") is not None else np.nan
                      for r in recs])
-    real_stats = {"finish_s": percentiles(finish), "ttft_s": percentiles(ttft),
-                  "jobs": len(recs), "failed": int(np.sum(~np.isfinite(finish)))}
+    real_pct = {"finish_s": percentiles(finish), "ttft_s": percentiles(ttft)}
+    real_stats: dict[str, Any] = {**real_pct, "jobs": len(recs),
+                                  "failed": int(np.sum(~np.isfinite(finish)))}
     rows = []
     for metric in ("ttft_s", "finish_s"):
         for q in ("p50", "p95"):
-            r, s = real_stats[metric][q], summary[metric][q]
+            r, s = real_pct[metric][q], summary[metric][q]
             rows.append({"metric": f"{metric[:-2]} {q}", "real": r, "sim": s,
                          "sim_over_real": (s / r) if r and s is not None else None})
     return {"real": real_stats, "sim": summary, "table": rows}

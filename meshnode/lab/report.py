@@ -22,7 +22,9 @@ def machine() -> dict[str, Any]:
         pass
     import os
 
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            # other work on the machine slows wall-clock numbers; CPU seconds are not
+            "loadavg_1min": os.getloadavg()[0], "gpu": "none"}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

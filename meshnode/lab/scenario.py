@@ -105,7 +105,9 @@ def _int(table: dict[str, Any], key: str, where: str, lo: int, hi: int) -> int:
     return value
 
 
-def _weights(table: dict[str, Any], key: str, where: str, known: set[str] | None) -> dict[str, float]:
+def _weights(
+    table: dict[str, Any], key: str, where: str, known: set[str] | None
+) -> dict[str, float]:
     value = _get(table, key, where)
     if not isinstance(value, dict) or not value:
         raise ScenarioError(f"[{where}] {key} must be a non-empty table of name = weight")

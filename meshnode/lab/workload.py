@@ -145,7 +145,7 @@ def availability(sc: Scenario) -> float:
 
 
 def weibull_scale(shape: float, median: float) -> float:
-    return median / math.log(2) ** (1 / shape)
+    return float(median / math.log(2) ** (1 / shape))
 
 
 def weibull_mean(shape: float, median: float) -> float:
