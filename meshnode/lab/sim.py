@@ -44,6 +44,7 @@ from meshnode.lab.workload import (
     Floats,
     Jobs,
     Mesh,
+    availability,
     build_jobs,
     build_mesh,
     read_trace,
@@ -249,10 +250,17 @@ class Simulation:
         t0 = time.perf_counter()
         cpu0 = time.process_time()
         sc = self.sc
+        share_online = availability(sc)
         for p in range(self.mesh.providers):
+            if sc.churn and self.churn_rng.random() >= share_online:
+                # Start in the long-run mix: this provider is offline now and comes
+                # back after part of an offline period.
+                self.online[p] = False
+                self.at(self._offline_s() * float(self.churn_rng.random()), _JOIN, p)
+                continue
             self.at(float(self.chance.uniform(0, GOSSIP_REPUBLISH_S)), _PUBLISH, p, -1)
             if sc.churn:
-                self.at(self._session_s(), _LEAVE, p)
+                self.at(self._session_s() * float(self.churn_rng.random()), _LEAVE, p)
         for city in range(len(self.views)):
             self.at(EXPIRE_INTERVAL_S, _EXPIRE, city)
         for j in range(len(self.jobs.arrival)):

@@ -124,16 +124,6 @@ def read_trace(sc: Scenario) -> dict[str, tuple[Ints, Ints]]:
     return {k: (np.array(p), np.array(c)) for k, (p, c) in rows.items()}
 
 
-def mean_service_s(sc: Scenario, mesh: Mesh, trace: dict[str, tuple[Ints, Ints]]) -> Floats:
-    """Each provider's mean seconds per job over the job mix (prompt + decode)."""
-    total = sum(sc.job_kinds.values())
-    out = np.zeros(mesh.providers)
-    for kind, w in sc.job_kinds.items():
-        p, c = trace[kind]
-        out += (w / total) * (p.mean() / mesh.p_prompt + c.mean() / mesh.p_decode)
-    return out
-
-
 def availability(sc: Scenario) -> float:
     """Long-run share of time a provider is online (1 without churn)."""
     if not sc.churn:
@@ -155,18 +145,23 @@ def weibull_mean(shape: float, median: float) -> float:
 def build_jobs(
     sc: Scenario, mesh: Mesh, trace: dict[str, tuple[Ints, Ints]], rng: np.random.Generator
 ) -> tuple[Jobs, float]:
-    """Jobs with Poisson arrivals at ``sc.load`` × capacity; also the capacity (jobs/s)."""
-    capacity = float(np.sum(sc.slots / mean_service_s(sc, mesh, trace))) * availability(sc)
-    rate = sc.load * capacity
-    arrival = np.cumsum(rng.exponential(1.0 / rate, size=sc.jobs))
+    """Jobs with Poisson arrivals at ``sc.load`` × capacity; also the capacity (jobs/s).
+
+    Capacity is what the online providers can serve of *these* jobs (their sizes after
+    the max_tokens cap): Σ slots / mean service time, times the share of providers that
+    are online (``availability``)."""
     kinds = _pick(rng, sc.job_kinds, sc.jobs)
     prompt = np.zeros(sc.jobs, dtype=np.int64)
     completion = np.zeros(sc.jobs, dtype=np.int64)
-    for kind in set(kinds):
+    for kind in sorted(set(kinds)):
         idx = np.array([i for i, k in enumerate(kinds) if k == kind])
         p, c = trace[kind]
         pick = rng.integers(len(p), size=len(idx))
         prompt[idx] = p[pick]
         completion[idx] = np.minimum(c[pick], sc.max_tokens)
+    service = prompt.mean() / mesh.p_prompt + completion.mean() / mesh.p_decode
+    capacity = float(np.sum(sc.slots / service)) * availability(sc)
+    rate = sc.load * capacity
+    arrival = np.cumsum(rng.exponential(1.0 / rate, size=sc.jobs))
     client = rng.integers(sc.clients, size=sc.jobs)
     return Jobs(arrival, client, prompt, completion, tuple(kinds)), capacity
