@@ -124,3 +124,21 @@ def test_verify_once_checks_each_advert_once_but_its_expiry_every_time() -> None
     tampered = data[:-1] + bytes([data[-1] ^ 1])
     with pytest.raises(AdvertRejected):
         decode(tampered, 100.0)
+
+
+def test_what_if_knobs_default_to_the_nodes_own_values(tiny: Scenario) -> None:
+    from meshnode.node import ADVERT_LIFETIME_S
+    from meshnode.p2p.discovery import LOAD_PUBLISH_MIN_INTERVAL_S
+    from meshnode.p2p.host import DIAL_TIMEOUT_S
+
+    assert tiny.dial_timeout_s == DIAL_TIMEOUT_S
+    assert tiny.advert_lifetime_s == ADVERT_LIFETIME_S
+    assert tiny.load_publish_interval_s == LOAD_PUBLISH_MIN_INTERVAL_S
+
+
+def test_a_shorter_advert_lifetime_shows_in_the_adverts_clients_hold(tiny: Scenario) -> None:
+    sim = Simulation(tiny.with_overrides(advert_lifetime_s=42.0, jobs=50), "p2c")
+    sim.run()
+    view = next(iter(sim.views.values()))
+    listing = view.directory.peers(0.0)[0]
+    assert listing.advert.expires_at - listing.advert.issued_at == 42.0

@@ -63,6 +63,10 @@ def scenario_info(sc: Scenario) -> dict[str, Any]:
         "jobs": sc.jobs,
         "load": sc.load,
         "directory_max_entries": sc.directory_max_entries,
+        "dial_timeout_s": sc.dial_timeout_s,
+        "advert_lifetime_s": sc.advert_lifetime_s,
+        "load_publish_interval_s": sc.load_publish_interval_s,
+        "max_queue": sc.max_queue,
         "seed": sc.seed,
         "sources": sc.sources,
     }
@@ -70,7 +74,9 @@ def scenario_info(sc: Scenario) -> dict[str, Any]:
 
 def _overrides(sc: Scenario, args: argparse.Namespace) -> Scenario:
     changes: dict[str, Any] = {}
-    for name in ("providers", "clients", "jobs", "load", "directory_max_entries", "seed"):
+    for name in ("providers", "clients", "jobs", "load", "directory_max_entries", "seed",
+                 "dial_timeout_s", "advert_lifetime_s", "load_publish_interval_s",
+                 "max_queue"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -163,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--load", type=float)
         p.add_argument("--seed", type=int)
         p.add_argument("--directory-max-entries", dest="directory_max_entries", type=int)
+        p.add_argument("--dial-timeout-s", dest="dial_timeout_s", type=float,
+                       help="what if: client dial timeout (node: p2p.host.DIAL_TIMEOUT_S)")
+        p.add_argument("--advert-lifetime-s", dest="advert_lifetime_s", type=float,
+                       help="what if: advert lifetime (node: node.ADVERT_LIFETIME_S)")
+        p.add_argument("--load-publish-interval-s", dest="load_publish_interval_s", type=float,
+                       help="what if: provider load-change debounce (node: 5 s; receivers "
+                            "still rate-limit adverts to core.directory.RATE_PER_S)")
+        p.add_argument("--max-queue", dest="max_queue", type=int,
+                       help="what if: jobs a provider queues beyond its slots (node: 4)")
         p.add_argument("--workers", type=int, default=1, help="processes (one per strategy)")
         p.add_argument("--out", type=Path)
         if name == "sweep":

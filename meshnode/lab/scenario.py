@@ -13,8 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from meshnode.core.advert import MAX_ADVERT_LIFETIME_S
 from meshnode.core.directory import DEFAULT_MAX_ENTRIES
 from meshnode.lab.geo import CITIES
+from meshnode.node import ADVERT_LIFETIME_S
+from meshnode.p2p.discovery import LOAD_PUBLISH_MIN_INTERVAL_S
+from meshnode.p2p.host import DIAL_TIMEOUT_S
 
 # A scenario is a research input, not a trust boundary; the limits only catch typos
 # (a million clients by an extra zero) before they cost an hour of CPU.
@@ -70,6 +74,10 @@ class Scenario:
     job_kinds: dict[str, float]
     proxy_cities: tuple[str, ...]
     sources: dict[str, str]
+    # What-if knobs: the node's own values unless the scenario's [what_if] sets them.
+    dial_timeout_s: float = DIAL_TIMEOUT_S
+    advert_lifetime_s: float = ADVERT_LIFETIME_S
+    load_publish_interval_s: float = LOAD_PUBLISH_MIN_INTERVAL_S
     real: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
@@ -153,7 +161,7 @@ def parse_scenario(raw: dict[str, Any], *, base: Path, path: Path | None = None)
     trace = base / str(_get(jobs, "trace", "jobs"))
     if not trace.is_file():
         raise ScenarioError(f"[jobs] trace {trace} does not exist")
-    oracle = raw.get("oracle", {})
+    oracle, what_if = raw.get("oracle", {}), raw.get("what_if", {})
     proxies = tuple(str(c) for c in oracle.get("proxy_cities", []))
     if any(c not in cities for c in proxies):
         raise ScenarioError(f"[oracle] proxy_cities: unknown city in {proxies}")
@@ -193,6 +201,16 @@ def parse_scenario(raw: dict[str, Any], *, base: Path, path: Path | None = None)
         job_kinds=_weights(jobs, "kinds", "jobs", {"conv", "code"}),
         proxy_cities=proxies,
         sources={str(k): str(v) for k, v in sources.items()},
+        dial_timeout_s=(_number(what_if, "dial_timeout_s", "what_if", 0.01, 600.0)
+                        if "dial_timeout_s" in what_if else DIAL_TIMEOUT_S),
+        advert_lifetime_s=(
+            _number(what_if, "advert_lifetime_s", "what_if", 1.0, MAX_ADVERT_LIFETIME_S)
+            if "advert_lifetime_s" in what_if else ADVERT_LIFETIME_S
+        ),
+        load_publish_interval_s=(
+            _number(what_if, "load_publish_interval_s", "what_if", 0.0, 3600.0)
+            if "load_publish_interval_s" in what_if else LOAD_PUBLISH_MIN_INTERVAL_S
+        ),
         real=dict(raw.get("real", {})),
         path=path,
     )

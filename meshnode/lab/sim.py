@@ -50,14 +50,11 @@ from meshnode.lab.workload import (
     read_trace,
     weibull_scale,
 )
-from meshnode.node import ADVERT_LIFETIME_S
 from meshnode.p2p.discovery import (
     EXPIRE_INTERVAL_S,
     GOSSIP_REPUBLISH_S,
-    LOAD_PUBLISH_MIN_INTERVAL_S,
 )
 from meshnode.p2p.gossip import GOSSIP_DEGREE
-from meshnode.p2p.host import DIAL_TIMEOUT_S
 
 MODEL_ID = hashlib.sha256(b"meshnode-lab-model").hexdigest()
 # py-libp2p waits 250 ms before every dial (happy-eyeballs delay, DESIGN.md), then TCP,
@@ -326,7 +323,7 @@ class Simulation:
         if self.load_pending[p]:
             return
         self.load_pending[p] = True
-        when = max(now, float(self.last_publish[p]) + LOAD_PUBLISH_MIN_INTERVAL_S)
+        when = max(now, float(self.last_publish[p]) + self.sc.load_publish_interval_s)
         self.at(when, _PUBLISH, p, -2 - self.publishes[p])
 
     def _publish(self, now: float, p: int, token: int) -> bool:
@@ -361,7 +358,7 @@ class Simulation:
             job_pubkey=self.job_pubkey,
             seq=self.seq[p],
             issued_at=now,
-            expires_at=now + ADVERT_LIFETIME_S,
+            expires_at=now + self.sc.advert_lifetime_s,
             attestation=b"lab",
         )
         data = sign_body(encode_body(advert), self.keys[p])
@@ -514,7 +511,7 @@ class Simulation:
             setup = 0.0 if key in self.connected else DIAL_DELAY_S + CONNECT_ROUND_TRIPS * job.rtt
             self.routers[job.client].record_start(self.peer_ids[p], now)
         if not self.online[p]:
-            self.at(now + DIAL_TIMEOUT_S, _CLIENT_FAIL, j, job.attempt)
+            self.at(now + self.sc.dial_timeout_s, _CLIENT_FAIL, j, job.attempt)
             self.out.failed_attempts[FAIL_UNREACHABLE] += 1
             job.attempt = -job.attempt
         else:
