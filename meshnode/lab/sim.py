@@ -510,7 +510,12 @@ class Simulation:
             key = (job.client, p)
             setup = 0.0 if key in self.connected else DIAL_DELAY_S + CONNECT_ROUND_TRIPS * job.rtt
             self.routers[job.client].record_start(self.peer_ids[p], now)
-        if not self.online[p]:
+        if self.strategy == PROXY_STRATEGY:
+            # The proxy is the dispatcher: it books the job on the provider the moment
+            # it forwards it, so its view of every backlog is never stale, not even by
+            # the jobs still on the wire (a mesh client cannot know those of others).
+            self._admit(j, job, p, arrive=now + job.rtt / 2, now=now)
+        elif not self.online[p]:
             self.at(now + self.sc.dial_timeout_s, _CLIENT_FAIL, j, job.attempt)
             self.out.failed_attempts[FAIL_UNREACHABLE] += 1
             job.attempt = -job.attempt
@@ -539,8 +544,14 @@ class Simulation:
             self.out.failed_attempts[FAIL_BUSY] += 1
             job.attempt = -attempt
             return False
+        self._admit(j, job, p, arrive=now, now=now)
+        return False
+
+    def _admit(self, j: int, job: _Job, p: int, *, arrive: float, now: float) -> None:
+        """The provider takes the job into its FIFO queue: it starts on the first slot
+        that frees after ``arrive``."""
         heap = self.slot_free[p]
-        start = max(now, heapq.heappop(heap))
+        start = max(arrive, heapq.heappop(heap))
         job.start = start
         job.prompt_s = job.prompt / float(self.mesh.p_prompt[p])
         job.end = start + job.prompt_s + job.remaining / float(self.mesh.p_decode[p])
@@ -549,8 +560,7 @@ class Simulation:
         self.outstanding[p] += 1
         self.active[p].add(j)
         self._load_changed(p, now)
-        self.at(job.end, _PROV_DONE, j, attempt)
-        return False
+        self.at(job.end, _PROV_DONE, j, job.attempt)
 
     def _prov_done(self, now: float, j: int, attempt: int) -> bool:
         job = self.live.get(j)
