@@ -8,7 +8,8 @@ import io
 import pstats
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,28 @@ def run_one(sc: Scenario, strategy: str, seed: int | None = None) -> dict[str, A
     return summary
 
 
-def compare(sc: Scenario, strategies: list[str], workers: int) -> dict[str, dict[str, Any]]:
-    """Every strategy on the same mesh and jobs; ratios against the baseline."""
+def compare(
+    sc: Scenario,
+    strategies: list[str],
+    workers: int,
+    on_result: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every strategy on the same mesh and jobs; ratios against the baseline.
+    ``on_result`` sees the results so far after each strategy (to save partial work)."""
+    results: dict[str, dict[str, Any]] = {}
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            futures = {s: pool.submit(run_one, sc, s) for s in strategies}
-            results = {s: f.result() for s, f in futures.items()}
+            futures = {pool.submit(run_one, sc, s): s for s in strategies}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if on_result is not None:
+                    on_result(results)
+        results = {s: results[s] for s in strategies}
     else:
-        results = {s: run_one(sc, s) for s in strategies}
+        for s in strategies:
+            results[s] = run_one(sc, s)
+            if on_result is not None:
+                on_result(results)
     base = results.get(BASELINE) or next(iter(results.values()))
     for r in results.values():
         for q in ("p50", "p99"):
@@ -98,11 +113,16 @@ def cmd_sim(args: argparse.Namespace) -> None:
     print(f"{sc.name}: {sc.providers} providers, {sc.clients} clients, {sc.jobs} jobs, "
           f"load {sc.load}", flush=True)
     t0 = time.perf_counter()
-    results = compare(sc, strategies, args.workers)
     out = args.out or RESULTS / f"lab_{sc.name}.json"
-    write_json(out, {"scenario": scenario_info(sc), "machine": machine(),
-                     "command": " ".join(["python -m meshnode.lab", *sys.argv[1:]]),
-                     "wall_s_total": time.perf_counter() - t0, "results": results})
+
+    def save(results: dict[str, dict[str, Any]], *, partial: bool = True) -> None:
+        write_json(out, {"scenario": scenario_info(sc), "machine": machine(),
+                         "command": " ".join(["python -m meshnode.lab", *sys.argv[1:]]),
+                         "partial": partial, "wall_s_total": time.perf_counter() - t0,
+                         "results": results})
+
+    results = compare(sc, strategies, args.workers, on_result=save)
+    save(results, partial=False)
     plot_strategies(results, f"{sc.name}: {sc.providers} providers, load {sc.load}",
                     out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
