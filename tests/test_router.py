@@ -20,6 +20,7 @@ from meshnode.core.router import (
     P2C_SCORE_CUTOFF,
     PENALTY_HALF_LIFE_S,
     Candidate,
+    CandidateTable,
     JobEstimate,
     Router,
     StatsFormatError,
@@ -408,3 +409,92 @@ def test_a_flood_of_new_providers_gets_a_bounded_share_of_the_jobs() -> None:
     assert len(probed) >= 5  # new providers do get work
     # one job in five, counting the measured provider's first three: (50 + 3) / 5 + 1
     assert len(probed) <= 11
+
+
+
+
+# ------------------------------------------------------------------ tables and rank()
+
+
+def varied_pool(n: int) -> list[Candidate]:
+    return [
+        cand(f"p{i:03d}", tokens_per_s=10.0 + (i * 37) % 90, busy_slots=i % 2, queue_len=i % 3,
+             price_completion_per_1k=1000 + (i * 53) % 7 * 500)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_rank_over_a_table_orders_like_choose_over_the_list(strategy: Strategy) -> None:
+    pool = varied_pool(40)
+    by_list = Router(strategy, seed=9)
+    by_table = Router(strategy, seed=9)
+    for router in (by_list, by_table):
+        router.record_rtt("p007", 0.01, NOW)
+        router.record_failure("p003", NOW)
+    table = CandidateTable(pool)
+    for _ in range(3):
+        listed = [c.peer_id for c in by_list.choose(pool, JOB, NOW)]
+        ranked = [table.peer_id(r) for r in by_table.rank(table, JOB, NOW)]
+        assert ranked == listed
+
+
+@pytest.mark.parametrize("strategy", [s for s in Strategy if s is not Strategy.RANDOM])
+def test_a_limited_rank_is_the_prefix_of_the_full_one(strategy: Strategy) -> None:
+    # many exact ties (same speed and load): the prefix must break them the same way
+    pool = varied_pool(60) + [cand(f"tie{i:02d}") for i in range(30)]
+    table = CandidateTable(pool)
+    full = Router(strategy, seed=4).rank(table, JOB, NOW)
+    for limit in (1, 3, 17):
+        assert Router(strategy, seed=4).rank(table, JOB, NOW, limit=limit) == full[:limit]
+
+
+def test_rank_leaves_out_excluded_peers_and_expired_adverts() -> None:
+    table = CandidateTable()
+    table.upsert(cand("a", tokens_per_s=90.0), expires_at=NOW + 10)
+    table.upsert(cand("b", tokens_per_s=60.0), expires_at=NOW - 1)
+    table.upsert(cand("c", tokens_per_s=30.0))
+    router = Router(Strategy.FASTEST)
+    assert [table.peer_id(r) for r in router.rank(table, JOB, NOW)] == ["a", "c"]
+    assert [table.peer_id(r) for r in router.rank(table, JOB, NOW, exclude={"a"})] == ["c"]
+
+
+def test_table_rows_are_replaced_in_place_and_removed_by_peer() -> None:
+    table = CandidateTable([cand("a"), cand("b"), cand("c")])
+    table.upsert(cand("a", busy_slots=1))
+    assert len(table) == 3 and table.candidate(table.row_of("a") or 0).busy_slots == 1
+    assert table.remove("a") and not table.remove("a")
+    assert sorted(table.peer_id(r) for r in range(len(table))) == ["b", "c"]
+    router = Router(Strategy.LEAST_LOADED)
+    assert {table.peer_id(r) for r in router.rank(table, JOB, NOW)} == {"b", "c"}
+
+
+def explored_router(strategy: Strategy, seed: int) -> Router:
+    """A router that measured some of ``varied_pool``'s providers (enough jobs that a
+    probe is due) and has a probe in flight to one it has not."""
+    router = Router(strategy, seed=seed)
+    for i in range(0, 40, 7):
+        peer = f"p{i:03d}"
+        for _ in range(5):
+            router.record_start(peer, NOW)
+            router.record_success(peer, NOW, duration_s=2.0 + i / 10, completion_tokens=200,
+                                  first_token_s=0.1, rtt_sample_s=0.02 + i / 1000)
+    router.record_start("p011", NOW)  # the probe in flight
+    return router
+
+
+def test_exploration_over_a_table_probes_first_and_keeps_the_limited_prefix() -> None:
+    pool = varied_pool(40)
+    table = CandidateTable(pool)
+    full = explored_router(Strategy.POWER_OF_TWO, 4).rank(table, JOB, NOW)
+    assert sorted(full) == list(range(40))
+    router = explored_router(Strategy.POWER_OF_TWO, 4)
+    first = table.peer_id(full[0])
+    assert not router.explored(first) and first != "p011"  # a probe, not the one in flight
+    measured = [table.peer_id(r) for r in full[1:7]]
+    assert all(router.explored(p) for p in measured)  # then the measured ones
+    for limit in (1, 2, 5, 17):
+        assert explored_router(Strategy.POWER_OF_TWO, 4).rank(
+            table, JOB, NOW, limit=limit) == full[:limit]
+    listed = explored_router(Strategy.POWER_OF_TWO, 4).choose(pool, JOB, NOW)
+    assert [c.peer_id for c in listed] == [table.peer_id(r) for r in full]

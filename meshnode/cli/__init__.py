@@ -23,13 +23,14 @@ from meshnode.cli import (
     doctor,
     earnings,
     identity,
+    lab,
     mesh,
     serve,
     status,
 )
 
 GROUPS = (
-    serve, doctor, ask, directory, status, mesh, demo, identity, attest, channel, earnings,
+    serve, doctor, ask, directory, status, mesh, demo, identity, attest, channel, earnings, lab,
 )
 
 app = typer.Typer(
