@@ -1,4 +1,5 @@
-"""`meshnode channel open|status|close`, `serve --chain` and `ask --channel`.
+"""`meshnode channel open|status|close|list`, `earnings`, `serve --chain`, `ask --channel`
+and the routed-payment limits of `ask --model` and `client`.
 
 Bad input is checked in-process (it fails before any network or chain use). The paid
 round trip runs the real CLI in separate processes, as a user would: a loopback
@@ -107,6 +108,32 @@ def test_status_rejects_a_malformed_channel_id(chain_state: Path, tmp_path: Path
     code, output = invoke("channel", "status", "not-an-id", "--home", str(tmp_path / "home"))
     assert code == 2
     assert "not a channel id" in output
+
+
+@pytest.mark.parametrize("command", [
+    ["ask", "hi", "--model", "m", "--bootstrap", PEER, "--deposit", "0"],
+    ["ask", "hi", "--model", "m", "--bootstrap", PEER, "--deposit", "2", "--budget", "1"],
+    ["client", "--bootstrap", PEER, "--idle-close", "0"],
+])
+def test_routed_payment_limits_that_make_no_sense_are_refused_before_any_dial(
+    command: list[str], chain_state: Path, tmp_path: Path
+) -> None:
+    code, output = invoke(*command, "--home", str(tmp_path / "home"))
+    assert code == 2
+    assert "--deposit/--budget/--idle-close" in "".join(output.split())
+    assert not chain_state.exists()
+
+
+def test_channel_list_and_earnings_of_a_new_home_are_empty(
+    chain_state: Path, tmp_path: Path
+) -> None:
+    home = str(tmp_path / "home")
+    for command in (["channel", "list"], ["earnings"]):
+        code, output = invoke(*command, "--json", "--home", home)
+        assert code == 0, output
+        assert json.loads(output) == []
+        code, output = invoke(*command, "--home", home)
+        assert code == 0 and "0 channel(s)" in output
 
 
 def test_status_of_a_channel_this_node_never_opened_is_an_error(

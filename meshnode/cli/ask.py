@@ -235,8 +235,8 @@ def client(
     except (ValueError, BindRefused) as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
-    choice = chain_choice(chain, network_config)
     limits = routed_budget(deposit, budget, idle_close)
+    choice = chain_choice(chain, network_config)
 
     async def main() -> None:
         stats = data_dir(home) / "client" / "peer-stats.json"
