@@ -82,6 +82,7 @@ def scenario_info(sc: Scenario) -> dict[str, Any]:
         "advert_lifetime_s": sc.advert_lifetime_s,
         "load_publish_interval_s": sc.load_publish_interval_s,
         "max_queue": sc.max_queue,
+        "dial_delay_s": sc.dial_delay_s,
         "seed": sc.seed,
         "sources": sc.sources,
     }
@@ -91,7 +92,7 @@ def _overrides(sc: Scenario, args: argparse.Namespace) -> Scenario:
     changes: dict[str, Any] = {}
     for name in ("providers", "clients", "jobs", "load", "directory_max_entries", "seed",
                  "dial_timeout_s", "advert_lifetime_s", "load_publish_interval_s",
-                 "max_queue"):
+                 "max_queue", "dial_delay_s"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--load-publish-interval-s", dest="load_publish_interval_s", type=float,
                        help="what if: provider load-change debounce (node: 5 s; receivers "
                             "still rate-limit adverts to core.directory.RATE_PER_S)")
+        p.add_argument("--dial-delay-s", dest="dial_delay_s", type=float,
+                       help="what if: wait before each dial (py-libp2p: 0.25 s)")
         p.add_argument("--max-queue", dest="max_queue", type=int,
                        help="what if: jobs a provider queues beyond its slots (node: 4)")
         p.add_argument("--workers", type=int, default=1, help="processes (one per strategy)")

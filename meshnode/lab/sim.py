@@ -58,9 +58,8 @@ from meshnode.p2p.discovery import (
 from meshnode.p2p.gossip import GOSSIP_DEGREE
 
 MODEL_ID = hashlib.sha256(b"meshnode-lab-model").hexdigest()
-# py-libp2p waits 250 ms before every dial (happy-eyeballs delay, DESIGN.md), then TCP,
-# Noise XX and yamux take about three round trips before the first stream opens.
-DIAL_DELAY_S = 0.25
+# After py-libp2p's wait before every dial (Scenario.dial_delay_s: 250 ms, DESIGN.md),
+# TCP, Noise XX and yamux take about three round trips before the first stream opens.
 CONNECT_ROUND_TRIPS = 3
 # Providers publish their first advert at a random moment of the period before jobs
 # start, as a mesh that has been running does; one republish period is enough for
@@ -478,7 +477,8 @@ class Simulation:
         else:
             job.rtt = self.mesh.rtt_s(job.client, p)
             key = (job.client, p)
-            setup = 0.0 if key in self.connected else DIAL_DELAY_S + CONNECT_ROUND_TRIPS * job.rtt
+            setup = (0.0 if key in self.connected
+                     else self.sc.dial_delay_s + CONNECT_ROUND_TRIPS * job.rtt)
             self.routers[job.client].record_start(self.peer_ids[p], now)
         if self.strategy == PROXY_STRATEGY:
             # The proxy is the dispatcher: it books the job on the provider the moment
