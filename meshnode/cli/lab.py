@@ -1,4 +1,4 @@
-"""`meshnode lab sim|sweep|profile|real SCENARIO.toml`: the routing lab (`meshnode.lab`)."""
+"""`meshnode lab sim|sweep|profile|real|table ...`: the routing lab (`meshnode.lab`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def register(app: typer.Typer) -> None:
 
 
 def lab(ctx: typer.Context) -> None:
-    """Routing lab: `meshnode lab sim|sweep|profile|real SCENARIO.toml [--options]`.
+    """Routing lab: `meshnode lab sim|sweep|profile|real|table ... [--options]`.
 
     Same as `python -m meshnode.lab ...`; see the README's "Routing lab" section."""
     from meshnode.lab.__main__ import main as lab_main

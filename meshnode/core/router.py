@@ -222,15 +222,21 @@ def _smallest(key: Floats, want: int) -> Ints:
 
 def _smallest_by(primary: Floats, secondary: Floats, want: int) -> Ints:
     """Positions of the ``want`` smallest (primary, secondary) pairs, ties in position
-    order; only rows whose primary key can reach the prefix are sorted."""
+    order. With a small ``want`` only the rows that can reach the prefix are sorted:
+    those below the want-th primary value, and of those tied at it, the ones with the
+    smallest secondary (thousands of idle providers tie at load 0)."""
     n = len(primary)
-    if want < n and want > 0:
-        kth = np.partition(primary, want - 1)[want - 1]
-        pool = np.flatnonzero(primary <= kth)
-    else:
-        pool = np.arange(n)
-    order = pool[np.lexsort((secondary[pool], primary[pool]))]
-    return order[:want]
+    if want <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if want >= n:
+        return np.lexsort((secondary, primary))
+    kth = np.partition(primary, want - 1)[want - 1]
+    below = np.flatnonzero(primary < kth)
+    tied = np.flatnonzero(primary == kth)
+    picked = tied[_smallest(secondary[tied], want - len(below))]
+    chosen = np.sort(np.concatenate((below, picked)))
+    order: Ints = chosen[np.lexsort((secondary[chosen], primary[chosen]))]
+    return order
 
 
 @dataclass

@@ -82,6 +82,7 @@ def scenario_info(sc: Scenario) -> dict[str, Any]:
         "advert_lifetime_s": sc.advert_lifetime_s,
         "load_publish_interval_s": sc.load_publish_interval_s,
         "max_queue": sc.max_queue,
+        "dial_delay_s": sc.dial_delay_s,
         "seed": sc.seed,
         "sources": sc.sources,
     }
@@ -91,7 +92,7 @@ def _overrides(sc: Scenario, args: argparse.Namespace) -> Scenario:
     changes: dict[str, Any] = {}
     for name in ("providers", "clients", "jobs", "load", "directory_max_entries", "seed",
                  "dial_timeout_s", "advert_lifetime_s", "load_publish_interval_s",
-                 "max_queue"):
+                 "max_queue", "dial_delay_s"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -164,6 +165,39 @@ def cmd_profile(args: argparse.Namespace) -> None:
     print(f"{strategy}: {sc.jobs} jobs in {out.wall_s:.1f} s (profiled; slower than a plain run)")
 
 
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per strategy: the numbers a README or a paper table needs."""
+    head = ("| strategy | finish p50 / p95 / p99 s | TTFT p50 / p95 / p99 s | failed | "
+            "retried | attempts busy / unreachable / broken | Jain | TON per 1M tok | "
+            "p99 vs random |")
+    lines = [head, "|" + "---|" * 9]
+    for name, r in results.items():
+        f, t, fa = r["finish_s"], r["ttft_s"], r["failed_attempts"]
+        ratio = r.get("finish_p99_vs_random")
+        lines.append(
+            f"| {name} | {f['p50']:.2f} / {f['p95']:.2f} / {f['p99']:.2f} | "
+            f"{t['p50']:.2f} / {t['p95']:.2f} / {t['p99']:.2f} | {r['jobs_failed']} | "
+            f"{r['jobs_retried']} | {fa['busy']} / {fa['unreachable']} / {fa['broken']} | "
+            f"{r['jain_utilisation']:.3f} | {r['cost_ton_per_1m_tokens']:.3f} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    """Print a result file's strategy table as markdown (several files: merged)."""
+    import json
+
+    merged: dict[str, dict[str, Any]] = {}
+    for path in [args.scenario, *args.more]:
+        merged.update(json.loads(Path(path).read_text())["results"])
+    base = merged.get(BASELINE)
+    for r in merged.values():
+        b, v = (base or r)["finish_s"]["p99"], r["finish_s"]["p99"]
+        r["finish_p99_vs_random"] = v / b if b and v is not None else None
+    print(markdown_table(merged))
+
+
 def cmd_real(args: argparse.Namespace) -> None:
     from meshnode.lab.real import main_real
 
@@ -196,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--load-publish-interval-s", dest="load_publish_interval_s", type=float,
                        help="what if: provider load-change debounce (node: 5 s; receivers "
                             "still rate-limit adverts to core.directory.RATE_PER_S)")
+        p.add_argument("--dial-delay-s", dest="dial_delay_s", type=float,
+                       help="what if: wait before each dial (py-libp2p: 0.25 s)")
         p.add_argument("--max-queue", dest="max_queue", type=int,
                        help="what if: jobs a provider queues beyond its slots (node: 4)")
         p.add_argument("--workers", type=int, default=1, help="processes (one per strategy)")
@@ -207,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "real":
             p.add_argument("--keep-going", action="store_true",
                            help="skip the simulator comparison")
+    tab = sub.add_parser("table", help="print result JSON files as one markdown table")
+    tab.set_defaults(fn=cmd_table)
+    tab.add_argument("scenario", type=Path, metavar="RESULT_JSON")
+    tab.add_argument("more", type=Path, nargs="*")
     args = ap.parse_args(argv)
     try:
         args.fn(args)

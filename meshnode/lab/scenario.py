@@ -78,6 +78,8 @@ class Scenario:
     dial_timeout_s: float = DIAL_TIMEOUT_S
     advert_lifetime_s: float = ADVERT_LIFETIME_S
     load_publish_interval_s: float = LOAD_PUBLISH_MIN_INTERVAL_S
+    # py-libp2p's happy-eyeballs wait before every dial (DESIGN.md)
+    dial_delay_s: float = 0.25
     real: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
@@ -211,6 +213,8 @@ def parse_scenario(raw: dict[str, Any], *, base: Path, path: Path | None = None)
             _number(what_if, "load_publish_interval_s", "what_if", 0.0, 3600.0)
             if "load_publish_interval_s" in what_if else LOAD_PUBLISH_MIN_INTERVAL_S
         ),
+        dial_delay_s=(_number(what_if, "dial_delay_s", "what_if", 0.0, 60.0)
+                      if "dial_delay_s" in what_if else 0.25),
         real=dict(raw.get("real", {})),
         path=path,
     )

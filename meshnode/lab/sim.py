@@ -38,6 +38,7 @@ from meshnode.core.directory import Directory
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.router import JobEstimate, Router, Strategy
 from meshnode.jobs.routed import DEFAULT_MAX_ATTEMPTS
+from meshnode.lab.baselines import nearest_proxies, pick_min_rtt, pick_oracle, proxy_legs
 from meshnode.lab.gossip import CityView, VerifyOnce
 from meshnode.lab.scenario import Scenario
 from meshnode.lab.workload import (
@@ -57,9 +58,8 @@ from meshnode.p2p.discovery import (
 from meshnode.p2p.gossip import GOSSIP_DEGREE
 
 MODEL_ID = hashlib.sha256(b"meshnode-lab-model").hexdigest()
-# py-libp2p waits 250 ms before every dial (happy-eyeballs delay, DESIGN.md), then TCP,
-# Noise XX and yamux take about three round trips before the first stream opens.
-DIAL_DELAY_S = 0.25
+# After py-libp2p's wait before every dial (Scenario.dial_delay_s: 250 ms, DESIGN.md),
+# TCP, Noise XX and yamux take about three round trips before the first stream opens.
 CONNECT_ROUND_TRIPS = 3
 # Providers publish their first advert at a random moment of the period before jobs
 # start, as a mesh that has been running does; one republish period is enough for
@@ -230,13 +230,8 @@ class Simulation:
         return delays
 
     def _proxies(self) -> list[int]:
-        """For the oracle: each client's nearest proxy city (index into the latency
-        model), or -1 when the scenario has no proxy (the oracle then routes directly)."""
         lat = self.mesh.latency
-        if not self.sc.proxy_cities:
-            return [-1] * self.mesh.clients
-        idx = [lat.index(c) for c in self.sc.proxy_cities]
-        return [min(idx, key=lambda i: lat.base_ms[c, i]) for c in self.mesh.c_city]
+        return nearest_proxies(self.mesh, [lat.index(c) for c in self.sc.proxy_cities])
 
     # ------------------------------------------------------------------------ events
 
@@ -442,51 +437,25 @@ class Simulation:
     def _pick(self, job: _Job, now: float) -> int | None:
         view = self.view_of_client[job.client]
         if self.strategy == PROXY_STRATEGY:
-            return self._pick_oracle(job, now)
+            return pick_oracle(
+                self.mesh,
+                admissible=self.online & (self.outstanding < self.sc.slots + self.sc.max_queue),
+                next_free=self.next_free,
+                legs=self._oracle_legs(job.client),
+                prompt_tokens=job.prompt,
+                max_tokens=self.sc.max_tokens,
+                tried=job.tried,
+                now=now,
+            )
         if self.strategy == MIN_RTT_STRATEGY:
-            n = len(view.table)
-            ok = view.table.verified[:n] & (view.table.expires_at[:n] > now)
-            for peer in job.tried_peers:
-                row = view.table.row_of(peer)
-                if row is not None:
-                    ok[row] = False
-            rows = np.flatnonzero(ok)
-            if len(rows) == 0:
-                return None
-            providers = view.providers()[rows]
-            rtt = self.mesh.rtt_row_s(job.client)[providers]
-            return int(providers[int(np.argmin(rtt))])
+            return pick_min_rtt(view, self.mesh.rtt_row_s(job.client), job.tried_peers, now)
         router = self.routers[job.client]
         ranked = router.rank(view.table, self._estimate(job), now,
                              exclude=job.tried_peers, limit=1)
         return view.row_provider[ranked[0]] if ranked else None
 
     def _oracle_legs(self, client: int) -> Floats:
-        """RTT client → proxy → each provider (the Cocoon path)."""
-        proxy = self._proxy[client]
-        if proxy < 0:
-            return self.mesh.rtt_row_s(client)
-        lat = self.mesh.latency
-        to_proxy = (lat.base_ms[self.mesh.c_city[client], proxy]
-                    + self.mesh.c_last_mile_ms[client]) / 1e3
-        legs: Floats = to_proxy + (lat.base_ms[proxy, self.mesh.p_city]
-                                   + self.mesh.p_last_mile_ms) / 1e3
-        return legs
-
-    def _pick_oracle(self, job: _Job, now: float) -> int | None:
-        """Global, fresh knowledge: every provider's true backlog and speed; picks the
-        earliest expected finish for a job of ``max_tokens`` (what the proxy knows)."""
-        mesh = self.mesh
-        ok = self.online & (self.outstanding < self.sc.slots + self.sc.max_queue)
-        if job.tried:
-            ok[list(job.tried)] = False
-        if not ok.any():
-            return None
-        legs = self._oracle_legs(job.client)
-        service = job.prompt / mesh.p_prompt + self.sc.max_tokens / mesh.p_decode
-        finish = np.maximum(now + legs / 2, self.next_free) + service + legs / 2
-        finish[~ok] = np.inf
-        return int(np.argmin(finish))
+        return proxy_legs(self.mesh, client, self._proxy[client])
 
     def _send(self, j: int, job: _Job, now: float) -> bool:
         out = self.out
@@ -508,7 +477,8 @@ class Simulation:
         else:
             job.rtt = self.mesh.rtt_s(job.client, p)
             key = (job.client, p)
-            setup = 0.0 if key in self.connected else DIAL_DELAY_S + CONNECT_ROUND_TRIPS * job.rtt
+            setup = (0.0 if key in self.connected
+                     else self.sc.dial_delay_s + CONNECT_ROUND_TRIPS * job.rtt)
             self.routers[job.client].record_start(self.peer_ids[p], now)
         if self.strategy == PROXY_STRATEGY:
             # The proxy is the dispatcher: it books the job on the provider the moment
