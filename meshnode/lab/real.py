@@ -186,6 +186,10 @@ def compare_real_sim(sc: Scenario, strategy: str, real: dict[str, Any]) -> dict[
 
 def main_real(args: argparse.Namespace) -> None:
     sc = load_scenario(args.scenario)
+    changes = {name: getattr(args, name) for name in ("providers", "clients", "jobs", "load",
+                                                      "seed")
+               if getattr(args, name, None) is not None}
+    sc = sc.with_overrides(**changes) if changes else sc
     strategy = args.strategies or "p2c"
     workdir = Path(tempfile.mkdtemp(prefix="meshnode-lab-real-"))
     print(f"{sc.name}: {sc.providers} providers + {sc.clients} clients + 1 bootstrap in "

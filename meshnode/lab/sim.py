@@ -246,13 +246,13 @@ class Simulation:
         for p in range(self.mesh.providers):
             if sc.churn and self.churn_rng.random() >= share_online:
                 # Start in the long-run mix: this provider is offline now and comes
-                # back after part of an offline period.
+                # back after the rest of its offline period.
                 self.online[p] = False
-                self.at(self._offline_s() * float(self.churn_rng.random()), _JOIN, p)
+                self.at(self._residual_s(sc.offline_median_s), _JOIN, p)
                 continue
             self.at(float(self.chance.uniform(0, GOSSIP_REPUBLISH_S)), _PUBLISH, p, -1)
             if sc.churn:
-                self.at(self._session_s() * float(self.churn_rng.random()), _LEAVE, p)
+                self.at(self._residual_s(sc.session_median_s), _LEAVE, p)
         for city in range(len(self.views)):
             self.at(EXPIRE_INTERVAL_S, _EXPIRE, city)
         for j in range(len(self.jobs.arrival)):
@@ -295,6 +295,17 @@ class Simulation:
     def _session_s(self) -> float:
         k = self.sc.session_weibull_shape
         return float(weibull_scale(k, self.sc.session_median_s) * self.churn_rng.weibull(k))
+
+    def _residual_s(self, median: float) -> float:
+        """Time left in a session (or an offline period) seen at a random moment: a
+        uniform share of a length-biased Weibull draw, which for Weibull(k, λ) is
+        λ·G^(1/k) with G ~ Gamma(1 + 1/k). Long sessions are the likely ones to be in,
+        so with a heavy tail most residuals are long."""
+        if median <= 0:
+            return 0.0
+        k = self.sc.session_weibull_shape
+        biased = weibull_scale(k, median) * self.churn_rng.gamma(1 + 1 / k) ** (1 / k)
+        return float(biased * self.churn_rng.random())
 
     def _offline_s(self) -> float:
         k = self.sc.session_weibull_shape
