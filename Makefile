@@ -37,7 +37,7 @@ lint: $(STAMP)
 # The payment-channel contract code comes from the npm package tonweb at set-up time,
 # checked against its pinned code hash and cached outside the repository.
 contract: $(STAMP)
-	$(BIN)/python -m meshnode.pay.contract_code
+	$(BIN)/python -m meshnode.pay.contract.code
 
 # System tools some tests drive (installed once, idempotent, no prompts): Debian's
 # chromium + npm playwright-core for the status-page test, systemd-analyze for the unit.

@@ -20,9 +20,11 @@ from meshnode.core.advert import Advert, TonPayee
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.meter import Price
 from meshnode.node import ClientNode, client_node
-from meshnode.pay.chain import Chain
-from meshnode.pay.chain_choice import ChainChoice
-from meshnode.pay.channel_messages import (
+from meshnode.pay.channel.book import ChannelBook
+from meshnode.pay.channel.ledger import Ledger
+from meshnode.pay.channel.lifecycle import ChannelStatus, ClientChannel
+from meshnode.pay.channel.pool import Budget, ClientChannels
+from meshnode.pay.contract.cells import (
     CHANNEL_STATE_AWAITING_FINALIZATION,
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_OPEN,
@@ -30,12 +32,11 @@ from meshnode.pay.channel_messages import (
     CHANNEL_STATE_UNINITED,
     FEE_RESERVE,
 )
-from meshnode.pay.channels import ChannelStatus, ClientChannel
-from meshnode.pay.local_chain import LocalChain
-from meshnode.pay.onchain import on_chain, raw_address
-from meshnode.pay.payer import ChannelPayer
-from meshnode.pay.wallet_keys import load_or_create_payment_keys
-from meshnode.pay.wiring import (
+from meshnode.pay.contract.code import load_payment_channel_code
+from meshnode.pay.metering.payer import ChannelPayer
+from meshnode.pay.setup.keys import load_or_create_payment_keys
+from meshnode.pay.setup.wiring import (
+    PROVIDER_DIR,
     ClientPayments,
     ProviderPayments,
     close_channel,
@@ -43,6 +44,10 @@ from meshnode.pay.wiring import (
     payee_of,
     price_of,
 )
+from meshnode.pay.ton.chain import Chain
+from meshnode.pay.ton.chain_choice import ChainChoice
+from meshnode.pay.ton.local_chain import LocalChain
+from meshnode.pay.ton.onchain import ChannelReadError, on_chain, raw_address, read_channel
 
 NANO_PER_TON = 10**9
 TON_DECIMALS = 9
@@ -219,7 +224,7 @@ async def close_paid_channel(
         _check_payee(channel, advert)
         status = await close_channel(payments, client.host, advert.peer_id, channel_id)
     wallet_after = await on_chain(payments.chain.balance, payments.wallet)
-    latest = await trio.to_thread.run_sync(payments.ledger.latest_voucher, channel_id)
+    latest = await trio.to_thread.run_sync(payments.ledger.latest_voucher, channel.ref)
     return ClosedChannel(
         status=status,
         paid_seqno=latest.voucher.seqno if latest else 0,
@@ -269,5 +274,123 @@ async def provider_payments(
     wallet = choice.wallet(keys)
     funded = await _fund_from_faucet(chain, wallet, PROVIDER_GAS_FLOOR)
     payments = ProviderPayments.at(home, chain, wallet, price, credit_window_tokens)
-    payee = TonPayee(keys.channel_public, raw_address(wallet))
+    payee = TonPayee(keys.channel_public, raw_address(wallet), credit_window_tokens)
     return ProviderPaymentSetup(payments, payee, funded)
+
+
+# --- routed payments (ask --model, client --api) ----------------------------------------
+
+
+def routed_payments(home: Path, choice: ChainChoice, budget: Budget) -> ClientChannels:
+    """The channels a light client pays routed jobs with (opened on demand)."""
+    return ClientChannels(client_payments(home, choice), budget)
+
+
+@dataclass(frozen=True)
+class ChannelRow:
+    """One line of `channel list` (client) or `earnings` (provider)."""
+
+    channel_id: int
+    address: str
+    counterparty: str
+    """The provider's peer id (client side) or the client's key (provider side)."""
+    state: str
+    deposit: int
+    paid: int
+    """The latest voucher: what a close pays to the provider."""
+    owed: int
+    """What the recorded jobs cost: above ``paid`` by the unpaid debt."""
+    jobs: int
+    completion_tokens: int
+
+    @property
+    def debt(self) -> int:
+        return max(0, self.owed - self.paid)
+
+
+async def _chain_state(chain: Chain, address: Address) -> str:
+    try:
+        view = await on_chain(read_channel, chain, address)
+    except ChannelReadError:
+        return "not on chain"
+    if view.state == CHANNEL_STATE_UNINITED and view.balance_a == 0:
+        return "closed"
+    return state_name(view.state)
+
+
+async def list_channels(home: Path, choice: ChainChoice) -> list[ChannelRow]:
+    """Every channel this node opened as a client, with its state on chain."""
+    payments = client_payments(home, choice)
+    signer = payments.keys.channel_signer()
+    rows = []
+    for entry in await trio.to_thread.run_sync(payments.book.all):
+        channel = await ClientChannel.from_entry(
+            payments.chain, payments.wallet, signer, entry,
+            ledger=payments.ledger, book=payments.book,
+        )
+        jobs = await trio.to_thread.run_sync(payments.ledger.jobs, channel.ref)
+        rows.append(ChannelRow(
+            channel_id=channel.channel_id,
+            address=raw_address(channel.address),
+            counterparty=entry.peer_id or "?",
+            state=await _chain_state(payments.chain, channel.address),
+            deposit=channel.deposit,
+            paid=channel.latest.sent if channel.latest else 0,
+            owed=channel.owed,
+            jobs=len(jobs),
+            completion_tokens=sum(j.completion_tokens for j in jobs),
+        ))
+    return rows
+
+
+async def close_all_channels(
+    home: Path, choice: ChainChoice, bootstrap: list[str], peers: list[str], *, insecure: bool
+) -> tuple[list[int], list[int]]:
+    """Close every open channel cooperatively: (closed ids, ids left open). Providers
+    are found through the mesh (``bootstrap``) or dialed at ``peers``."""
+    channels = routed_payments(home, choice, Budget())
+    async with client_node(allow_insecure=insecure, bootstrap=bootstrap,
+                           payments=channels) as client:
+        for addr in peers:
+            await _connect(client, addr)
+        await client.verify_pending()
+        closed = await channels.close_all()
+        left = [c.channel_id for c in channels.channels]
+    return closed, left
+
+
+# --- provider earnings --------------------------------------------------------------
+
+
+async def earnings(home: Path, choice: ChainChoice) -> list[ChannelRow]:
+    """Per channel clients opened to this provider: deposit, what the latest voucher
+    pays, tokens served and unpaid debt, with the channel's state on chain."""
+    keys, _ = load_or_create_payment_keys(home)
+    chain = choice.open(keys)
+    ledger = Ledger(home / PROVIDER_DIR)
+    book = ChannelBook(home / PROVIDER_DIR, load_payment_channel_code())
+    entries = {
+        (e.config.channel_id, e.config.key_a): e
+        for e in await trio.to_thread.run_sync(book.all)
+    }
+    rows = []
+    for record in await trio.to_thread.run_sync(ledger.channels):
+        latest = await trio.to_thread.run_sync(ledger.latest_voucher, record.ref)
+        jobs = await trio.to_thread.run_sync(ledger.jobs, record.ref)
+        entry = entries.get((record.channel_id, record.client_key))
+        state = record.state
+        if entry is not None:
+            state = await _chain_state(chain, entry.address)
+        rows.append(ChannelRow(
+            channel_id=record.channel_id,
+            address=record.address or (raw_address(entry.address) if entry else "?"),
+            counterparty=record.client_key.hex(),
+            state=state,
+            deposit=record.deposit,
+            paid=latest.voucher.sent if latest else 0,
+            owed=sum(j.cost for j in jobs),
+            jobs=len(jobs),
+            completion_tokens=sum(j.completion_tokens for j in jobs),
+        ))
+    ledger.close()
+    return rows

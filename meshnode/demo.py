@@ -14,12 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import trio
 from pytoniq_core.boc.address import Address
 from rich.console import Console
 
 from meshnode.channel_ops import format_ton, state_name
-from meshnode.core.advert import TonPayee
 from meshnode.core.meter import Price
 from meshnode.engine.base import Engine
 from meshnode.engine.demo_model import (
@@ -30,8 +28,8 @@ from meshnode.engine.demo_model import (
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity, data_dir
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
-from meshnode.pay.emulator import EmulatedChain
-from meshnode.pay.wiring import ClientPayments, ProviderPayments, close_channel, open_channel
+from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments, close_channel, open_channel
+from meshnode.pay.ton.emulator import EmulatedChain
 from meshnode.serving import open_engine
 
 # The demo model's context; its answers are short, so 2k leaves ample room.
@@ -84,22 +82,14 @@ async def _serve_and_ask(
         settings = ProviderSettings(
             price_prompt_per_1k=DEMO_PRICE.prompt_per_1k,
             price_completion_per_1k=DEMO_PRICE.completion_per_1k,
-            ton=TonPayee(pay_p.keys.channel_public, PROVIDER_WALLET_RAW),
         )
-        async with (
-            provider_node(
-                engine, identity=NodeIdentity.generate(), settings=settings,
-                gate_factory=pay_p.gates,
-            ) as prov,
-            trio.open_nursery() as nursery,
-        ):
-            pay_p.service.install(prov.host)
-            await nursery.start(pay_p.watcher.run)
+        async with provider_node(
+            engine, identity=NodeIdentity.generate(), settings=settings, payments=pay_p,
+        ) as prov:
             out.print(f"[bold]provider[/] {prov.peer_id}\n         {prov.addrs[0]}")
             async with client_node(allow_insecure=True) as client:
                 await _ask_and_pay(out, client, prov, pay_c, model, prompt, max_tokens,
                                    params, chain)
-            nursery.cancel_scope.cancel()
     return 0
 
 
@@ -145,7 +135,7 @@ async def _ask_and_pay(
         f"{res.usage.finish_reason}; sealed end to end (X25519 + XChaCha20-Poly1305)[/]"
     )
     out.print("[yellow]this answer ran WITHOUT a TEE (dev provider)[/]")
-    latest = pay_c.ledger.latest_voucher(channel.channel_id)
+    latest = pay_c.ledger.latest_voucher(channel.ref)
     out.print(
         f"[bold]paid[/]     {format_ton(res.usage.cost_nanoton)} in signed vouchers "
         f"(last seqno {latest.voucher.seqno if latest else 0})"

@@ -7,59 +7,52 @@ Each owns one nursery; everything it starts lives and dies with it.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 
 from meshnode.attest.dev import DevEvidenceProducer
 from meshnode.attest.evidence import Evidence, EvidenceProducer
 from meshnode.attest.local import make_evidence
-from meshnode.attest.policy_file import load_policy
 from meshnode.attest.tdx_tsm import TdxEvidenceProducer
-from meshnode.attest.verifier import EvidenceVerifier
+from meshnode.client.dialer import Dialer
+from meshnode.client.peer_stats import PeerStatsFile
+from meshnode.client.verified import VerifiedDirectory
 from meshnode.core.advert import Advert, Capacity, Load, ModelOffer, TonPayee, encode_signed
 from meshnode.core.attest_binding import EPOCH_SECONDS, epoch_at
-from meshnode.core.attest_policy import Reason, Verdict
+from meshnode.core.attest_policy import Reason
 from meshnode.core.directory import Directory, InsertResult, Verification
 from meshnode.core.messages import JOB_PROTOCOL
 from meshnode.core.peerid import peer_id_from_ed25519
-from meshnode.core.router import Router, StatsFormatError, Strategy
+from meshnode.core.router import Router, Strategy
 from meshnode.engine.base import Engine
 from meshnode.engine.supervised import SupervisedEngine
 from meshnode.identity import NodeIdentity, load_or_create
 from meshnode.jobs.client import JobError, JobRequest, JobResult, OnText, run_job
 from meshnode.jobs.client_stats import ClientStats
-from meshnode.jobs.payment_gate import Payer
+from meshnode.jobs.payment_gate import JobPayments, Payer, PaymentService, PayNothing
 from meshnode.jobs.provider import GateFactory, JobProvider
-from meshnode.jobs.routed import (
-    DEFAULT_DEADLINE_S,
-    NoProvider,
-    PayerFor,
-    RoutedJobs,
-    RoutedResult,
-)
-from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, fetch_signed_advert, serve_advert
+from meshnode.jobs.routed import DEFAULT_DEADLINE_S, NoProvider, RoutedJobs, RoutedResult
+from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, serve_advert
 from meshnode.p2p.discovery import ClientDiscovery, ProviderAnnouncer
 from meshnode.p2p.host import (
     DEFAULT_LISTEN,
-    DIAL_TIMEOUT_S,
     full_addrs,
-    parse_peer_addr,
     running_host,
 )
-from meshnode.p2p.relay import RelayClient, is_circuit_addr
+from meshnode.p2p.relay import RelayClient
+from meshnode.pay.setup.wiring import ProviderPayments
+from meshnode.tasks import background_tasks, node_context
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +176,7 @@ class ProviderNode:
         self.host.set_stream_handler(TProtocol(ADVERT_PROTOCOL), self._serve_advert)
 
 
-@asynccontextmanager
+@node_context
 async def provider_node(
     engine: Engine,
     *,
@@ -191,19 +184,28 @@ async def provider_node(
     home: Path | None = None,
     settings: ProviderSettings | None = None,
     gate_factory: GateFactory | None = None,
+    payments: ProviderPayments | None = None,
 ) -> AsyncIterator[ProviderNode]:
-    """Run a provider until the block exits. Identity comes from `home` unless given."""
+    """Run a provider until the block exits. Identity comes from `home` unless given.
+    `payments` attaches the payment service in one place: its gates admit the jobs, its
+    handler learns channels, its watcher runs with the node, its payee is advertised."""
     if identity is None:
         if home is None:
             raise ValueError("provider_node needs an identity or a home directory")
         identity, _ = load_or_create(home)
     settings = settings or ProviderSettings()
+    if payments is not None:
+        gate_factory = payments.gates
+        settings = dataclasses.replace(settings, ton=settings.ton or payments.payee)
     async with running_host(identity, settings.listen) as host:
         node = ProviderNode(host, identity, engine, settings, gate_factory)
         await node.refresh_evidence()
         node.install()
-        async with trio.open_nursery() as nursery:
+        async with background_tasks() as nursery:
             nursery.start_soon(node.keep_evidence_fresh)
+            if payments is not None:
+                payments.install(host)
+                await nursery.start(payments.run)
             if settings.bootstrap or settings.relay:
                 announcer = node.announcer = ProviderAnnouncer(
                     host,
@@ -218,12 +220,12 @@ async def provider_node(
                     engine.on_state_change = lambda _state: announcer.load_changed()
                 await nursery.start(announcer.run)
             yield node
-            nursery.cancel_scope.cancel()
 
 
 class ClientNode:
-    """A light peer: keeps a directory of verified adverts, ranks providers with the
-    router, runs jobs with failover, and remembers peer statistics across restarts."""
+    """A light peer, composed of a verified directory, a dialer and persisted peer
+    statistics (meshnode.client), with routed jobs on top: `ask` runs one job on a given
+    provider, `complete` routes a job with failover and payments."""
 
     def __init__(
         self,
@@ -233,127 +235,73 @@ class ClientNode:
         strategy: Strategy = Strategy.POWER_OF_TWO,
         stats_path: Path | None = None,
         policy_path: Path | None = None,
-        payer_for: PayerFor | None = None,
+        payments: JobPayments | None = None,
     ) -> None:
         self.host = host
-        policy = load_policy(policy_path)
-        self.allow_insecure = allow_insecure or policy.allow_dev
-        self.directory = Directory()
+        self.verified = VerifiedDirectory(allow_insecure=allow_insecure, policy_path=policy_path)
+        self.dialer = Dialer(host, self.verified)
         self.router = Router(strategy=strategy)
-        self.verifier = EvidenceVerifier(policy, allow_insecure=self.allow_insecure)
-        self.insecure: dict[str, bool] = {}
-        self.stats = ClientStats()
+        self.peer_stats = PeerStatsFile(self.router, stats_path)
+        self.peer_stats.load()
+        self.stats = ClientStats()  # this session's jobs, for metrics and `meshnode status`
         self.job_deadline_s = DEFAULT_DEADLINE_S  # bounds a whole job on one provider
         self.discovery: ClientDiscovery | None = None
-        self.relay: RelayClient | None = None
-        self._unverified = trio.Event()
-        self.stats_path = stats_path
-        if stats_path is not None and stats_path.exists():
-            try:
-                self.router.import_stats(json.loads(stats_path.read_text()))
-            except (ValueError, StatsFormatError) as exc:
-                log.warning("ignoring unreadable peer statistics %s: %s", stats_path, exc)
         self.jobs = RoutedJobs(
             host=host,
-            directory=self.directory,
+            directory=self.verified.directory,
             router=self.router,
-            dial=self.ensure_connected,
-            payer_for=payer_for or (lambda _a: None),
-            on_settled=self.save_stats,
+            dial=self.dialer.ensure_connected,
+            payments=payments or PayNothing(),
+            on_settled=self.peer_stats.save,
         )
+
+    # --- the parts, as callers know them ------------------------------------------------
+
+    @property
+    def directory(self) -> Directory:
+        return self.verified.directory
+
+    @property
+    def insecure(self) -> dict[str, bool]:
+        return self.verified.insecure
+
+    @property
+    def allow_insecure(self) -> bool:
+        return self.verified.allow_insecure
 
     @property
     def adverts(self) -> dict[str, Advert]:
-        return {lst.peer_id: lst.advert for lst in self.directory.peers(time.time())}
+        return self.verified.adverts
 
-    async def add_advert(self, data: bytes) -> InsertResult:
-        """Insert a signed advert and verify its attestation if it is new."""
-        result = self.directory.insert(data, time.time())
-        if result.accepted and result.needs_verification:
-            await self.verify_pending()
-        return result
-
-    def on_discovered(self, result: InsertResult) -> None:
-        """Discovery inserted an advert (sync callback): verification runs in its task."""
-        if result.accepted and result.needs_verification:
-            self._unverified.set()
-
-    async def verify_pending(self) -> None:
-        now = time.time()
-        for listing in self.directory.pending_verification(now):
-            advert = listing.advert
-            verdict = await self._verify(advert, now)
-            self.directory.set_verification(
-                advert.peer_id, verdict.ok, f"{verdict.reason}: {verdict.message}", seq=advert.seq
-            )
-            self.insecure[advert.peer_id] = verdict.insecure
-            log.debug("advert of %s seq %d: attestation %s", advert.peer_id, advert.seq,
-                      verdict.reason)
-
-    async def verify_loop(self) -> None:
-        while True:
-            await self._unverified.wait()
-            self._unverified = trio.Event()
-            await self.verify_pending()
-
-    async def find(self, model: str) -> int:
-        """Providers of `model` that pass verification, asking the mesh if none is known."""
-        now = time.time()
-        known = [p for p in self.directory.providers_for(model, now) if p.listing.verified]
-        if not known and self.discovery is not None:
-            await self.discovery.find(model)
-            await self.verify_pending()
-            known = [p for p in self.directory.providers_for(model, time.time())
-                     if p.listing.verified]
-        return len(known)
-
-    async def _verify(self, advert: Advert, now: float) -> Verdict:
-        try:
-            evidence = Evidence.from_dict(advert.attestation)
-        except Exception as exc:  # evidence is peer-controlled: any parse error rejects
-            return Verdict.reject(Reason.MALFORMED, f"unreadable evidence: {exc}")
-        return await self.verifier.verify_async(
-            evidence,
-            peer_id=advert.peer_id,
-            job_pub=advert.job_pubkey,
-            peer_pub=advert.peer_pubkey,
-            now=now,
-        )
-
-    async def connect(self, addr: str) -> Advert:
-        """Dial a provider by multiaddr, fetch its advert, verify and list it."""
-        info = parse_peer_addr(addr)
-        with trio.fail_after(DIAL_TIMEOUT_S):
-            await self.host.connect(info)
-        result = await self.add_advert(await fetch_signed_advert(self.host, info.peer_id))
-        if result.listing is None:
-            raise ConnectionError(f"advert of {info.peer_id} rejected: {result.message}")
-        return result.listing.advert
-
-    async def ensure_connected(self, advert: Advert) -> None:
-        peer = ID.from_base58(advert.peer_id)
-        if self.host.get_network().connections.get(peer):
-            return
-        direct = [a for a in advert.addrs if not is_circuit_addr(a)]
-        relayed = [a for a in advert.addrs if is_circuit_addr(a)]
-        if direct:
-            try:
-                addrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in direct]
-                with trio.fail_after(DIAL_TIMEOUT_S):
-                    await self.host.connect(PeerInfo(peer, addrs))
-                return
-            except Exception:
-                if not relayed or self.relay is None:
-                    raise
-        if relayed and self.relay is not None:
-            with trio.fail_after(DIAL_TIMEOUT_S):
-                await self.relay.dial(relayed[0])
-            return
-        raise ConnectionError(f"provider {advert.peer_id} advertises no address we can dial")
+    @property
+    def relay(self) -> RelayClient | None:
+        return self.dialer.relay
 
     def verification(self, peer_id: str) -> str:
-        listing = self.directory.get(peer_id, time.time())
-        return "unknown" if listing is None else listing.verification_reason
+        return self.verified.verification(peer_id)
+
+    def advert_of(self, peer_id: str | None, channel_key: bytes | None = None) -> Advert | None:
+        return self.verified.advert_of(peer_id, channel_key)
+
+    async def add_advert(self, data: bytes) -> InsertResult:
+        return await self.verified.add(data)
+
+    async def verify_pending(self) -> None:
+        await self.verified.verify_pending()
+
+    async def connect(self, addr: str) -> Advert:
+        return await self.dialer.connect(addr)
+
+    async def ensure_connected(self, advert: Advert) -> None:
+        await self.dialer.ensure_connected(advert)
+
+    async def find(self, model: str) -> int:
+        return await self.verified.find(model, self.discovery)
+
+    async def save_stats(self) -> None:
+        await self.peer_stats.save()
+
+    # --- jobs ---------------------------------------------------------------------------
 
     def dev_refused(self, model: str | None = None) -> int:
         """Providers (of `model`, id or name, if given) refused only because they run
@@ -382,14 +330,8 @@ class ClientNode:
         payer: Payer | None = None,
     ) -> JobResult:
         """One job on one given provider, no routing (it must pass verification)."""
-        listing = self.directory.get(advert.peer_id, time.time())
-        if listing is None or not listing.verified:
-            reason = "not listed" if listing is None else listing.verification_reason
-            raise PermissionError(
-                f"provider {advert.peer_id} is not verified ({reason}); a dev provider needs "
-                "the explicit insecure flag"
-            )
-        advert = listing.advert  # the verified advert, not whatever copy the caller holds
+        # The verified advert, not whatever copy the caller holds.
+        advert = self.verified.verified_advert(advert.peer_id)
         offer = advert.offer_for(model) if model else advert.models[0]
         if offer is None:
             raise LookupError(f"provider {advert.peer_id} does not serve {model!r}")
@@ -453,22 +395,8 @@ class ClientNode:
         return any(self.insecure.get(s.provider, True) for s in result.segments
                    if s.completion_tokens)
 
-    async def save_stats(self) -> None:
-        if self.stats_path is None:
-            return
-        data = json.dumps(self.router.export_stats())
-        path = self.stats_path
 
-        def write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(data)
-            tmp.replace(path)
-
-        await trio.to_thread.run_sync(write)
-
-
-@asynccontextmanager
+@node_context
 async def client_node(
     *,
     identity: NodeIdentity | None = None,
@@ -476,7 +404,7 @@ async def client_node(
     allow_insecure: bool = False,
     strategy: Strategy = Strategy.POWER_OF_TWO,
     stats_path: Path | None = None,
-    payer_for: PayerFor | None = None,
+    payments: JobPayments | None = None,
     bootstrap: Sequence[str] = (),
     policy_path: Path | None = None,
 ) -> AsyncIterator[ClientNode]:
@@ -489,16 +417,23 @@ async def client_node(
             allow_insecure=allow_insecure,
             strategy=strategy,
             stats_path=stats_path,
-            payer_for=payer_for,
+            payments=payments,
             policy_path=policy_path,
         )
         async with AsyncExitStack() as stack:
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            nursery.start_soon(node.verify_loop)
+            # Everything the body may use is entered before the task nursery, so the
+            # tasks are cancelled first and these close after them, never under a
+            # cancelled scope (which would replace the body's exception).
             if bootstrap:
-                node.relay = await stack.enter_async_context(RelayClient(host).running())
+                node.dialer.relay = await stack.enter_async_context(RelayClient(host).running())
+            nursery = await stack.enter_async_context(background_tasks())
+            nursery.start_soon(node.verified.verify_loop)
+            if isinstance(payments, PaymentService):
+                payments.attach(host, node.ensure_connected, node.advert_of)
+                await nursery.start(payments.run)
+            if bootstrap:
                 node.discovery = ClientDiscovery(
-                    host, node.directory, bootstrap, on_insert=node.on_discovered
+                    host, node.directory, bootstrap, on_insert=node.verified.on_discovered
                 )
                 await nursery.start(node.discovery.run)
             try:
@@ -506,4 +441,3 @@ async def client_node(
             finally:
                 with trio.CancelScope(shield=True):
                     await node.save_stats()
-                nursery.cancel_scope.cancel()

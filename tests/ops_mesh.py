@@ -44,11 +44,10 @@ async def paid_mesh(tmp_path: Path, code: Cell, engine: LlamaEngine) -> AsyncIte
                                 price_completion_per_1k=PRICE.completion_per_1k)
     async with (
         provider_node(engine, identity=NodeIdentity.generate(), settings=settings,
-                      gate_factory=net.provider.gates) as prov,
+                      payments=net.provider) as prov,
         client_node(allow_insecure=True) as client,
         trio.open_nursery() as nursery,
     ):
-        net.provider.service.install(prov.host)
         prov_url = await nursery.start(serve_ops, ProviderView(prov, net.provider.gates),
                                        "127.0.0.1", 0)
         client_url = await nursery.start(serve_ops, ClientView(client), "127.0.0.1", 0)

@@ -4,10 +4,14 @@ funded wallets for a client and a provider, and both sides' payment contexts."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
@@ -16,13 +20,15 @@ from meshnode.core.messages import Open
 from meshnode.core.meter import Price
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.voucher import VoucherSigner
+from meshnode.identity import NodeIdentity
 from meshnode.jobs.payment_gate import PaymentGate
-from meshnode.pay.chain import SendResult
-from meshnode.pay.channel_messages import ClosingConfig
-from meshnode.pay.channels import ClientChannel, Payee
-from meshnode.pay.emulator import EmulatedChain
-from meshnode.pay.gate import ChannelGates
-from meshnode.pay.wiring import ClientPayments, ProviderPayments
+from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
+from meshnode.pay.channel.lifecycle import ClientChannel, Payee
+from meshnode.pay.contract.cells import ClosingConfig
+from meshnode.pay.metering.gates import ChannelGates
+from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments
+from meshnode.pay.ton.chain import SendResult
+from meshnode.pay.ton.emulator import EmulatedChain
 
 TON = 10**9
 DEPOSIT = 2 * TON
@@ -115,6 +121,7 @@ def job_open(
     *,
     signer: VoucherSigner | None = None,
     provider_peer_id: str = PROVIDER_PEER_ID,
+    key: bytes | None = None,
 ) -> Open:
     """An Open as a client would send it (for driving the gate without a network),
     with the channel proof when given the channel's client key."""
@@ -132,9 +139,21 @@ def job_open(
         client_pub=client_pub,
         header=bytes(24),
         auth=auth,
+        channel_key=key if key is not None else signer.public_key if signer else None,
     )
 
 
 def channel_gate(gates: ChannelGates, channel: ClientChannel) -> PaymentGate:
     """The provider's gate for one job on ``channel``, opened by the channel's client."""
     return gates(job_open(channel.channel_id, signer=channel.signer), PROVIDER_PEER_ID)
+
+
+@asynccontextmanager
+async def linked(net: PayNet) -> AsyncIterator[tuple[IHost, ID]]:
+    """A provider host serving /meshnode/channel/1 and a client host connected to it."""
+    async with running_host(NodeIdentity.generate()) as provider_host:
+        net.provider.service.install(provider_host)
+        async with running_host(NodeIdentity.generate()) as client_host:
+            info = parse_peer_addr(full_addrs(provider_host)[0])
+            await client_host.connect(info)
+            yield client_host, info.peer_id

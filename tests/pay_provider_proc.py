@@ -16,8 +16,8 @@ from meshnode.core.meter import Price
 from meshnode.engine.llama import LlamaEngine
 from meshnode.identity import NodeIdentity
 from meshnode.node import ProviderSettings, provider_node
-from meshnode.pay.gate import ChannelGates
-from meshnode.pay.ledger import Ledger
+from meshnode.pay.channel.ledger import Ledger
+from meshnode.pay.metering.gates import ChannelGates
 
 CTX = 512  # the tiny model's test context
 

@@ -8,7 +8,7 @@ import pytest
 from pytoniq_core.boc.builder import Builder
 
 from meshnode.core.voucher import cell_to_boc
-from meshnode.pay.contract_code import (
+from meshnode.pay.contract.code import (
     CODE_FILENAME,
     PAYMENT_CHANNEL_CODE_HASH,
     ContractCodeError,
@@ -24,7 +24,7 @@ def _not_the_contract() -> bytes:
 
 
 def test_missing_cache_says_how_to_fetch(tmp_path: Path) -> None:
-    with pytest.raises(ContractCodeError, match=r"meshnode\.pay\.contract_code"):
+    with pytest.raises(ContractCodeError, match=r"meshnode\.pay\.contract\.code"):
         load_payment_channel_code(tmp_path)
 
 

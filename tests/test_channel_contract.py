@@ -2,7 +2,7 @@
 
 Party A is the client (deposits, signs vouchers), party B the provider. The contract
 code is the published one (hash-checked); fetch it once with
-``python -m meshnode.pay.contract_code``.
+``python -m meshnode.pay.contract.code``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.voucher import Voucher, VoucherSigner, VoucherState
-from meshnode.pay.channel_messages import (
+from meshnode.pay.contract.cells import (
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_OPEN,
     CHANNEL_STATE_UNINITED,
@@ -31,8 +31,8 @@ from meshnode.pay.channel_messages import (
     state_init,
     top_up_body,
 )
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.emulator import EmulatedChain
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.ton.emulator import EmulatedChain
 
 TON = 10**9
 DEPOSIT = 10 * TON
@@ -108,6 +108,21 @@ def test_deposit_then_init_opens_the_channel(code: Cell) -> None:
     init = init_channel_body(CHANNEL_ID, DEPOSIT, 0, is_a=True, signer=CLIENT)
     assert chain.send(WALLET_A, address, 0, init).success
     assert chain.get_int(address, "get_channel_state") == CHANNEL_STATE_OPEN
+
+
+def test_one_message_deploys_funds_and_inits_the_channel(code: Cell) -> None:
+    chain = EmulatedChain(start_time=START)
+    chain.add_wallet(WALLET_A, WALLET_FUNDS)
+    config = ChannelConfig(CHANNEL_ID, CLIENT.public_key, PROVIDER.public_key, WALLET_A,
+                           WALLET_B, ClosingConfig(QUARANTINE_S, FINE, CONDITIONAL_CLOSE_S))
+    address = channel_address(code, config)
+    init = init_channel_body(CHANNEL_ID, DEPOSIT, 0, is_a=True, signer=CLIENT)
+    # The contract counts the message's own value towards the balances init sets.
+    result = chain.send(WALLET_A, address, DEPOSIT + FEE_RESERVE, init,
+                        state_init(code, channel_data(config)))
+    assert result.success, result
+    assert chain.get_int(address, "get_channel_state") == CHANNEL_STATE_OPEN
+    assert chain.balance(address) == DEPOSIT + FEE_RESERVE
 
 
 def test_init_signer_sets_the_balances_so_the_client_must_init(code: Cell) -> None:

@@ -101,7 +101,7 @@ def test_the_default_level_shows_no_library_lines(testnet: LocalMesh) -> None:
 
 def test_v_adds_meshnodes_debug_lines_and_vv_the_libraries(testnet: LocalMesh) -> None:
     one, two = _ask(testnet, "-v"), _ask(testnet, "-vv")
-    assert "meshnode.node" in one and "attestation dev" in one
+    assert "meshnode.client.verified" in one and "attestation dev" in one
     assert "multiaddr" not in one and "libp2p" not in one
     assert re.search(r"DEBUG (multiaddr|libp2p)", two)
 

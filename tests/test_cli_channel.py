@@ -1,4 +1,5 @@
-"""`meshnode channel open|status|close`, `serve --chain` and `ask --channel`.
+"""`meshnode channel open|status|close|list`, `earnings`, `serve --chain`, `ask --channel`
+and the routed-payment limits of `ask --model` and `client`.
 
 Bad input is checked in-process (it fails before any network or chain use). The paid
 round trip runs the real CLI in separate processes, as a user would: a loopback
@@ -26,9 +27,9 @@ from pytoniq_core.boc.address import Address
 from typer.testing import CliRunner
 
 from meshnode.cli import app
-from meshnode.pay.local_chain import STATE_ENV, LocalChain
-from meshnode.pay.wallet_keys import KEY_DIR
-from meshnode.pay.wiring import CLIENT_DIR
+from meshnode.pay.setup.keys import KEY_DIR
+from meshnode.pay.setup.wiring import CLIENT_DIR
+from meshnode.pay.ton.local_chain import STATE_ENV, LocalChain
 
 STARTUP_TIMEOUT_S = 60.0
 """Importing llama.cpp and libp2p and loading the model on a busy 2-core box."""
@@ -107,6 +108,32 @@ def test_status_rejects_a_malformed_channel_id(chain_state: Path, tmp_path: Path
     code, output = invoke("channel", "status", "not-an-id", "--home", str(tmp_path / "home"))
     assert code == 2
     assert "not a channel id" in output
+
+
+@pytest.mark.parametrize("command", [
+    ["ask", "hi", "--model", "m", "--bootstrap", PEER, "--deposit", "0"],
+    ["ask", "hi", "--model", "m", "--bootstrap", PEER, "--deposit", "2", "--budget", "1"],
+    ["client", "--bootstrap", PEER, "--idle-close", "0"],
+])
+def test_routed_payment_limits_that_make_no_sense_are_refused_before_any_dial(
+    command: list[str], chain_state: Path, tmp_path: Path
+) -> None:
+    code, output = invoke(*command, "--home", str(tmp_path / "home"))
+    assert code == 2
+    assert "--deposit/--budget/--idle-close" in "".join(output.split())
+    assert not chain_state.exists()
+
+
+def test_channel_list_and_earnings_of_a_new_home_are_empty(
+    chain_state: Path, tmp_path: Path
+) -> None:
+    home = str(tmp_path / "home")
+    for command in (["channel", "list"], ["earnings"]):
+        code, output = invoke(*command, "--json", "--home", home)
+        assert code == 0, output
+        assert json.loads(output) == []
+        code, output = invoke(*command, "--home", home)
+        assert code == 0 and "0 channel(s)" in output
 
 
 def test_status_of_a_channel_this_node_never_opened_is_an_error(
@@ -248,7 +275,8 @@ def _seeds(home: Path) -> list[str]:
 def test_open_ask_status_close_pays_the_provider_exactly_the_last_voucher(
     tmp_path: Path, env: dict[str, str], chain_state: Path, served: Served
 ) -> None:
-    from meshnode.pay.ledger import Ledger
+    from meshnode.pay.channel.ledger import ChannelRef, Ledger
+    from meshnode.pay.setup.keys import load_or_create_payment_keys
 
     home = tmp_path / "B"
     opened = run(env, "channel", "open", "--peer", served.addr, "--deposit", "0.1",
@@ -261,7 +289,8 @@ def test_open_ask_status_close_pays_the_provider_exactly_the_last_voucher(
                 "--max-tokens", str(MAX_TOKENS), "--home", str(home), "hi")
     assert "paid" in asked.stderr
     with Ledger(home / CLIENT_DIR) as ledger:
-        latest = ledger.latest_voucher(int(channel_id, 16))
+        key = load_or_create_payment_keys(home)[0].channel_public
+        latest = ledger.latest_voucher(ChannelRef(int(channel_id, 16), key))
     assert latest is not None and latest.voucher.sent > 0
     status = run(env, "channel", "status", channel_id, "--home", str(home))
     assert re.search(rf"seqno\s*│\s*{latest.voucher.seqno}\b", status.stdout), status.stdout

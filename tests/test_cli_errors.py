@@ -23,12 +23,12 @@ def test_errors_the_cli_reports_share_one_base_and_carry_their_exit_code() -> No
     from meshnode.bootstrap_peers import BootstrapListError
     from meshnode.channel_ops import ChannelCommandError
     from meshnode.identity import KeyFileError
-    from meshnode.pay.chain_choice import ChainUnavailable
-    from meshnode.pay.channels import ChannelError
-    from meshnode.pay.contract_code import ContractCodeError
-    from meshnode.pay.emulator import EmulatorError
-    from meshnode.pay.local_chain import LocalChainError
-    from meshnode.pay.wallet_keys import PaymentKeyError
+    from meshnode.pay.channel.lifecycle import ChannelError
+    from meshnode.pay.contract.code import ContractCodeError
+    from meshnode.pay.setup.keys import PaymentKeyError
+    from meshnode.pay.ton.chain_choice import ChainUnavailable
+    from meshnode.pay.ton.emulator import EmulatorError
+    from meshnode.pay.ton.local_chain import LocalChainError
 
     expected = {
         KeyFileError: EXIT_USAGE, PaymentKeyError: EXIT_USAGE, LocalChainError: EXIT_USAGE,

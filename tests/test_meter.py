@@ -9,12 +9,14 @@ from meshnode.core.meter import (
     ChannelExhausted,
     ChannelTerms,
     ClientMeter,
+    DebtDisputed,
     MeterError,
     Paid,
     Price,
     ProviderMeter,
     RejectReason,
     VoucherRejected,
+    admits,
 )
 from meshnode.core.voucher import Voucher, VoucherSigner, VoucherState
 
@@ -153,11 +155,18 @@ def _client(**kwargs: object) -> ClientMeter:
 
 def test_client_pays_what_the_provider_asks_within_its_ceiling() -> None:
     client = _client()
-    client.received(prompt_tokens=10, completion_tokens=20)
-    voucher = client.pay(requested=30)
+    client.received(prompt_tokens=10, completion_tokens=20)  # worth 50 nanoton
+    voucher = client.pay(requested=70)
     assert voucher is not None
-    assert (voucher.seqno, voucher.sent) == (1, 30)
+    assert (voucher.seqno, voucher.sent) == (1, 70)
     voucher.verify(CLIENT.public_key)
+
+
+def test_client_pays_what_it_received_even_when_asked_for_less() -> None:
+    client = _client()
+    client.received(prompt_tokens=10, completion_tokens=20)
+    voucher = client.pay(requested=30)  # a provider that lost count of its own tokens
+    assert voucher is not None and voucher.sent == PRICE.cost(10, 20)
 
 
 def test_client_never_signs_beyond_received_plus_window() -> None:
@@ -211,3 +220,51 @@ def test_client_vouchers_are_accepted_by_the_provider_meter() -> None:
     if final is not None:
         provider.accept(final, NOW + 10)
     assert provider.paid.sent == provider.owed == client.received_cost
+
+
+# --- debt -----------------------------------------------------------------------------
+
+
+def test_a_channel_is_admitted_only_while_its_deposit_covers_the_debt_and_a_window() -> None:
+    credit = PRICE.window_cost(WINDOW)
+    assert admits(DEPOSIT, DEPOSIT - credit, credit)
+    assert not admits(DEPOSIT, DEPOSIT - credit + 1, credit)
+    assert not admits(1, 0, credit)  # a one-nanoton channel buys no window at all
+
+
+def test_the_debt_is_paid_before_the_next_jobs_first_token() -> None:
+    meter = _provider(owed_before=300, paid=Paid(seqno=3, sent=250))
+    meter.record_prompt(5)
+    assert not meter.may_go_to(0)
+    assert meter.ask(0, 1) == 300  # the debt, not the prompt (that is within the window)
+    meter.accept(_voucher(4, 300), NOW)
+    assert meter.may_go_to(1)
+
+
+def test_a_job_that_delivered_nothing_adds_nothing_to_the_channel() -> None:
+    meter = _provider(owed_before=300, paid=Paid(seqno=3, sent=300))
+    meter.record_prompt(40)
+    assert meter.billed(0) == 300
+    assert meter.billed(2) == 300 + PRICE.cost(40, 2)
+
+
+def test_the_provider_asks_for_what_it_delivered_not_ahead() -> None:
+    meter = _provider()
+    meter.record_prompt(10)
+    assert meter.ask(20, 21) == PRICE.cost(10, 20)
+
+
+def test_the_deposit_bounds_the_job_however_much_is_paid() -> None:
+    terms = ChannelTerms(CHANNEL, CLIENT.public_key, 100)
+    meter = ProviderMeter(terms, PRICE, WINDOW)
+    assert meter.may_go_to(50) and not meter.may_go_to(51)
+    assert meter.exhausted(51)
+
+
+def test_the_client_adopts_a_higher_debt_only_within_its_allowance() -> None:
+    client = _client(owed_before=100, paid=Paid(seqno=2, sent=90))
+    assert client.adopt(90, allowance=0) == 0  # lower: the client pays what it counts
+    with pytest.raises(DebtDisputed):
+        client.adopt(150, allowance=0)
+    assert client.adopt(150, allowance=60) == 50
+    assert client.owed_now == 150

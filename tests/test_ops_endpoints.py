@@ -31,7 +31,7 @@ from meshnode.ops.control import (
 )
 from meshnode.ops.http import MetricsBindRefused, parse_bind
 from meshnode.ops.views import BootstrapView, ProviderView
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -48,7 +48,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 async def scrape(url: str) -> Samples:

@@ -20,8 +20,8 @@ from meshnode.core.messages import Open, SchemaError, parse_message
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.voucher import VoucherSigner
 from meshnode.jobs.payment_gate import PaymentRejected
-from meshnode.pay.gate import CHANNEL_BUSY_WAIT_S, ChannelGates
-from meshnode.pay.ledger import ChannelRecord, Ledger
+from meshnode.pay.channel.ledger import ChannelRecord, Ledger
+from meshnode.pay.metering.gates import CHANNEL_BUSY_WAIT_S, ChannelGates
 
 SIGNER = VoucherSigner(bytes([7]) * 32)
 JOB_ID = bytes([1]) * 16
@@ -137,6 +137,7 @@ def gates_with_channel(tmp_path: Path) -> ChannelGates:
 async def test_the_gate_admits_a_job_with_the_channel_keys_proof(tmp_path: Path) -> None:
     gates = gates_with_channel(tmp_path)
     gate = gates(job_open(CHANNEL_ID, signer=SIGNER), PROVIDER_PEER_ID)
+    await gate.admit()
     await gate.start(prompt_tokens=2)
     assert gate.may_produce(0)
     await gate.finish()
@@ -147,12 +148,14 @@ async def test_the_gate_refuses_a_job_without_a_proof_without_waiting_for_the_ch
 ) -> None:
     gates = gates_with_channel(tmp_path)
     owner = gates(job_open(CHANNEL_ID, signer=SIGNER), PROVIDER_PEER_ID)
+    await owner.admit()
     await owner.start(prompt_tokens=2)  # holds the channel's one slot
-    intruder = gates(job_open(CHANNEL_ID, os.urandom(16)), PROVIDER_PEER_ID)
+    intruder = gates(job_open(CHANNEL_ID, os.urandom(16), key=SIGNER.public_key),
+                     PROVIDER_PEER_ID)
     # Refused at once: checked before queueing for the slot (which would end in
     # channel_busy after CHANNEL_BUSY_WAIT_S).
     with trio.fail_after(CHANNEL_BUSY_WAIT_S / 2), pytest.raises(PaymentRejected) as info:
-        await intruder.start(prompt_tokens=2)
+        await intruder.admit()
     assert info.value.code == "channel_auth"
     await intruder.finish()
     await owner.finish()
@@ -163,5 +166,5 @@ async def test_the_gate_refuses_a_proof_made_for_another_provider(tmp_path: Path
     replayed = job_open(CHANNEL_ID, signer=SIGNER, provider_peer_id=OTHER_PROVIDER)
     gate = gates(replayed, PROVIDER_PEER_ID)
     with pytest.raises(PaymentRejected) as info:
-        await gate.start(prompt_tokens=2)
+        await gate.admit()
     assert info.value.code == "channel_auth"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from meshnode.pay.channel_protocol import (
+from meshnode.pay.channel.protocol import (
     Announce,
     Announced,
     ChannelProtocolError,
@@ -29,7 +29,7 @@ ANNOUNCE = Announce(
 
 
 def test_requests_round_trip() -> None:
-    close = CloseRequest(channel_id=5, voucher=b"boc", signature_a=bytes(64))
+    close = CloseRequest(channel_id=5, key_a=bytes(32), voucher=b"boc", signature_a=bytes(64))
     assert parse_request(ANNOUNCE.to_wire()) == ANNOUNCE
     assert parse_request(close.to_wire()) == close
 
@@ -64,7 +64,8 @@ def test_an_unknown_request_is_a_typed_error() -> None:
 
 
 def test_a_short_signature_is_refused() -> None:
-    wire = CloseRequest(channel_id=5, voucher=b"boc", signature_a=bytes(64)).to_wire()
+    close = CloseRequest(channel_id=5, key_a=bytes(32), voucher=b"boc", signature_a=bytes(64))
+    wire = close.to_wire()
     wire["sig_a"] = bytes(10)
     with pytest.raises(ChannelProtocolError):
         parse_request(wire)

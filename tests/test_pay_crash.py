@@ -18,9 +18,9 @@ from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.messages import Usage
 from meshnode.node import client_node
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.ledger import ChannelRecord, Ledger
-from meshnode.pay.payer import ChannelPayer
+from meshnode.pay.channel.ledger import ChannelRecord, Ledger
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.metering.payer import ChannelPayer
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -54,6 +54,15 @@ class PausingPayer:
     def check_usage(self, usage: Usage) -> None:
         self.inner.check_usage(usage)
 
+    def channel_key(self) -> bytes:
+        return self.inner.channel_key()
+
+    def accepted(self, prompt_tokens: int | None, owed_before: int | None) -> None:
+        self.inner.accepted(prompt_tokens, owed_before)
+
+    async def finish(self, received: int, complete: bool) -> None:
+        await self.inner.finish(received, complete)
+
     async def voucher_for(self, owed: int, received: int) -> bytes:
         if len(self.inner.vouchers) >= self.pay_times:
             self.stalled.set()
@@ -66,7 +75,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 async def test_provider_killed_mid_job_keeps_the_last_accepted_voucher(
@@ -123,6 +132,6 @@ async def test_provider_killed_mid_job_keeps_the_last_accepted_voucher(
     sent = payer.inner.vouchers
     assert len(sent) == VOUCHERS_BEFORE_KILL
     with Ledger(home) as reopened:
-        stored = reopened.latest_voucher(channel.channel_id)
+        stored = reopened.latest_voucher(channel.ref)
     assert stored is not None
     assert stored.voucher == sent[-1]

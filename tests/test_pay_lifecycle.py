@@ -7,14 +7,10 @@ through the provider's real gate and the client's real payer, without a model.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
-from libp2p.abc import IHost
-from libp2p.peer.id import ID
 from pay_net import (
     CLIENT_WALLET,
     DEPOSIT,
@@ -25,24 +21,24 @@ from pay_net import (
     WINDOW_TOKENS,
     PayNet,
     channel_gate,
+    linked,
     pay_net,
 )
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.voucher import VoucherState
-from meshnode.identity import NodeIdentity
-from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
-from meshnode.pay.channel_messages import (
+from meshnode.pay.channel.ledger import ChannelRef
+from meshnode.pay.channel.lifecycle import ChannelError, ClientChannel, WatchAction
+from meshnode.pay.channel.protocol import Announce
+from meshnode.pay.channel.service import ChannelRefused
+from meshnode.pay.contract.cells import (
     CHANNEL_STATE_CLOSURE_STARTED,
     CHANNEL_STATE_UNINITED,
     FEE_RESERVE,
 )
-from meshnode.pay.channel_protocol import Announce
-from meshnode.pay.channel_service import ChannelRefused
-from meshnode.pay.channels import ChannelError, ClientChannel, WatchAction
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.onchain import raw_address
-from meshnode.pay.payer import ChannelPayer
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.metering.payer import ChannelPayer
+from meshnode.pay.ton.onchain import raw_address
 
 TOKENS_PER_VOUCHER = 3
 
@@ -52,7 +48,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 @pytest.fixture
@@ -60,31 +56,23 @@ def net(tmp_path: Path, code: Cell) -> PayNet:
     return pay_net(tmp_path, code)
 
 
-@asynccontextmanager
-async def linked(net: PayNet) -> AsyncIterator[tuple[IHost, ID]]:
-    """A provider host serving /meshnode/channel/1 and a client host connected to it."""
-    async with running_host(NodeIdentity.generate()) as provider_host:
-        net.provider.service.install(provider_host)
-        async with running_host(NodeIdentity.generate()) as client_host:
-            info = parse_peer_addr(full_addrs(provider_host)[0])
-            await client_host.connect(info)
-            yield client_host, info.peer_id
-
-
 async def pay_in_steps(net: PayNet, channel: ClientChannel, steps: int) -> ChannelPayer:
     """One job of ``steps`` payment rounds through the provider's gate and client's payer."""
     gate = channel_gate(net.provider.gates, channel)
     payer = channel.payer(PRICE, WINDOW_TOKENS)
     payer.begin("hi")
+    await gate.admit()
     await gate.start(prompt_tokens=2)
+    payer.accepted(2, gate.owed_before)
     delivered = 0
     for _ in range(steps):
         delivered += TOKENS_PER_VOUCHER
         await gate.accept_voucher(
-            await payer.voucher_for(gate.owed(delivered), delivered), delivered
+            await payer.voucher_for(gate.ask(delivered, delivered), delivered), delivered
         )
     assert gate.settled(delivered)
     await gate.finish()
+    await payer.finish(delivered, complete=True)
     return payer
 
 
@@ -100,7 +88,7 @@ async def test_provider_learns_an_announced_channel_from_the_chain(net: PayNet) 
     channel = await net.open_channel()
     async with linked(net) as (client_host, provider):
         await channel.announce(client_host, provider)
-    record = net.provider.ledger.channel(channel.channel_id)
+    record = net.provider.ledger.channel(channel.ref)
     assert record is not None
     assert (record.client_key, record.deposit) == (channel.signer.public_key, DEPOSIT)
     assert channel.entry.counter_state is not None  # kept for a unilateral close
@@ -119,7 +107,7 @@ async def test_announce_of_a_channel_that_is_not_on_chain_is_refused(net: PayNet
     with pytest.raises(ChannelRefused) as info:
         await net.provider.service.learn(never_deployed)
     assert info.value.code == "not_on_chain"
-    assert net.provider.ledger.channel(77) is None
+    assert net.provider.ledger.channel(ChannelRef(77, net.client.keys.channel_public)) is None
 
 
 async def test_a_quarantine_too_short_to_challenge_in_is_refused(net: PayNet) -> None:
@@ -146,12 +134,14 @@ async def test_every_accepted_voucher_is_in_the_ledger_when_accept_returns(net: 
     gate = channel_gate(net.provider.gates, channel)
     payer = channel.payer(PRICE, WINDOW_TOKENS)
     payer.begin("hi")
+    await gate.admit()
     await gate.start(prompt_tokens=2)
+    payer.accepted(2, gate.owed_before)
     for delivered in (3, 6, 9):
         await gate.accept_voucher(
-            await payer.voucher_for(gate.owed(delivered), delivered), delivered
+            await payer.voucher_for(gate.ask(delivered, delivered), delivered), delivered
         )
-        stored = net.provider.ledger.latest_voucher(channel.channel_id)
+        stored = net.provider.ledger.latest_voucher(channel.ref)
         assert stored is not None and stored.voucher == payer.vouchers[-1]
     await gate.finish()
 
@@ -177,7 +167,8 @@ async def test_provider_will_not_cosign_a_close_below_its_latest_voucher(net: Pa
     async with linked(net) as (client_host, provider):
         await channel.announce(client_host, provider)
         payer = await pay_in_steps(net, channel, steps=3)
-        channel.latest = payer.vouchers[0]  # a client pretending it paid less
+        channel.latest = payer.vouchers[0]  # a client pretending it paid (and owes) less
+        channel.owed = payer.vouchers[0].sent
         with pytest.raises(ChannelError) as info:
             await channel.close(client_host, provider)
     assert info.value.code == "stale_voucher"
@@ -225,7 +216,7 @@ async def test_watcher_leaves_a_close_with_the_latest_voucher_alone(net: PayNet)
 
 
 @pytest.mark.parametrize("jobs, steps", [(1, 1), (5, 12)])
-async def test_a_channel_costs_three_chain_messages_whatever_it_carries(
+async def test_a_channel_costs_two_chain_messages_whatever_it_carries(
     net: PayNet, jobs: int, steps: int
 ) -> None:
     channel = await net.open_channel()
@@ -236,7 +227,7 @@ async def test_a_channel_costs_three_chain_messages_whatever_it_carries(
             vouchers += len((await pay_in_steps(net, channel, steps)).vouchers)
         await channel.close(client_host, provider)
     assert vouchers == jobs * steps
-    assert net.chain.sends == 3  # deploy with deposit, init, cooperative close
+    assert net.chain.sends == 2  # one message opens (deploy, deposit, init), one closes
 
 
 async def test_a_zero_voucher_closes_a_channel_that_never_carried_a_job(net: PayNet) -> None:

@@ -29,13 +29,13 @@ from pytoniq_core.tlb.account import StateInit
 from pytoniq_core.tlb.transaction import ExternalMsgInfo, InternalMsgInfo, MessageAny
 
 from meshnode.core.voucher import VoucherSigner
-from meshnode.pay import lite_chain
-from meshnode.pay.chain_choice import ChainChoice, ChainKind, ChainUnavailable
-from meshnode.pay.channel_messages import top_up_body
-from meshnode.pay.emulator import ACTION_SEND_MSG, TvmLibrary
-from meshnode.pay.lite_chain import LiteChain, LiteChainError
-from meshnode.pay.wallet_keys import PaymentKeys
-from meshnode.pay.wallet_v4 import (
+from meshnode.pay.contract.cells import top_up_body
+from meshnode.pay.setup.keys import PaymentKeys
+from meshnode.pay.ton import lite_chain
+from meshnode.pay.ton.chain_choice import ChainChoice, ChainKind, ChainUnavailable
+from meshnode.pay.ton.emulator import ACTION_SEND_MSG, TvmLibrary
+from meshnode.pay.ton.lite_chain import LiteChain, LiteChainError
+from meshnode.pay.ton.wallet_v4 import (
     SUBWALLET_ID,
     TRANSFER_SEND_MODE,
     build_wallet_transfer,

@@ -17,12 +17,12 @@ from pytoniq_core.boc.cell import Cell
 from meshnode.core.voucher import VoucherSigner
 from meshnode.identity import NodeIdentity
 from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
-from meshnode.pay import local_chain
-from meshnode.pay.channel_messages import CHANNEL_STATE_OPEN, CHANNEL_STATE_UNINITED, FEE_RESERVE
-from meshnode.pay.channels import ClientChannel, Payee
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.local_chain import LocalChain, LocalChainError, local_wallet_address
-from meshnode.pay.wiring import ClientPayments, ProviderPayments, close_channel
+from meshnode.pay.channel.lifecycle import ClientChannel, Payee
+from meshnode.pay.contract.cells import CHANNEL_STATE_OPEN, CHANNEL_STATE_UNINITED, FEE_RESERVE
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments, close_channel
+from meshnode.pay.ton import local_chain
+from meshnode.pay.ton.local_chain import LocalChain, LocalChainError, local_wallet_address
 
 TON = 10**9
 TOKENS_PER_VOUCHER = 3
@@ -35,7 +35,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 @pytest.fixture
@@ -172,12 +172,15 @@ async def test_the_real_contract_opens_and_closes_across_two_instances(
             gate = channel_gate(provider.gates, channel)
             payer = channel.payer(PRICE, WINDOW_TOKENS)
             payer.begin("hi")
+            await gate.admit()
             await gate.start(prompt_tokens=2)
+            payer.accepted(2, gate.owed_before)
             for delivered in range(TOKENS_PER_VOUCHER, 4 * TOKENS_PER_VOUCHER + 1,
                                    TOKENS_PER_VOUCHER):
-                voucher = await payer.voucher_for(gate.owed(delivered), delivered)
+                voucher = await payer.voucher_for(gate.ask(delivered, delivered), delivered)
                 await gate.accept_voucher(voucher, delivered)
             await gate.finish()
+            await payer.finish(delivered, complete=True)
             last = payer.vouchers[-1]
             bob_before = LocalChain(state).balance(BOB)
             status = await close_channel(client, client_host, str(info.peer_id),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import trio
 from libp2p.peer.id import ID
 from pay_net import CLIENT_WALLET, DEPOSIT, PRICE, PROVIDER_WALLET, WINDOW_TOKENS, PayNet, pay_net
 from pytoniq_core.boc.cell import Cell
@@ -18,11 +19,12 @@ from meshnode.core.advert import Advert
 from meshnode.core.voucher import VoucherSigner
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError, JobRequest, run_job
+from meshnode.jobs.payment_gate import NoPayer
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
-from meshnode.pay.channel_messages import FEE_RESERVE
-from meshnode.pay.channels import ClientChannel
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.ledger import ChannelRecord, Ledger
+from meshnode.pay.channel.ledger import ChannelRecord, Ledger
+from meshnode.pay.channel.lifecycle import ClientChannel
+from meshnode.pay.contract.cells import FEE_RESERVE
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -37,7 +39,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 def steady(engine: LlamaEngine) -> dict[str, Any]:
@@ -66,12 +68,8 @@ async def mesh(tmp_path: Path, code: Cell, engine: LlamaEngine) -> AsyncIterator
         price_prompt_per_1k=PRICE.prompt_per_1k, price_completion_per_1k=PRICE.completion_per_1k
     )
     async with provider_node(
-        engine,
-        identity=NodeIdentity.generate(),
-        settings=settings,
-        gate_factory=net.provider.gates,
+        engine, identity=NodeIdentity.generate(), settings=settings, payments=net.provider
     ) as prov:
-        net.provider.service.install(prov.host)
         async with client_node(allow_insecure=True) as client:  # dev provider, no TEE here
             advert = await client.connect(prov.addrs[0])
             channel = await net.open_channel()
@@ -93,7 +91,7 @@ async def test_a_job_is_paid_by_vouchers_and_the_bill_matches_them(
     expected = PRICE.cost(res.usage.prompt_tokens, res.usage.completion_tokens)
     assert res.usage.cost_nanoton == expected
     assert payer.vouchers[-1].sent - payer.job_base == expected
-    stored = m.net.provider.ledger.latest_voucher(m.channel.channel_id)
+    stored = m.net.provider.ledger.latest_voucher(m.channel.ref)
     assert stored is not None and stored.voucher == payer.vouchers[-1]
 
 
@@ -119,7 +117,7 @@ async def test_jobs_then_a_cooperative_close_pay_the_provider_exactly_the_last_v
     assert m.net.chain.balance(PROVIDER_WALLET) - b_before == last.sent
     assert m.net.chain.balance(CLIENT_WALLET) - a_before == DEPOSIT - last.sent + FEE_RESERVE
     assert m.net.chain.balance(m.channel.address) == 0
-    assert m.net.chain.sends == 3  # deploy, init, close: not one per job or token
+    assert m.net.chain.sends == 2  # open (deploy+deposit+init), close: not per job or token
 
 
 async def test_a_priced_provider_refuses_a_job_without_a_channel(
@@ -136,11 +134,7 @@ async def test_a_forged_voucher_ends_the_job_and_the_node_keeps_serving(
     tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
 ) -> None:
     async with mesh(tmp_path, code, tiny_engine) as m:
-        forger_ledger = Ledger(tmp_path / "forger")
-        forger_ledger.add_channel(ChannelRecord(m.channel.channel_id, bytes(32), DEPOSIT, 0.0))
-        forged = dataclasses.replace(
-            m.channel, signer=VoucherSigner(bytes([9]) * 32), ledger=forger_ledger
-        )
+        forged = forged_channel(m, tmp_path)
         forged_payer = forged.payer(PRICE, WINDOW_TOKENS)
         owner = m.channel.payer(PRICE, WINDOW_TOKENS)
 
@@ -153,12 +147,27 @@ async def test_a_forged_voucher_ends_the_job_and_the_node_keeps_serving(
             def authorize(self, job_id: bytes, client_pub: bytes, provider: str) -> bytes:
                 return owner.authorize(job_id, client_pub, provider)
 
+            def channel_key(self) -> bytes:
+                return owner.channel_key()
+
+            # The owner's client runs the job: it sees the Accept and the job's end.
+            def begin(self, prompt: str) -> None:
+                owner.begin(prompt)
+                forged_payer.begin(prompt)
+
+            def accepted(self, prompt_tokens: int | None, owed_before: int | None) -> None:
+                owner.accepted(prompt_tokens, owed_before)
+                forged_payer.accepted(prompt_tokens, owed_before)
+
+            async def finish(self, received: int, complete: bool) -> None:
+                await owner.finish(received, complete)
+
         with pytest.raises(JobError) as info:
             await m.client.ask(m.advert, "hello world", max_tokens=MAX_TOKENS,
                                params=steady(tiny_engine),
                                payer=ForgedVouchers())  # type: ignore[arg-type]
         assert info.value.code == "voucher_bad_signature"
-        assert m.net.provider.ledger.latest_voucher(m.channel.channel_id) is None
+        assert m.net.provider.ledger.latest_voucher(m.channel.ref) is None
         res = await m.client.ask(
             m.advert,
             "hello world",
@@ -198,6 +207,14 @@ async def test_a_prompt_costing_more_than_the_window_is_paid_before_decoding(
     assert res.usage.completion_tokens == 8
 
 
+def forged_channel(m: Mesh, tmp_path: Path) -> ClientChannel:
+    """The victim's channel as a forger would hold it: same id, another signing key."""
+    signer = VoucherSigner(bytes([9]) * 32)
+    forger_ledger = Ledger(tmp_path / "forger")
+    forger_ledger.add_channel(ChannelRecord(m.channel.channel_id, signer.public_key, DEPOSIT, 0.0))
+    return dataclasses.replace(m.channel, signer=signer, ledger=forger_ledger)
+
+
 @asynccontextmanager
 async def stranger(m: Mesh) -> AsyncIterator[ClientNode]:
     """A second client that knows the victim's channel id (it is on chain) but not its key."""
@@ -228,8 +245,16 @@ async def test_a_job_naming_a_channel_without_its_keys_proof_is_refused(
             params=steady(tiny_engine),
             channel_id=m.channel.channel_id,
         )
-        with pytest.raises(JobError) as info:  # NoPayer: the Open carries no proof
-            await run_job(other.host, m.provider_id, m.advert.job_pubkey, request)
+
+        class NamesOnly(NoPayer):
+            """Names the victim's channel (id and key are public), with no proof."""
+
+            def channel_key(self) -> bytes:
+                return m.channel.signer.public_key
+
+        with pytest.raises(JobError) as info:
+            await run_job(other.host, m.provider_id, m.advert.job_pubkey, request,
+                          payer=NamesOnly())
         assert info.value.code == "channel_auth"
         assert info.value.before_first_token
         await assert_the_channel_is_free(m, tiny_engine)
@@ -240,19 +265,79 @@ async def test_a_job_whose_proof_is_signed_by_another_key_is_refused(
     tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
 ) -> None:
     async with mesh(tmp_path, code, tiny_engine) as m, stranger(m) as other:
-        forger_ledger = Ledger(tmp_path / "forger")
-        forger_ledger.add_channel(ChannelRecord(m.channel.channel_id, bytes(32), DEPOSIT, 0.0))
-        forged = dataclasses.replace(
-            m.channel, signer=VoucherSigner(bytes([9]) * 32), ledger=forger_ledger
-        )
+        forged_payer = forged_channel(m, tmp_path).payer(PRICE, WINDOW_TOKENS)
+
+        class NamingTheVictim:
+            """A proof signed by the forger's key for a job naming the victim's channel."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(forged_payer, name)
+
+            def channel_key(self) -> bytes:
+                return m.channel.signer.public_key
+
         with pytest.raises(JobError) as info:
             await other.ask(
                 m.advert,
                 "hello world",
                 max_tokens=MAX_TOKENS,
                 params=steady(tiny_engine),
-                payer=forged.payer(PRICE, WINDOW_TOKENS),
+                payer=NamingTheVictim(),  # type: ignore[arg-type]
             )
         assert info.value.code == "channel_auth"
         await assert_the_channel_is_free(m, tiny_engine)
     assert m.provider.jobs.stats.errors == {"channel_auth": 1}
+
+
+async def test_a_channel_that_runs_dry_mid_job_ends_it_paid_exactly_for_what_arrived(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        # Enough for the admission (one window) and a few tokens, not for 24 of them.
+        dry = await m.net.open_channel(deposit=PRICE.window_cost(WINDOW_TOKENS)
+                                       + PRICE.cost(40, 6))
+        await dry.announce(m.client.host, m.provider_id)
+        payer = dry.payer(PRICE, WINDOW_TOKENS)
+        with pytest.raises(JobError) as info:
+            await m.client.ask(m.advert, "hello world", max_tokens=MAX_TOKENS,
+                               params=steady(tiny_engine), payer=payer)
+        assert info.value.code == "channel_exhausted"
+        got = info.value.received_tokens
+        assert 0 < got < MAX_TOKENS
+        [job] = m.net.client.ledger.jobs(dry.ref)
+        stored = m.net.provider.ledger.latest_voucher(dry.ref)
+        assert stored is not None and dry.latest == stored.voucher
+        assert stored.voucher.sent == PRICE.cost(job.prompt_tokens, got) <= dry.deposit
+        await assert_the_channel_is_free(m, tiny_engine)  # the funded channel still works
+
+
+async def test_a_legitimate_job_completes_while_a_cheap_channel_floods_the_provider(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
+) -> None:
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        cheap = await m.net.open_channel(deposit=1)
+        await cheap.announce(m.client.host, m.provider_id)
+        floods: list[str] = []
+
+        async def flood() -> None:
+            request = JobRequest(model_id=m.advert.models[0].id, prompt="free lunch",
+                                 max_tokens=MAX_TOKENS, params=steady(tiny_engine))
+            while True:
+                try:
+                    await run_job(m.client.host, m.provider_id, m.advert.job_pubkey, request,
+                                  payer=cheap.payer(PRICE, WINDOW_TOKENS))
+                except JobError as exc:
+                    floods.append(exc.code)
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(flood)
+            with trio.fail_after(10):
+                while len(floods) < 20:
+                    await trio.sleep(0.01)
+            for _ in range(3):
+                await assert_the_channel_is_free(m, tiny_engine)
+            nursery.cancel_scope.cancel()
+    assert set(floods) == {"deposit_low"}
+    assert m.provider.jobs.stats.busy_refusals == 0

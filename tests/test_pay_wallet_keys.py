@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshnode.pay.wallet_keys import (
+from meshnode.pay.setup.keys import (
     CHANNEL_KEY_FILE,
     KEY_DIR,
     PaymentKeyError,

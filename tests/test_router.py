@@ -20,6 +20,7 @@ from meshnode.core.router import (
     P2C_SCORE_CUTOFF,
     PENALTY_HALF_LIFE_S,
     Candidate,
+    CandidateTable,
     JobEstimate,
     Router,
     StatsFormatError,
@@ -145,7 +146,9 @@ def test_measured_speed_replaces_the_advertised_one() -> None:
     # "a" advertises 100 tok/s but delivered 199 tokens in 19.9 s after the first token
     router.record_success("a", NOW, duration_s=20.0, completion_tokens=200, first_token_s=0.1)
     assert router.stats("a").tokens_per_s == pytest.approx(10.0)
-    ranked = router.choose([cand("a", tokens_per_s=100.0), cand("b", tokens_per_s=50.0)], JOB, NOW)
+    assert router.speed(cand("a", tokens_per_s=100.0)) == pytest.approx(10.0)
+    router.record_success("b", NOW, duration_s=4.1, completion_tokens=200, first_token_s=0.1)
+    ranked = router.choose([cand("a", tokens_per_s=100.0), cand("b", tokens_per_s=5.0)], JOB, NOW)
     assert ranked[0].peer_id == "b"
 
 
@@ -334,3 +337,164 @@ def test_abandoned_job_frees_inflight_without_penalty() -> None:
     router.record_abandoned("p", 1.0)
     stats = router.stats("p")
     assert stats.inflight == 0 and stats.failures == 0 and stats.penalty(1.0) == 0.0
+
+
+# ---------------------------------------------------------------------------- exploration
+
+
+def run_jobs(router: Router, pool: list[Candidate], real_speed: dict[str, float], n: int,
+             now: float = NOW) -> list[str]:
+    """n jobs one after another; each provider really decodes at ``real_speed``."""
+    chosen = []
+    for i in range(n):
+        first = router.choose(pool, JOB, now + i)[0].peer_id
+        router.record_start(first, now + i)
+        speed = real_speed[first]
+        router.record_success(first, now + i, duration_s=0.01 + JOB.completion_tokens / speed,
+                              completion_tokens=JOB.completion_tokens, first_token_s=0.01,
+                              rtt_sample_s=0.01)
+        chosen.append(first)
+    return chosen
+
+
+def measured_router(peer: str = "old", speed: float = 50.0, jobs: int = 3) -> Router:
+    router = Router(seed=1)
+    run_jobs(router, [cand(peer, tokens_per_s=speed)], {peer: speed}, jobs)
+    return router
+
+
+@pytest.mark.parametrize("advertised", [0.0, 40.0])  # never ran a job; a bit slower
+def test_a_new_provider_gets_a_job_within_its_first_two_requests_beside_a_measured_one(
+    advertised: float,
+) -> None:
+    router = measured_router()
+    pool = [cand("old", tokens_per_s=50.0), cand("new", tokens_per_s=advertised)]
+    chosen = run_jobs(router, pool, {"old": 50.0, "new": 50.0}, 2, now=NOW + 100)
+    assert "new" in chosen
+
+
+def test_an_advert_of_zero_speed_is_scored_like_the_median_measured_provider() -> None:
+    router = measured_router()
+    pool = [cand("old", tokens_per_s=50.0), cand("new", tokens_per_s=0.0)]
+    reference = router.reference(pool)
+    assert reference is not None
+    assert router.speed(pool[1], reference) == pytest.approx(router.stats("old").tokens_per_s)
+    assert router.score(pool[1], JOB, NOW, reference) < P2C_SCORE_CUTOFF * router.score(
+        pool[0], JOB, NOW, reference)
+
+
+def test_an_advert_lying_about_its_speed_loses_its_traffic_after_one_job() -> None:
+    router = measured_router()
+    pool = [cand("old", tokens_per_s=50.0), cand("liar", tokens_per_s=100_000.0)]
+    capped = router.speed(pool[1], router.reference(pool))
+    assert capped == pytest.approx(router.speed(pool[0]))  # no better than the best measured
+    chosen = run_jobs(router, pool, {"old": 50.0, "liar": 5.0}, 50, now=NOW + 100)
+    assert chosen.count("liar") == 1
+
+
+def test_an_unexplored_provider_with_a_probe_in_flight_is_only_a_fallback() -> None:
+    router = measured_router(jobs=20)  # probes are due: only the in-flight one holds back
+    pool = [cand("old", tokens_per_s=50.0), cand("new", tokens_per_s=0.0)]
+    assert router.choose(pool, JOB, NOW)[0].peer_id == "new"
+    router.record_start("new", NOW)
+    assert [c.peer_id for c in router.choose(pool, JOB, NOW)] == ["old", "new"]
+
+
+def test_a_flood_of_new_providers_gets_a_bounded_share_of_the_jobs() -> None:
+    router = measured_router()
+    sybils = {f"new{i:02d}": 50.0 for i in range(40)}
+    pool = [cand("old", tokens_per_s=50.0), *(cand(p, tokens_per_s=0.0) for p in sybils)]
+    chosen = run_jobs(router, pool, {"old": 50.0, **sybils}, 50, now=NOW + 100)
+    probed = {p for p in chosen if p in sybils}  # each one's first job was its probe
+    assert len(probed) >= 5  # new providers do get work
+    # one job in five, counting the measured provider's first three: (50 + 3) / 5 + 1
+    assert len(probed) <= 11
+
+
+
+
+# ------------------------------------------------------------------ tables and rank()
+
+
+def varied_pool(n: int) -> list[Candidate]:
+    return [
+        cand(f"p{i:03d}", tokens_per_s=10.0 + (i * 37) % 90, busy_slots=i % 2, queue_len=i % 3,
+             price_completion_per_1k=1000 + (i * 53) % 7 * 500)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_rank_over_a_table_orders_like_choose_over_the_list(strategy: Strategy) -> None:
+    pool = varied_pool(40)
+    by_list = Router(strategy, seed=9)
+    by_table = Router(strategy, seed=9)
+    for router in (by_list, by_table):
+        router.record_rtt("p007", 0.01, NOW)
+        router.record_failure("p003", NOW)
+    table = CandidateTable(pool)
+    for _ in range(3):
+        listed = [c.peer_id for c in by_list.choose(pool, JOB, NOW)]
+        ranked = [table.peer_id(r) for r in by_table.rank(table, JOB, NOW)]
+        assert ranked == listed
+
+
+@pytest.mark.parametrize("strategy", [s for s in Strategy if s is not Strategy.RANDOM])
+def test_a_limited_rank_is_the_prefix_of_the_full_one(strategy: Strategy) -> None:
+    # many exact ties (same speed and load): the prefix must break them the same way
+    pool = varied_pool(60) + [cand(f"tie{i:02d}") for i in range(30)]
+    table = CandidateTable(pool)
+    full = Router(strategy, seed=4).rank(table, JOB, NOW)
+    for limit in (1, 3, 17):
+        assert Router(strategy, seed=4).rank(table, JOB, NOW, limit=limit) == full[:limit]
+
+
+def test_rank_leaves_out_excluded_peers_and_expired_adverts() -> None:
+    table = CandidateTable()
+    table.upsert(cand("a", tokens_per_s=90.0), expires_at=NOW + 10)
+    table.upsert(cand("b", tokens_per_s=60.0), expires_at=NOW - 1)
+    table.upsert(cand("c", tokens_per_s=30.0))
+    router = Router(Strategy.FASTEST)
+    assert [table.peer_id(r) for r in router.rank(table, JOB, NOW)] == ["a", "c"]
+    assert [table.peer_id(r) for r in router.rank(table, JOB, NOW, exclude={"a"})] == ["c"]
+
+
+def test_table_rows_are_replaced_in_place_and_removed_by_peer() -> None:
+    table = CandidateTable([cand("a"), cand("b"), cand("c")])
+    table.upsert(cand("a", busy_slots=1))
+    assert len(table) == 3 and table.candidate(table.row_of("a") or 0).busy_slots == 1
+    assert table.remove("a") and not table.remove("a")
+    assert sorted(table.peer_id(r) for r in range(len(table))) == ["b", "c"]
+    router = Router(Strategy.LEAST_LOADED)
+    assert {table.peer_id(r) for r in router.rank(table, JOB, NOW)} == {"b", "c"}
+
+
+def explored_router(strategy: Strategy, seed: int) -> Router:
+    """A router that measured some of ``varied_pool``'s providers (enough jobs that a
+    probe is due) and has a probe in flight to one it has not."""
+    router = Router(strategy, seed=seed)
+    for i in range(0, 40, 7):
+        peer = f"p{i:03d}"
+        for _ in range(5):
+            router.record_start(peer, NOW)
+            router.record_success(peer, NOW, duration_s=2.0 + i / 10, completion_tokens=200,
+                                  first_token_s=0.1, rtt_sample_s=0.02 + i / 1000)
+    router.record_start("p011", NOW)  # the probe in flight
+    return router
+
+
+def test_exploration_over_a_table_probes_first_and_keeps_the_limited_prefix() -> None:
+    pool = varied_pool(40)
+    table = CandidateTable(pool)
+    full = explored_router(Strategy.POWER_OF_TWO, 4).rank(table, JOB, NOW)
+    assert sorted(full) == list(range(40))
+    router = explored_router(Strategy.POWER_OF_TWO, 4)
+    first = table.peer_id(full[0])
+    assert not router.explored(first) and first != "p011"  # a probe, not the one in flight
+    measured = [table.peer_id(r) for r in full[1:7]]
+    assert all(router.explored(p) for p in measured)  # then the measured ones
+    for limit in (1, 2, 5, 17):
+        assert explored_router(Strategy.POWER_OF_TWO, 4).rank(
+            table, JOB, NOW, limit=limit) == full[:limit]
+    listed = explored_router(Strategy.POWER_OF_TWO, 4).choose(pool, JOB, NOW)
+    assert [c.peer_id for c in listed] == [table.peer_id(r) for r in full]

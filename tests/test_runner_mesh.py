@@ -16,7 +16,7 @@ from meshnode.engine.supervised import RunnerConfig, RunnerState, open_supervise
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError
 from meshnode.node import ProviderSettings, client_node, provider_node
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 def runner(model: Path, fault: str | None = None) -> RunnerConfig:
@@ -47,9 +47,8 @@ async def test_a_runner_crash_mid_job_keeps_the_node_its_ledger_and_its_next_job
     async with (
         open_supervised_engine(runner(tiny_gguf_path, fault="abort:12")) as engine,
         provider_node(engine, identity=identity, settings=settings,
-                      gate_factory=net.provider.gates) as prov,
+                      payments=net.provider) as prov,
     ):
-        net.provider.service.install(prov.host)
         params = {"temperature": 0.0, "seed": 7, "logit_bias": await engine.steady_logit_bias()}
         async with client_node(allow_insecure=True) as client:
             advert = await client.connect(prov.addrs[0])
@@ -62,7 +61,7 @@ async def test_a_runner_crash_mid_job_keeps_the_node_its_ledger_and_its_next_job
             assert info.value.code == "engine_unavailable"
             assert 0 < info.value.received_tokens <= 12
             # Every voucher the client signed before the crash is on the provider's disk.
-            stored = net.provider.ledger.latest_voucher(channel.channel_id)
+            stored = net.provider.ledger.latest_voucher(channel.ref)
             assert stored is not None and stored.voucher == payer.vouchers[-1]
             with trio.fail_after(RECOVERY_TIMEOUT_S):
                 while engine.state != RunnerState.READY:
@@ -72,7 +71,7 @@ async def test_a_runner_crash_mid_job_keeps_the_node_its_ledger_and_its_next_job
             again = await client.ask(advert, "hello world", max_tokens=24, params=params,
                                      payer=channel.payer(PRICE, WINDOW_TOKENS))
             assert again.usage.completion_tokens == 24
-            assert net.provider.ledger.latest_voucher(channel.channel_id).voucher.sent \
+            assert net.provider.ledger.latest_voucher(channel.ref).voucher.sent \
                 > stored.voucher.sent  # type: ignore[union-attr]
 
 

@@ -23,8 +23,8 @@ from pay_net import PRICE, WINDOW_TOKENS
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.messages import Usage
-from meshnode.pay.contract_code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.payer import ChannelPayer
+from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
+from meshnode.pay.metering.payer import ChannelPayer
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -59,7 +59,7 @@ def code() -> Cell:
     try:
         return load_payment_channel_code()
     except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract_code)")
+        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 class HeldPayer:
@@ -91,6 +91,19 @@ class HeldPayer:
 
     def check_usage(self, usage: Usage) -> None:
         self.inner.check_usage(usage)
+
+    def channel_key(self) -> bytes | None:
+        return self.inner.channel_key()
+
+    def accepted(self, prompt_tokens: int | None, owed_before: int | None) -> None:
+        self.inner.accepted(prompt_tokens, owed_before)
+
+    async def finish(self, received: int, complete: bool) -> None:
+        await self.inner.finish(received, complete)
+
+    @property
+    def charged(self) -> int:
+        return self.inner.charged
 
 
 async def test_the_status_page_shows_the_node_a_live_job_tok_s_and_earnings_in_chromium(

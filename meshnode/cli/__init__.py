@@ -21,13 +21,17 @@ from meshnode.cli import (
     demo,
     directory,
     doctor,
+    earnings,
     identity,
+    lab,
     mesh,
     serve,
     status,
 )
 
-GROUPS = (serve, doctor, ask, directory, status, mesh, demo, identity, attest, channel)
+GROUPS = (
+    serve, doctor, ask, directory, status, mesh, demo, identity, attest, channel, earnings, lab,
+)
 
 app = typer.Typer(
     help="meshnode: a peer-to-peer mesh for confidential LLM inference.",

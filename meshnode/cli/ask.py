@@ -12,8 +12,11 @@ import typer
 from meshnode.cli.common import (
     INSECURE_HINT,
     BootstrapOpt,
+    BudgetOpt,
     ChainOpt,
+    DepositOpt,
     HomeOpt,
+    IdleCloseOpt,
     InsecureOpt,
     MetricsOpt,
     NetworkConfigOpt,
@@ -26,6 +29,7 @@ from meshnode.cli.common import (
     out,
     parse_channel_arg,
     print_ops,
+    routed_budget,
     run,
     setup_logging,
 )
@@ -70,17 +74,21 @@ def ask(
     ] = None,
     chain: ChainOpt = "local",
     network_config: NetworkConfigOpt = None,
+    deposit: DepositOpt = "0.1",
+    budget: BudgetOpt = "1",
     insecure: InsecureOpt = False,
     home: HomeOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Send one prompt to a provider (--peer) or to the best provider of --model, and
-    print the tokens as they arrive."""
-    from meshnode.channel_ops import channel_payer, client_payments, format_ton
+    print the tokens as they arrive. With --model, priced providers are paid through
+    channels opened on first use (within --deposit and --budget) and reused."""
+    from meshnode.channel_ops import channel_payer, client_payments, format_ton, routed_payments
     from meshnode.jobs.client import JobError
     from meshnode.jobs.routed import NoProvider
     from meshnode.node import client_node
-    from meshnode.pay.payer import ChannelPayer
+    from meshnode.pay.channel.pool import DEFAULT_IDLE_CLOSE_S
+    from meshnode.pay.metering.payer import ChannelPayer
 
     setup_logging(verbose)
     if (peer is None) == (model is None):
@@ -97,6 +105,10 @@ def ask(
         err.print("[red]--model needs a bootstrap peer (--bootstrap, or entries in the "
                   "packaged peers.toml)[/]")
         raise typer.Exit(2)
+    limits = None
+    if model is not None:
+        limits = routed_budget(deposit, budget, DEFAULT_IDLE_CLOSE_S)
+        choice = chain_choice(chain, network_config)
     params: dict[str, Any] = {"temperature": temperature}
     if seed is not None:
         params["seed"] = seed
@@ -106,7 +118,11 @@ def ask(
         sys.stdout.flush()
 
     async def main() -> int:
-        async with client_node(allow_insecure=insecure, bootstrap=boot) as client:
+        channels = None
+        if limits is not None and choice is not None:
+            channels = routed_payments(data_dir(home), choice, limits)
+        async with client_node(allow_insecure=insecure, bootstrap=boot,
+                               payments=channels) as client:
             try:
                 if peer is not None:
                     try:
@@ -116,8 +132,8 @@ def ask(
                         return 3
                     payer: ChannelPayer | None = None
                     if channel_id is not None and choice is not None:
-                        payments = client_payments(data_dir(home), choice)
-                        payer = await channel_payer(payments, channel_id, advert)
+                        payer = await channel_payer(
+                            client_payments(data_dir(home), choice), channel_id, advert)
                     try:
                         res = await client.ask(advert, prompt, max_tokens=max_tokens,
                                                params=params, on_text=on_text, payer=payer)
@@ -144,6 +160,8 @@ def ask(
                                                    params=params, on_text=on_text)
                     used, usage = routed.providers, routed.usage
                     insecure_run = client.ran_insecure(routed)
+                    if usage.cost_nanoton:
+                        err.print(f"[dim]paid {format_ton(usage.cost_nanoton)} by voucher[/]")
                     ttft, elapsed = routed.ttft_s, routed.elapsed_s
             except PermissionError as exc:
                 err.print(f"[red]refused:[/] {exc} (--insecure allows dev providers)")
@@ -186,15 +204,23 @@ def client(
         str, typer.Option(help="random|round_robin|least_loaded|p2c|cheapest|fastest")
     ] = "p2c",
     bootstrap: BootstrapOpt = None,
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    deposit: DepositOpt = "0.1",
+    budget: BudgetOpt = "1",
+    idle_close: IdleCloseOpt = 24 * 3600.0,
     insecure: InsecureOpt = False,
     metrics: MetricsOpt = None,
     allow_remote_metrics: RemoteMetricsOpt = False,
     home: HomeOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Run a light client with an OpenAI-compatible endpoint on loopback."""
+    """Run a light client with an OpenAI-compatible endpoint on loopback. Priced
+    providers are paid through channels opened on first use, within --deposit and
+    --budget, reused across restarts and closed after --idle-close seconds unused."""
     from meshnode.api.backend import RoutedBackend
     from meshnode.api.server import BindRefused, check_bind, parse_listen, serve_api
+    from meshnode.channel_ops import format_ton, routed_payments
     from meshnode.core.router import Strategy
     from meshnode.node import client_node
     from meshnode.ops.service import start_ops
@@ -209,12 +235,15 @@ def client(
     except (ValueError, BindRefused) as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
+    limits = routed_budget(deposit, budget, idle_close)
+    choice = chain_choice(chain, network_config)
 
     async def main() -> None:
         stats = data_dir(home) / "client" / "peer-stats.json"
         async with client_node(
             allow_insecure=insecure, strategy=chosen, stats_path=stats,
             bootstrap=bootstrap_addrs(bootstrap),
+            payments=routed_payments(data_dir(home), choice, limits),
         ) as node, trio.open_nursery() as nursery:
             for addr in peer or []:
                 try:
@@ -228,6 +257,8 @@ def client(
                         api_key=api_key, allow_remote=allow_remote)
             )
             out.print(f"[bold green]OpenAI-compatible API[/] at {url}/v1")
+            out.print(f"payments  channels of {format_ton(limits.deposit)} each, budget "
+                      f"{format_ton(limits.total)} on the {choice.kind} chain")
             if insecure:
                 out.print("[yellow]--insecure: answers may come from providers without a TEE[/]")
             print_ops(await start_ops(nursery, ClientView(node), home=data_dir(home),

@@ -1,18 +1,22 @@
-"""`meshnode channel open|status|close`: TON payment channels to providers."""
+"""`meshnode channel open|status|close|list|close-all`: TON payment channels to
+providers, opened by hand (`channel open`) or by routed jobs (`ask --model`, `client`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import typer
 
 from meshnode.cli.common import (
+    BootstrapOpt,
     ChainOpt,
     HomeOpt,
     InsecureOpt,
     JsonOpt,
     NetworkConfigOpt,
     VerboseOpt,
+    bootstrap_addrs,
     chain_choice,
     err,
     out,
@@ -21,6 +25,7 @@ from meshnode.cli.common import (
     run,
     setup_logging,
 )
+from meshnode.cli.tables import print_table
 from meshnode.identity import data_dir
 
 
@@ -32,6 +37,8 @@ def register(app: typer.Typer) -> None:
     group.command("open")(channel_open)
     group.command("status")(channel_status)
     group.command("close")(channel_close)
+    group.command("list")(channel_list)
+    group.command("close-all")(channel_close_all)
     app.add_typer(group, name="channel")
 
 
@@ -50,7 +57,7 @@ def channel_open(
 ) -> None:
     """Open a channel to a provider: deploy it with the deposit, init it, announce it."""
     from meshnode.channel_ops import format_ton, open_paid_channel, parse_ton
-    from meshnode.pay.onchain import raw_address
+    from meshnode.pay.ton.onchain import raw_address
 
     setup_logging(verbose)
     try:
@@ -84,7 +91,7 @@ def channel_status(
     from rich.table import Table
 
     from meshnode.channel_ops import format_ton, read_status, state_name
-    from meshnode.pay.onchain import raw_address
+    from meshnode.pay.ton.onchain import raw_address
 
     setup_logging(verbose)
     cid = parse_channel_arg(channel_id)
@@ -124,7 +131,7 @@ def channel_close(
 ) -> None:
     """Close cooperatively: the provider co-signs a split paying exactly the last voucher."""
     from meshnode.channel_ops import close_paid_channel, format_ton, state_name
-    from meshnode.pay.onchain import raw_address
+    from meshnode.pay.ton.onchain import raw_address
 
     setup_logging(verbose)
     cid = parse_channel_arg(channel_id)
@@ -136,3 +143,73 @@ def channel_close(
               f"{raw_address(closed.provider_wallet)} (voucher seqno {closed.paid_seqno})")
     out.print(f"refunded {format_ton(closed.refunded)} to this node's wallet "
               "(rest of the deposit + fee reserve)")
+
+
+# --- channels of routed jobs (and provider earnings, which lists them the same way) ---
+
+
+def print_channel_rows(title: str, rows: Sequence[Any], counterparty: str) -> None:
+    """`channel_ops.ChannelRow`s as a table that never cuts an id or a key."""
+    from meshnode.channel_ops import format_ton
+
+    print_table(
+        title,
+        ["channel", "state", counterparty, "deposit", "paid (latest voucher)", "unpaid debt",
+         "jobs", "tokens"],
+        [[f"{r.channel_id:#x}", r.state, r.counterparty, format_ton(r.deposit),
+          format_ton(r.paid), format_ton(r.debt), str(r.jobs), str(r.completion_tokens)]
+         for r in rows],
+    )
+
+
+def channel_rows_json(rows: Sequence[Any], counterparty: str) -> list[dict[str, Any]]:
+    return [{"channel_id": f"{r.channel_id:#x}", "address": r.address, "state": r.state,
+             counterparty: r.counterparty, "deposit_nanoton": r.deposit,
+             "paid_nanoton": r.paid, "owed_nanoton": r.owed, "debt_nanoton": r.debt,
+             "jobs": r.jobs, "completion_tokens": r.completion_tokens} for r in rows]
+
+
+def channel_list(
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    home: HomeOpt = None,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Every channel this node opened (by `channel open` or by routed jobs)."""
+    from meshnode.channel_ops import list_channels
+
+    setup_logging(verbose)
+    choice = chain_choice(chain, network_config)
+    rows = run(lambda: list_channels(data_dir(home), choice))
+    if json_out:
+        print_json(channel_rows_json(rows, "provider"))
+        return
+    print_channel_rows(f"{len(rows)} channel(s)", rows, "provider")
+
+
+def channel_close_all(
+    bootstrap: BootstrapOpt = None,
+    peer: Annotated[
+        list[str] | None, typer.Option("--peer", help="Provider multiaddr (repeatable).")
+    ] = None,
+    chain: ChainOpt = "local",
+    network_config: NetworkConfigOpt = None,
+    insecure: InsecureOpt = False,
+    home: HomeOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Close every open channel cooperatively, paying each provider its last voucher
+    (and any debt a broken job left). Providers are found through the mesh."""
+    from meshnode.channel_ops import close_all_channels
+
+    setup_logging(verbose)
+    choice = chain_choice(chain, network_config)
+    boot = bootstrap_addrs(bootstrap) if peer is None else list(bootstrap or [])
+    closed, left = run(lambda: close_all_channels(
+        data_dir(home), choice, boot, list(peer or []), insecure=insecure))
+    for cid in closed:
+        out.print(f"[bold green]closed[/] {cid:#x}")
+    for cid in left:
+        out.print(f"[yellow]still open[/] {cid:#x} (provider unreachable; try again later)")
+    raise typer.Exit(0 if not left else 1)

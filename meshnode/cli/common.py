@@ -26,7 +26,8 @@ from rich.markup import escape
 from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 
 if TYPE_CHECKING:
-    from meshnode.pay.chain_choice import ChainChoice
+    from meshnode.pay.channel.pool import Budget
+    from meshnode.pay.ton.chain_choice import ChainChoice
 
 out = Console(soft_wrap=True)  # addresses and ids must stay copy-pasteable
 err = Console(stderr=True, soft_wrap=True)
@@ -66,6 +67,22 @@ ChainOpt = Annotated[
 NetworkConfigOpt = Annotated[
     Path | None,
     typer.Option("--network-config", help="TON global config for --chain liteclient."),
+]
+DepositOpt = Annotated[
+    str,
+    typer.Option("--deposit", envvar="MESHNODE_DEPOSIT",
+                 help="TON locked in each channel a routed job opens to a provider."),
+]
+BudgetOpt = Annotated[
+    str,
+    typer.Option("--budget", envvar="MESHNODE_BUDGET",
+                 help="TON this data dir may ever commit to channels (deposits of open "
+                      "ones plus what closed ones paid)."),
+]
+IdleCloseOpt = Annotated[
+    float,
+    typer.Option("--idle-close", envvar="MESHNODE_IDLE_CLOSE",
+                 help="Close a channel unused for this many seconds."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to listen to gossip first.")]
@@ -225,7 +242,7 @@ def bootstrap_addrs(given: list[str] | None) -> list[str]:
 
 
 def chain_choice(chain: str, network_config: Path | None) -> ChainChoice:
-    from meshnode.pay.chain_choice import ChainChoice, ChainKind
+    from meshnode.pay.ton.chain_choice import ChainChoice, ChainKind
 
     try:
         choice = ChainChoice(ChainKind(chain.lower()), network_config)
@@ -235,6 +252,17 @@ def chain_choice(chain: str, network_config: Path | None) -> ChainChoice:
     except MeshnodeError as exc:
         exit_for(exc)
     return choice
+
+
+def routed_budget(deposit: str, budget: str, idle_close_s: float) -> Budget:
+    """The routed-payment budget from its flags (exit 2 when they make no sense)."""
+    from meshnode.channel_ops import parse_ton
+    from meshnode.pay.channel.pool import Budget
+
+    try:
+        return Budget(parse_ton(deposit), parse_ton(budget), idle_close_s)
+    except ValueError as exc:
+        fail(escape(f"--deposit/--budget/--idle-close: {exc}"))
 
 
 def metrics_bind(value: str | None, allow_remote: bool) -> tuple[str, int] | None:

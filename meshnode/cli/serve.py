@@ -145,7 +145,6 @@ def serve(
             tee=tee,
             price_prompt_per_1k=price_prompt,
             price_completion_per_1k=price_completion,
-            ton=pay.payee if pay is not None else None,
         )
         async with (
             open_engine(model, n_ctx=ctx, slots=slots, n_gpu_layers=n_gpu_layers,
@@ -153,13 +152,10 @@ def serve(
                         console=err) as engine,
             provider_node(
                 engine, identity=identity, settings=settings,
-                gate_factory=pay.payments.gates if pay is not None else None,
+                payments=pay.payments if pay is not None else None,
             ) as node,
             trio.open_nursery() as nursery,
         ):
-            if pay is not None:
-                pay.payments.service.install(node.host)
-                await nursery.start(pay.payments.watcher.run)
             out.print(f"[bold green]serving[/] {engine.info.name} ({engine.info.quant})")
             out.print(f"model id  {engine.info.model_id}")
             out.print(f"engine    runner pid {engine.pid}, {engine.slots} slot(s), loaded in "

@@ -49,6 +49,7 @@ MAX_ADDR_LEN = 256  # a relayed /p2p-circuit multiaddr with two peer ids is ~200
 MAX_MODEL_NAME_LEN = 128  # Hugging Face repo/file style names fit comfortably
 MAX_QUANT_LEN = 32  # "Q4_K_M", "IQ2_XXS", "BF16": short tags
 MAX_WALLET_ADDR_LEN = 80  # raw form "-1:" + 64 hex = 67 chars; user-friendly is 48
+MAX_CREDIT_WINDOW_TOKENS = 1 << 16  # far above any useful window; bounds the deposit check
 MAX_CONTEXT_TOKENS = 1 << 24  # 16M tokens: above any GGUF context length we know of
 MAX_SLOTS = 1024  # llama.cpp parallel slots; far above what one GPU can run usefully
 MAX_TOKENS_PER_S = 1_000_000.0  # generous ceiling that still rejects nonsense and inf
@@ -140,6 +141,9 @@ class Load:
 class TonPayee:
     channel_pubkey: bytes  # Ed25519, 32 bytes; signs payment-channel states
     wallet_address: str
+    # Tokens the provider produces ahead of payment: a channel must keep that much
+    # unspent deposit (plus any debt) to be admitted. 0: not advertised.
+    credit_window_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,12 @@ def _advert_to_wire(advert: Advert) -> dict[str, Any]:
     ton = (
         None
         if advert.ton is None
-        else _sorted_map({"pk": advert.ton.channel_pubkey, "addr": advert.ton.wallet_address})
+        else _sorted_map(
+            {"pk": advert.ton.channel_pubkey, "addr": advert.ton.wallet_address}
+            # optional: adverts without a window keep their exact encoding
+            | ({"win": advert.ton.credit_window_tokens} if advert.ton.credit_window_tokens
+               else {})
+        )
     )
     return _sorted_map(
         {
@@ -364,13 +373,16 @@ def _offer_from_wire(value: Any) -> ModelOffer:
 def _ton_from_wire(value: Any) -> TonPayee | None:
     if value is None:
         return None
-    t = _map(value, {"pk", "addr"}, "ton")
+    keys = {"pk", "addr", "win"} if isinstance(value, dict) and "win" in value else {"pk", "addr"}
+    t = _map(value, keys, "ton")
     addr = _str(t["addr"], "wallet address", MAX_WALLET_ADDR_LEN)
     if _RAW_TON_ADDR.fullmatch(addr) is None and _FRIENDLY_TON_ADDR.fullmatch(addr) is None:
         raise _malformed(f"wallet address {addr!r} is neither raw nor user-friendly TON form")
     return TonPayee(
         channel_pubkey=_key(t["pk"], "channel pubkey", ED25519_PUBLIC_KEY_LEN),
         wallet_address=addr,
+        credit_window_tokens=_int(t["win"], "credit window", 1, MAX_CREDIT_WINDOW_TOKENS)
+        if "win" in t else 0,
     )
 
 

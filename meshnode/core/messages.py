@@ -29,6 +29,7 @@ MAX_VOUCHER_BYTES = 4096  # a semi-channel state BOC is ~200 bytes; leave room f
 MAX_PARAMS_KEYS = 16  # sampling params are a handful of scalars
 MAX_RETRY_AFTER_S = 3600.0  # a busy provider asking for more than an hour is broken
 CHANNEL_AUTH_BYTES = 64  # an Ed25519 signature (see core.channel_auth)
+CHANNEL_KEY_BYTES = 32  # the channel's party-A Ed25519 public key
 MODEL_ID_RE = re.compile(r"^[0-9a-f]{64}$")  # sha256 hex of the GGUF file
 UINT64_MAX = (1 << 64) - 1
 UINT128_MAX = (1 << 128) - 1
@@ -101,7 +102,7 @@ class Open(Message):
     KEYS: ClassVar[frozenset[str]] = frozenset(
         {"t", "v", "job_id", "model_id", "params", "max_tokens", "channel_id", "epk", "hdr"}
     )
-    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"auth"})
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"auth", "ckey"})
     job_id: bytes
     model_id: str
     params: dict[str, Any]
@@ -110,6 +111,8 @@ class Open(Message):
     client_pub: bytes
     header: bytes
     auth: bytes | None = None
+    channel_key: bytes | None = None
+    """The channel's party-A key: with the id it names one channel (ids can repeat)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
@@ -126,6 +129,8 @@ class Open(Message):
         }
         if self.auth is not None:
             wire["auth"] = self.auth
+        if self.channel_key is not None:
+            wire["ckey"] = self.channel_key
         return wire
 
     @classmethod
@@ -149,6 +154,9 @@ class Open(Message):
         auth = d.get("auth")
         if auth is not None:
             auth = _bytes(d, "auth", exact=CHANNEL_AUTH_BYTES)
+        ckey = d.get("ckey")
+        if ckey is not None:
+            ckey = _bytes(d, "ckey", exact=CHANNEL_KEY_BYTES)
         return cls(
             job_id=_bytes(d, "job_id", exact=JOB_ID_BYTES),
             model_id=model_id,
@@ -158,6 +166,7 @@ class Open(Message):
             client_pub=_bytes(d, "epk", exact=X25519_KEY_BYTES),
             header=_bytes(d, "hdr", exact=SECRETSTREAM_HEADER_BYTES),
             auth=auth,
+            channel_key=ckey,
             version=version,
         )
 
@@ -181,18 +190,35 @@ class Sealed(Message):
 
 @dataclass(frozen=True)
 class Accept(Message):
-    """Provider → client: the job is admitted; the provider's secretstream header."""
+    """Provider → client: the job is admitted; the provider's secretstream header.
+
+    A priced provider adds the basis of its bill: the prompt's token count and what it
+    counts as owed on the channel before this job (core.meter), so the client can pay
+    exactly what it receives even if the job breaks before its Done. Left out when None.
+    """
 
     TYPE: ClassVar[str] = "accept"
     KEYS: ClassVar[frozenset[str]] = frozenset({"t", "hdr"})
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"ptok", "owed"})
     header: bytes
+    prompt_tokens: int | None = None
+    owed_before: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": self.TYPE, "hdr": self.header}
+        wire: dict[str, Any] = {"t": self.TYPE, "hdr": self.header}
+        if self.prompt_tokens is not None:
+            wire["ptok"] = self.prompt_tokens
+        if self.owed_before is not None:
+            wire["owed"] = self.owed_before
+        return wire
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Accept:
-        return cls(header=_bytes(d, "hdr", exact=SECRETSTREAM_HEADER_BYTES))
+        return cls(
+            header=_bytes(d, "hdr", exact=SECRETSTREAM_HEADER_BYTES),
+            prompt_tokens=_int(d, "ptok", 0, UINT64_MAX) if "ptok" in d else None,
+            owed_before=_int(d, "owed", 0, UINT64_MAX) if "owed" in d else None,
+        )
 
 
 @dataclass(frozen=True)

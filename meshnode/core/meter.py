@@ -7,6 +7,18 @@ earlier jobs on this channel cost (``owed_before``) and the last accepted vouche
 The provider lets the client run at most ``credit_window_tokens`` (priced as completion
 tokens) ahead of payment; the client never signs for more than it has received plus that
 same window, so a provider that vanishes costs the client at most one window.
+
+Debt. Payment follows delivery, so a job that ends early (the client vanished, the
+provider was killed) leaves up to one window unpaid. That debt is carried, not forgiven:
+the provider's ``owed_before`` is the channel's recorded cost, the next job on the channel
+must pay it before its first token, and a channel is admitted only while its unspent
+deposit covers the debt plus one more window (``admits``). So a client that abandons
+every job gets at most one window free per channel, once. A job that delivered no
+completion token costs nothing beyond what was paid during it (the client saw nothing).
+The client pays exactly what it received, and carries its own debt (a killed provider
+is paid by a later voucher). At a job's start the provider states its ``owed_before``;
+the client takes a higher figure only after a job of its own ended without a final bill
+(tokens may have been in flight), and only within one window (``ClientMeter.adopt``).
 """
 
 from __future__ import annotations
@@ -26,6 +38,12 @@ TOKENS_PER_PRICE_UNIT = 1000
 
 class MeterError(ValueError):
     """A metering call with arguments that cannot be right (negative counts, ...)."""
+
+
+def admits(deposit: int, owed_before: int, credit: int) -> bool:
+    """Whether a channel may start a job: its unspent deposit covers everything owed on
+    it so far (the debt included) plus one more credit window."""
+    return deposit - owed_before >= credit
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +172,49 @@ class ProviderMeter:
         )
         return owed_after - self.paid.sent <= self.credit
 
+    # --- the job protocol's rules (the gate drives these) ------------------------------
+
+    def exposure(self, completion_tokens: int) -> int:
+        """What the channel owes once ``completion_tokens`` are out; the prompt counts
+        from the start, since evaluating it is work done before the first token."""
+        return self.owed_before + self.price.cost(self.prompt_tokens, completion_tokens)
+
+    def owed_after(self, delivered: int) -> int:
+        """Cumulative owed when the job ends after ``delivered`` completion tokens: a job
+        that delivered none adds nothing (the client saw nothing)."""
+        return self.owed_before if delivered == 0 else self.exposure(delivered)
+
+    def billed(self, delivered: int) -> int:
+        """The channel's cumulative owed to record when the job ends: what it owes, or
+        what it paid if that is more (a client paying debt this side lost)."""
+        return max(self.owed_after(delivered), self.paid.sent)
+
+    @property
+    def debt_settled(self) -> bool:
+        return self.paid.sent >= self.owed_before
+
+    def may_go_to(self, completion_tokens: int) -> bool:
+        """Whether the job may have ``completion_tokens`` out: the debt is paid, the
+        unpaid part stays within the window, and the deposit can still pay for it."""
+        exposure = self.exposure(completion_tokens)
+        return (
+            self.debt_settled
+            and exposure - self.paid.sent <= self.credit
+            and exposure <= self.terms.deposit
+        )
+
+    def exhausted(self, completion_tokens: int) -> bool:
+        """The deposit cannot pay for ``completion_tokens``: the job must end there."""
+        return self.exposure(completion_tokens) > self.terms.deposit
+
+    def ask(self, delivered: int, upto: int) -> int:
+        """The payment to request so tokens up to ``upto`` may go out: everything
+        delivered so far and the debt; more only when one chunk exceeds the window."""
+        return max(self.owed_after(delivered), self.exposure(upto) - self.credit)
+
+    def settled(self, delivered: int) -> bool:
+        return self.paid.sent >= self.owed_after(delivered)
+
     def accept(self, voucher: Voucher, now: float) -> Accepted:
         """Accept ``voucher`` or raise VoucherRejected with the first rule it breaks."""
         state = voucher.state
@@ -188,6 +249,10 @@ class ChannelExhausted(Exception):
     """Paying what is owed would exceed the deposit: the client must stop this job."""
 
 
+class DebtDisputed(Exception):
+    """The provider states more owed on the channel than this client can agree to."""
+
+
 class ClientMeter:
     """Client side of one job: decides and signs the next voucher."""
 
@@ -220,6 +285,33 @@ class ClientMeter:
         return self.owed_before + self.price.cost(self.prompt_tokens, self.completion_tokens)
 
     @property
+    def owed_now(self) -> int:
+        """What this client owes on the channel right now: the channel's earlier cost,
+        plus this job's prompt and tokens once a token arrived (none before)."""
+        return self.owed_before if self.completion_tokens == 0 else self.received_cost
+
+    @property
+    def charge(self) -> int:
+        """This job's share of the channel (what the client records for it): what it owes
+        for the job, or what it paid during it if more (a prepaid prompt)."""
+        return max(self.owed_now, self.paid.sent) - self.owed_before
+
+    def adopt(self, claim: int, allowance: int) -> int:
+        """Take the provider's ``owed_before`` if it is higher than ours by at most
+        ``allowance`` (0 unless our last job there ended without a bill); the extra
+        nanoton adopted. A lower claim changes nothing: we pay what we received."""
+        extra = claim - self.owed_before
+        if extra <= 0:
+            return 0
+        if extra > allowance:
+            raise DebtDisputed(
+                f"provider says {claim} nanoton are owed on the channel, this client "
+                f"counts {self.owed_before} (allowance {allowance})"
+            )
+        self.owed_before = claim
+        return extra
+
+    @property
     def ceiling(self) -> int:
         """The most the client will ever sign for right now."""
         return self.received_cost + self.price.window_cost(self.credit_window_tokens)
@@ -237,12 +329,13 @@ class ClientMeter:
         Pays ``min(requested, ceiling)``; returns None when that is nothing new.
         Raises ChannelExhausted when the amount would exceed the deposit.
         """
-        target = self.ceiling if requested is None else min(requested, self.ceiling)
+        target = self.ceiling if requested is None else min(max(requested, self.owed_now),
+                                                             self.ceiling)
         return self._sign_up_to(target)
 
     def settle(self) -> Voucher | None:
         """The final voucher at job end: exactly what was received, nothing ahead."""
-        return self._sign_up_to(self.received_cost)
+        return self._sign_up_to(self.owed_now)
 
     def _sign_up_to(self, target: int) -> Voucher | None:
         if target <= self.paid.sent:

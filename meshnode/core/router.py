@@ -8,19 +8,44 @@ plus what the job costs converted to seconds, plus a failure penalty that decays
 
 ``Router.choose`` returns every eligible candidate, best first: the shell tries the
 first and falls back down the list (before the first token, or to continue a stream
-that broke). The same code runs in the node and in ``bench/routing_sim.py``.
+that broke). ``Router.rank`` does the same over a ``CandidateTable`` and can stop after
+the first few; ``choose`` is ``rank`` over a table built from its list. Scores are
+computed for all rows at once with numpy: the same code runs in the node and in the
+routing lab (``meshnode.lab``) at 10,000 providers.
+
+Exploration: a provider this client has never run a job on is *unexplored*. It has only
+its advert, which says 0 tok/s if it never ran a job, and may lie. Two rules:
+
+- **Capped optimistic prior.** Its speed is the median speed this client measured among
+  the other candidates when the advert says nothing, and never more than the best speed
+  measured among them whatever the advert claims (its RTT: their median RTT). It scores
+  like a typical measured provider, and a lying advert can at best tie the best one.
+- **One probe, bounded share.** With p2c (the default), an unexplored provider whose
+  prior score is within ``P2C_SCORE_CUTOFF`` of the best explored one is tried first, one
+  job at a time (``MAX_UNMEASURED_INFLIGHT``), while probes stay under
+  ``MAX_PROBE_SHARE`` of this client's jobs; otherwise unexplored providers are only
+  fallbacks. After its probe a provider's own measurement replaces the prior.
+
+Why not UCB or ε-greedy: both keep spending jobs on providers already measured, and
+ε needs a decay schedule. Here a single measurement replaces the prior completely, so one
+probe per provider is the whole cost, and the share cap bounds what a flood of new (or
+Sybil) peers can take. A provider whose advert lied loses its traffic after that probe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from meshnode.core.directory import Provider
+import numpy as np
+
+from meshnode.core.candidates import Candidate, CandidateTable, Floats, Ints, JobEstimate
+
+__all__ = ["Candidate", "CandidateTable", "JobEstimate", "Reference", "Router", "Strategy"]
 
 # Unknown peers get a typical cross-region RTT: neither favoured over measured nearby
 # peers nor shunned, so new providers get tried.
@@ -45,6 +70,12 @@ DEFAULT_PRICE_WEIGHT_S_PER_NANOTON = 1.0 / 10_000_000
 # factor of the best one: with providers of very different speeds, plain p2c sends a
 # fixed 1/C(n,2) share to the two slowest whatever their queues, which overloads them.
 P2C_SCORE_CUTOFF = 2.0
+# Jobs in flight from this client to an unexplored provider while it may still be tried
+# first: one probe measures it; more would bet traffic on an advert nobody has checked.
+MAX_UNMEASURED_INFLIGHT = 1
+# At most one job in five goes to a provider nobody measured: a flood of new (or Sybil)
+# peers cannot take more, while a single new provider still gets its probe at once.
+MAX_PROBE_SHARE = 0.2
 MAX_TRACKED_PEERS = 4096  # 4x the directory's default cap: stats outlive brief absences
 STATS_FORMAT_VERSION = 1  # bump when PeerStats' persisted fields change
 
@@ -60,51 +91,6 @@ class Strategy(StrEnum):
 
 class StatsFormatError(ValueError):
     """Persisted router statistics are not in the expected shape."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A provider of one model, as the router sees it."""
-
-    peer_id: str
-    model_id: str
-    price_prompt_per_1k: int  # nanoton
-    price_completion_per_1k: int  # nanoton
-    slots: int
-    busy_slots: int
-    queue_len: int
-    tokens_per_s: float  # advertised
-    verified: bool
-
-    @classmethod
-    def from_provider(cls, provider: Provider) -> Candidate:
-        advert = provider.advert
-        return cls(
-            peer_id=advert.peer_id,
-            model_id=provider.offer.id,
-            price_prompt_per_1k=provider.offer.price_prompt_per_1k,
-            price_completion_per_1k=provider.offer.price_completion_per_1k,
-            slots=advert.capacity.slots,
-            busy_slots=advert.load.busy_slots,
-            queue_len=advert.load.queue_len,
-            tokens_per_s=advert.capacity.tokens_per_s,
-            verified=provider.listing.verified,
-        )
-
-
-@dataclass(frozen=True)
-class JobEstimate:
-    model_id: str
-    prompt_tokens: int
-    completion_tokens: int  # max_tokens, or a better guess if the caller has one
-    max_price_prompt_per_1k: int | None = None  # nanoton; None = no cap
-    max_price_completion_per_1k: int | None = None
-
-    def cost_nanoton(self, c: Candidate) -> float:
-        return (
-            self.prompt_tokens * c.price_prompt_per_1k
-            + self.completion_tokens * c.price_completion_per_1k
-        ) / 1000.0
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:
@@ -133,6 +119,11 @@ class PeerStats:
     failures: int = 0
     last_seen: float = 0.0
     inflight: int = 0  # jobs this client has running there; not persisted
+
+    @property
+    def explored(self) -> bool:
+        """Whether a job of this client ever ended there (success or failure)."""
+        return self.successes > 0 or self.failures > 0
 
     def penalty(self, now: float) -> float:
         """The failure penalty at ``now``, halving every PENALTY_HALF_LIFE_S."""
@@ -191,6 +182,87 @@ class PeerStats:
         )
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What this client measured among a pool's explored providers: the prior for the
+    unexplored ones (module docstring)."""
+
+    median_tokens_per_s: float
+    best_tokens_per_s: float
+    median_rtt_s: float | None
+
+    @classmethod
+    def of(cls, speeds: list[float], rtts: list[float]) -> Reference | None:
+        """From measured speeds and RTTs; None when no speed was measured."""
+        if not speeds:
+            return None
+        return cls(_median(speeds), max(speeds), _median(rtts) if rtts else None)
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _smallest(key: Floats, want: int) -> Ints:
+    """Positions of the ``want`` smallest keys, ascending; ties in position order (a
+    stable sort's prefix, found in linear time when ``want`` is small)."""
+    n = len(key)
+    if want >= n:
+        return np.argsort(key, kind="stable")
+    if want <= 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(key, want - 1)[want - 1]
+    below = np.flatnonzero(key < kth)
+    tied = np.flatnonzero(key == kth)[: want - len(below)]
+    chosen = np.sort(np.concatenate((below, tied)))
+    return chosen[np.argsort(key[chosen], kind="stable")]
+
+
+def _smallest_by(primary: Floats, secondary: Floats, want: int) -> Ints:
+    """Positions of the ``want`` smallest (primary, secondary) pairs, ties in position
+    order. With a small ``want`` only the rows that can reach the prefix are sorted:
+    those below the want-th primary value, and of those tied at it, the ones with the
+    smallest secondary (thousands of idle providers tie at load 0)."""
+    n = len(primary)
+    if want <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if want >= n:
+        return np.lexsort((secondary, primary))
+    kth = np.partition(primary, want - 1)[want - 1]
+    below = np.flatnonzero(primary < kth)
+    tied = np.flatnonzero(primary == kth)
+    picked = tied[_smallest(secondary[tied], want - len(below))]
+    chosen = np.sort(np.concatenate((below, picked)))
+    order: Ints = chosen[np.lexsort((secondary[chosen], primary[chosen]))]
+    return order
+
+
+@dataclass
+class _Columns:
+    """Score inputs for the rows being ranked (the eligible rows). Advertised values
+    come from the table; what this client measured overrides them at a few positions
+    (``*_at`` are positions, the arrays beside them the values), so a 10,000-row table
+    costs one pass of array arithmetic plus one step per peer the client knows."""
+
+    sel: Ints | slice  # eligible rows: a slice when every row is eligible
+    count: int
+    rtt_at: Ints
+    rtt: Floats
+    speed_at: Ints
+    speed: Floats
+    job_time_at: Ints
+    job_time: Floats
+    inflight_at: Ints
+    inflight: Floats
+    penalty_at: Ints
+    penalty: Floats
+    explored_at: Ints  # rows this client ran a job on (``PeerStats.explored``)
+    probing_at: Ints  # unexplored rows with their probe job in flight
+    reference: Reference | None  # the prior for the unexplored rows
+
+
 @dataclass
 class Router:
     """Ranks candidates for a job and learns from how jobs went.
@@ -204,14 +276,16 @@ class Router:
     seed: int | None = None
     price_weight_s_per_nanoton: float = DEFAULT_PRICE_WEIGHT_S_PER_NANOTON
     allow_unverified: bool = False
-    _rng: random.Random = field(init=False, repr=False)
+    _rng: np.random.Generator = field(init=False, repr=False)
     _stats: dict[str, PeerStats] = field(default_factory=dict, init=False, repr=False)
     _rr_next: int = field(default=0, init=False, repr=False)
+    _started: int = field(default=0, init=False, repr=False)  # jobs sent
+    _probes: int = field(default=0, init=False, repr=False)  # of them, to unexplored peers
 
     def __post_init__(self) -> None:
         self.strategy = Strategy(self.strategy)
         _check_sample("price weight", self.price_weight_s_per_nanoton)
-        self._rng = random.Random(self.seed)
+        self._rng = np.random.default_rng(self.seed)
 
     # --------------------------------------------------------------------- choosing
 
@@ -234,71 +308,264 @@ class Router:
             out.append(c)
         return out
 
-    def expected_finish_s(self, c: Candidate, job: JobEstimate) -> float:
-        """Expected seconds from sending the job to its last token."""
-        stats = self._stats.get(c.peer_id, PeerStats())
-        rtt = DEFAULT_RTT_S if stats.rtt_s is None else stats.rtt_s
-        speed = max(
-            MIN_TOKENS_PER_S, c.tokens_per_s if stats.tokens_per_s is None else stats.tokens_per_s
-        )
-        generation = job.completion_tokens / speed + job.prompt_tokens / (speed * PROMPT_SPEEDUP)
-        mean_job = generation if stats.job_time_s is None else stats.job_time_s
-        slots = max(1, c.slots)
-        ahead = max(0, c.busy_slots + c.queue_len + stats.inflight - slots + 1)
-        return rtt + ahead * mean_job / slots + generation
+    def _eligible_rows(
+        self, table: CandidateTable, job: JobEstimate, now: float, exclude: Collection[str]
+    ) -> Ints:
+        """The same rules as ``eligible`` (plus advert expiry), as a mask over a table."""
+        n = len(table)
+        code = table.model_code(job.model_id)
+        if code is None or n == 0:
+            return np.zeros(0, dtype=np.int64)
+        ok = (table.model[:n] == code) & (table.expires_at[:n] > now)
+        if not self.allow_unverified:
+            ok &= table.verified[:n]
+        if job.max_price_prompt_per_1k is not None:
+            ok &= table.price_prompt[:n] <= job.max_price_prompt_per_1k
+        if job.max_price_completion_per_1k is not None:
+            ok &= table.price_completion[:n] <= job.max_price_completion_per_1k
+        for peer_id in exclude:
+            row = table.row_of(peer_id)
+            if row is not None:
+                ok[row] = False
+        return np.flatnonzero(ok)
 
-    def score(self, c: Candidate, job: JobEstimate, now: float) -> float:
-        """Lower is better: expected finish + price weight × cost + failure penalty."""
-        penalty = self._stats[c.peer_id].penalty(now) if c.peer_id in self._stats else 0.0
-        return (
-            self.expected_finish_s(c, job)
-            + self.price_weight_s_per_nanoton * job.cost_nanoton(c)
-            + penalty
-        )
+    def _columns(self, table: CandidateTable, rows: Ints, now: float) -> _Columns:
+        """Score inputs for ``rows``: advertised values, overridden by what this client
+        measured. Only the peers it has statistics for are visited one by one."""
+        k = len(rows)
+        whole = k == len(table)  # rows are sorted: all of them means rows == arange(k)
+        sel: Ints | slice = slice(0, k) if whole else rows
+        over: dict[str, tuple[list[int], list[float]]] = {
+            name: ([], []) for name in ("rtt", "speed", "job_time", "inflight", "penalty")
+        }
+        explored: list[int] = []
+        probing: list[int] = []
+        if self._stats:
+            if not whole:
+                position = np.full(len(table), -1, dtype=np.int64)
+                position[rows] = np.arange(k)
+            for peer_id, stats in self._stats.items():
+                row = table.row_of(peer_id)
+                if row is None:
+                    continue
+                i = row if whole else int(position[row])
+                if i < 0:
+                    continue
+                for name, value in (("rtt", stats.rtt_s), ("speed", stats.tokens_per_s),
+                                    ("job_time", stats.job_time_s)):
+                    if value is not None:
+                        over[name][0].append(i)
+                        over[name][1].append(value)
+                if stats.inflight:
+                    over["inflight"][0].append(i)
+                    over["inflight"][1].append(float(stats.inflight))
+                penalty = stats.penalty(now)
+                if penalty:
+                    over["penalty"][0].append(i)
+                    over["penalty"][1].append(penalty)
+                if stats.explored:
+                    explored.append(i)
+                elif stats.inflight >= MAX_UNMEASURED_INFLIGHT:
+                    probing.append(i)
+
+        def at(name: str) -> Ints:
+            return np.asarray(over[name][0], dtype=np.int64)
+
+        def val(name: str) -> Floats:
+            return np.asarray(over[name][1], dtype=np.float64)
+
+        return _Columns(
+            sel=sel, count=k,
+            rtt_at=at("rtt"), rtt=val("rtt"),
+            speed_at=at("speed"), speed=val("speed"),
+            job_time_at=at("job_time"), job_time=val("job_time"),
+            inflight_at=at("inflight"), inflight=val("inflight"),
+            penalty_at=at("penalty"), penalty=val("penalty"),
+            explored_at=np.asarray(sorted(explored), dtype=np.int64),
+            probing_at=np.asarray(probing, dtype=np.int64),
+            reference=Reference.of(over["speed"][1], over["rtt"][1]),
+        )  # fmt: skip
+
+    def _load(self, table: CandidateTable, cols: _Columns) -> Floats:
+        """Jobs at each row: advertised busy + queued, plus this client's in flight."""
+        load: Floats = table.busy[cols.sel] + table.queue[cols.sel]
+        if len(cols.inflight_at):
+            load[cols.inflight_at] += cols.inflight
+        return load
+
+    def _speed(self, table: CandidateTable, cols: _Columns) -> Floats:
+        """Tokens per second to expect at each row: measured, else the advert capped by
+        the prior (module docstring), else the advert."""
+        claimed = table.tokens_per_s[cols.sel]
+        ref = cols.reference
+        if ref is not None:
+            claimed = np.where(claimed > 0, claimed, ref.median_tokens_per_s)
+            claimed = np.minimum(claimed, ref.best_tokens_per_s)
+        speed: Floats = np.maximum(MIN_TOKENS_PER_S, claimed)
+        if len(cols.speed_at):
+            speed[cols.speed_at] = np.maximum(MIN_TOKENS_PER_S, cols.speed)
+        return speed
+
+    def _finish(self, table: CandidateTable, cols: _Columns, job: JobEstimate) -> Floats:
+        """Expected seconds from sending the job to its last token, per row::
+
+            rtt + ahead × mean_job_time / slots + generation_time
+        """
+        speed = self._speed(table, cols)
+        tokens = job.completion_tokens + job.prompt_tokens / PROMPT_SPEEDUP
+        generation: Floats = tokens / speed
+        mean_job = generation
+        if len(cols.job_time_at):
+            mean_job = generation.copy()
+            mean_job[cols.job_time_at] = cols.job_time
+        slots = np.maximum(1.0, table.slots[cols.sel])
+        ahead = np.maximum(0.0, self._load(table, cols) - slots + 1)
+        finish: Floats = ahead * mean_job / slots + generation
+        ref = cols.reference
+        unknown_rtt = DEFAULT_RTT_S
+        if ref is not None and ref.median_rtt_s is not None:
+            unknown_rtt = ref.median_rtt_s
+        finish += unknown_rtt
+        if len(cols.rtt_at):
+            finish[cols.rtt_at] += cols.rtt - unknown_rtt
+        return finish
+
+    def _cost(self, table: CandidateTable, cols: _Columns, job: JobEstimate) -> Floats:
+        cost: Floats = (
+            job.prompt_tokens * table.price_prompt[cols.sel]
+            + job.completion_tokens * table.price_completion[cols.sel]
+        ) / 1000.0
+        return cost
+
+    def _score(self, table: CandidateTable, cols: _Columns, job: JobEstimate) -> Floats:
+        score = self._finish(table, cols, job)
+        if self.price_weight_s_per_nanoton:
+            score += self.price_weight_s_per_nanoton * self._cost(table, cols, job)
+        if len(cols.penalty_at):
+            score[cols.penalty_at] += cols.penalty
+        return score
+
+    def _one(
+        self, c: Candidate, now: float, reference: Reference | None
+    ) -> tuple[CandidateTable, _Columns]:
+        """A one-row table for ``c`` and its columns, ranked as if in a pool whose
+        prior is ``reference``."""
+        table = CandidateTable([c])
+        cols = self._columns(table, np.zeros(1, dtype=np.int64), now)
+        return table, dataclasses.replace(cols, reference=reference)
+
+    def explored(self, peer_id: str) -> bool:
+        stats = self._stats.get(peer_id)
+        return stats is not None and stats.explored
+
+    def reference(self, candidates: Sequence[Candidate]) -> Reference | None:
+        """The prior for ``candidates`` this client has not explored; None when it
+        measured the speed of none of them."""
+        table = CandidateTable(candidates)
+        return self._columns(table, np.arange(len(table), dtype=np.int64), 0.0).reference
+
+    def speed(self, c: Candidate, reference: Reference | None = None) -> float:
+        """Tokens per second to expect: measured, else the capped prior."""
+        table, cols = self._one(c, 0.0, reference)
+        return float(self._speed(table, cols)[0])
+
+    def expected_finish_s(
+        self, c: Candidate, job: JobEstimate, reference: Reference | None = None
+    ) -> float:
+        """Expected seconds from sending the job to its last token."""
+        table, cols = self._one(c, 0.0, reference)
+        return float(self._finish(table, cols, job)[0])
+
+    def score(
+        self, c: Candidate, job: JobEstimate, now: float, reference: Reference | None = None
+    ) -> float:
+        """Lower is better: expected finish + price weight × cost + failure penalty.
+        ``reference`` is ``self.reference(pool)`` of the pool ``c`` is ranked in."""
+        table, cols = self._one(c, now, reference)
+        return float(self._score(table, cols, job)[0])
 
     def choose(
         self, candidates: Sequence[Candidate], job: JobEstimate, now: float
     ) -> list[Candidate]:
         """Eligible candidates ordered first choice, then fallbacks; empty if none."""
         pool = self.eligible(candidates, job)
-        if not pool:
+        table = CandidateTable(pool, capacity=len(pool))
+        return [table.candidate(row) for row in self.rank(table, job, now)]
+
+    def rank(
+        self,
+        table: CandidateTable,
+        job: JobEstimate,
+        now: float,
+        *,
+        exclude: Collection[str] = (),
+        limit: int | None = None,
+    ) -> list[int]:
+        """Rows of ``table`` eligible for ``job``, first choice then fallbacks, leaving
+        out the peers in ``exclude``; only the first ``limit`` when given (the order of
+        that prefix is the same as without a limit)."""
+        rows = self._eligible_rows(table, job, now, exclude)
+        k = len(rows)
+        if k == 0:
             return []
-
-        def by_score(c: Candidate) -> float:
-            return self.score(c, job, now)
-
+        want = k if limit is None else max(0, min(limit, k))
         if self.strategy is Strategy.RANDOM:
-            self._rng.shuffle(pool)
-            return pool
+            return rows[self._rng.permutation(k)[:want]].tolist()  # type: ignore[no-any-return]
         if self.strategy is Strategy.ROUND_ROBIN:
-            start = self._rr_next % len(pool)
+            start = self._rr_next % k
             self._rr_next += 1
-            return pool[start:] + pool[:start]
+            return rows[(start + np.arange(want)) % k].tolist()  # type: ignore[no-any-return]
+        cols = self._columns(table, rows, now)
+        score = self._score(table, cols, job)
         if self.strategy is Strategy.FASTEST:
-            return sorted(pool, key=by_score)
-        if self.strategy is Strategy.CHEAPEST:
-            return sorted(pool, key=lambda c: (job.cost_nanoton(c), by_score(c)))
-        if self.strategy is Strategy.LEAST_LOADED:
-            return sorted(pool, key=lambda c: (self._load_fraction(c), by_score(c)))
-        return self._power_of_two(pool, by_score)
+            order = _smallest(score, want)
+        elif self.strategy is Strategy.CHEAPEST:
+            order = _smallest_by(self._cost(table, cols, job), score, want)
+        elif self.strategy is Strategy.LEAST_LOADED:
+            load = self._load(table, cols) / np.maximum(1.0, table.slots[cols.sel])
+            order = _smallest_by(load, score, want)
+        elif 0 < len(cols.explored_at) < k:
+            order = self._explore(score, cols, want)
+        else:
+            order = self._power_of_two(score, want)
+        return rows[order].tolist()  # type: ignore[no-any-return]
 
-    def _load_fraction(self, c: Candidate) -> float:
-        inflight = self._stats[c.peer_id].inflight if c.peer_id in self._stats else 0
-        return (c.busy_slots + c.queue_len + inflight) / max(1, c.slots)
+    def _explore(self, score: Floats, cols: _Columns, want: int) -> Ints:
+        """p2c among the explored rows, after the one probe that is due (if any); the
+        other unexplored rows are fallbacks (module docstring)."""
+        explored = np.zeros(len(score), dtype=np.bool_)
+        explored[cols.explored_at] = True
+        known, fresh = np.flatnonzero(explored), np.flatnonzero(~explored)
+        head: list[int] = []
+        if self._probes < MAX_PROBE_SHARE * self._started + 1:
+            probing = np.zeros(len(score), dtype=np.bool_)
+            probing[cols.probing_at] = True
+            free = fresh[~probing[fresh]]
+            if len(free):
+                # the best-scored free one (first in row order on ties): the cut-off
+                # grows with the score, so if it misses, every other one does too
+                best_free = int(free[np.argmin(score[free])])
+                if score[best_free] <= score[known].min() * P2C_SCORE_CUTOFF:
+                    head = [best_free]
+        ranked_known = known[self._power_of_two(score[known], want)]
+        ranked_fresh = fresh[_smallest(score[fresh], min(want + 1, len(fresh)))]
+        ranked_fresh = ranked_fresh[~np.isin(ranked_fresh, head)]
+        order: Ints = np.concatenate(
+            (np.asarray(head, dtype=np.int64), ranked_known, ranked_fresh))
+        return order[:want]
 
-    def _power_of_two(
-        self, pool: list[Candidate], by_score: Callable[[Candidate], float]
-    ) -> list[Candidate]:
+    def _power_of_two(self, score: Floats, want: int) -> Ints:
         # Two random candidates, keep the better: spreads load even when every client
         # sees the same stale adverts, where always taking the best would herd.
-        ranked = sorted(pool, key=by_score)
-        best = by_score(ranked[0])
-        contenders = [c for c in ranked if by_score(c) <= best * P2C_SCORE_CUTOFF]
+        contenders = np.flatnonzero(score <= score.min() * P2C_SCORE_CUTOFF)
         if len(contenders) < 2:
-            return ranked
-        a, b = self._rng.sample(contenders, 2)
-        first = a if by_score(a) <= by_score(b) else b
-        return [first, *(c for c in ranked if c is not first)]
+            return _smallest(score, want)
+        i = int(self._rng.integers(len(contenders)))
+        j = int(self._rng.integers(len(contenders) - 1))
+        a, b = contenders[i], contenders[j + (j >= i)]
+        first = a if score[a] <= score[b] else b
+        rest = _smallest(score, min(want + 1, len(score)))
+        return np.concatenate(([first], rest[rest != first]))[:want]
 
     # --------------------------------------------------------------------- learning
 
@@ -323,7 +590,11 @@ class Router:
 
     def record_start(self, peer_id: str, now: float) -> None:
         """A job was sent: counts against the provider's load until it ends."""
-        self._peer(peer_id, now).inflight += 1
+        stats = self._peer(peer_id, now)
+        self._started += 1
+        if not stats.explored:
+            self._probes += 1
+        stats.inflight += 1
 
     def record_success(
         self,

@@ -117,6 +117,8 @@ async def run_job(
             fs, peer, provider_job_pub, request, on_text, payer, start, text, received
         )
         done = True
+        with trio.CancelScope(shield=True):
+            await payer.finish(received[0], complete=True)
         return result
     except StreamClosed as exc:
         raise _failed("disconnected", str(exc), received[0]) from exc
@@ -128,6 +130,10 @@ async def run_job(
     except Exception as exc:  # WireError, SealError: the provider broke the protocol
         raise _failed(getattr(exc, "code", "protocol"), str(exc), received[0]) from exc
     finally:
+        if not done:
+            # What was received is owed (and paid by a later voucher): on record first.
+            with trio.CancelScope(shield=True):
+                await payer.finish(received[0], complete=False)
         # A job abandoned midway (cancelled, failed) resets the stream so the provider
         # stops generating at once instead of filling buffers nobody reads.
         await (fs.close() if done else fs.reset())
@@ -167,6 +173,7 @@ async def _exchange(
             client_pub=client_pub,
             header=sealer.header,
             auth=auth,
+            channel_key=None if channel_id is None else payer.channel_key(),
         )
     )
     await fs.send(Sealed(sealer.seal({"k": "prompt", "prompt": req.prompt})))
@@ -181,6 +188,7 @@ async def _exchange(
         raise SchemaError(f"expected accept, got {type(reply).__name__}")
     opener = Opener(keys.recv, reply.header, ad=job_id)
     accept_s = time.perf_counter() - sent_at
+    payer.accepted(reply.prompt_tokens, reply.owed_before)
 
     received = 0
     text_bytes = 0

@@ -212,18 +212,28 @@ class JobProvider:
         if final:
             raise SealError("the prompt must not end the client's sealed stream")
 
+        gate = self._gate_factory(first, self.peer_id)
+        # The channel's own checks and places come before ours: one channel's flood of
+        # jobs is refused there instead of filling the queue every channel shares.
+        await gate.admit()
         if self._admitted >= self.slots + self.max_queue:
+            await gate.finish()
             self.stats.busy_refusals += 1
             await fs.send(Busy(retry_after=self.retry_after()))
             return
-        gate = self._gate_factory(first, self.peer_id)
         self._admitted += 1
         self._load_changed()
         try:
             prompt_tokens = await self.engine.count_tokens(prompt)
             await gate.start(prompt_tokens)
             sealer = Sealer(keys.send, ad=first.job_id)
-            await fs.send(Accept(header=sealer.header))
+            owed_before = gate.owed_before
+            await fs.send(Accept(
+                header=sealer.header,
+                prompt_tokens=None if owed_before is None else prompt_tokens,
+                owed_before=owed_before,
+            ))
+            log.info("job %s from %s accepted", first.job_id.hex()[:8], peer)
             async with self._limiter:
                 self._load_changed()
                 started = trio.current_time()
@@ -295,12 +305,21 @@ class JobProvider:
                 client_gone.append(exc)
                 cancel.cancel()
 
-        async def until_paid(tokens: int, *, settle: bool = False) -> None:
-            """Ask for payment and wait for vouchers until `tokens` completion tokens may
-            go out (or, with `settle`, are fully paid)."""
-            while not (gate.settled(tokens) if settle else gate.may_produce(tokens)):
+        async def until_paid(upto: int, *, settle: bool = False) -> None:
+            """Ask for payment and wait for vouchers until `upto` completion tokens may
+            be out (or, with `settle`, the delivered ones are fully paid)."""
+            while not (gate.settled(delivered) if settle else gate.may_produce(upto)):
+                if not settle and gate.exhausted(upto):
+                    # The deposit cannot pay for more: bill what went out, then stop.
+                    await until_paid(delivered, settle=True)
+                    raise JobRefused(
+                        "channel_exhausted",
+                        f"the channel's deposit pays for {delivered} tokens, no more: "
+                        "open a new channel",
+                    )
                 waiting = paid
-                await fs.send(NeedPayment(owed=gate.owed(tokens), delivered=delivered))
+                owed = gate.ask(delivered, delivered if settle else upto)
+                await fs.send(NeedPayment(owed=owed, delivered=delivered))
                 with trio.fail_after(PAYMENT_TIMEOUT_S):
                     await waiting.wait()
 

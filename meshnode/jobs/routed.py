@@ -4,7 +4,9 @@ Before the first token a failure simply moves on to the next candidate. After it
 job continues on another provider from the text already delivered (prompt + partial
 output, with the remaining token budget), so the caller sees one continuous answer:
 every piece of text is shown exactly once, in order. Each provider is paid by its own
-payer for the tokens it delivered. A retry budget and an overall deadline bound it all.
+payer for exactly the tokens it delivered (`JobPayments`: a channel per priced provider,
+opened on first use within the client's budget; providers it cannot afford are skipped).
+A retry budget and an overall deadline bound it all.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from meshnode.core.errors import EXIT_NO_PROVIDER, MeshnodeError
 from meshnode.core.messages import Usage
 from meshnode.core.router import Candidate, JobEstimate, Router
 from meshnode.jobs.client import JobError, JobRequest, OnText, ProviderBusy, run_job
-from meshnode.jobs.payment_gate import Payer
+from meshnode.jobs.payment_gate import JobPayments, PaymentUnavailable, PayNothing
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,6 @@ class RoutedResult:
 
 
 Dialer = Callable[[Advert], Awaitable[None]]
-PayerFor = Callable[[Advert], Payer | None]
 
 
 def pick_model_id(providers: list[Provider]) -> str:
@@ -103,7 +104,7 @@ class RoutedJobs:
     directory: Directory
     router: Router
     dial: Dialer
-    payer_for: PayerFor = field(default=lambda _advert: None)
+    payments: JobPayments = field(default_factory=PayNothing)
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     deadline_s: float = DEFAULT_DEADLINE_S
     clock: Callable[[], float] = time.time
@@ -155,7 +156,8 @@ class RoutedJobs:
                     completion_tokens=max_tokens - delivered,
                 )
                 fresh = [Candidate.from_provider(p) for p in by_peer.values()
-                         if p.peer_id not in tried]
+                         if p.peer_id not in tried and self.payments.affordable(
+                             p.advert, model_id, prompt, max_tokens - delivered)]
                 order = self.router.choose(fresh, estimate, now)
                 if not order and busy_until:
                     # Everyone left is only busy: wait for the first free place, or say
@@ -173,7 +175,8 @@ class RoutedJobs:
                     raise NoProvider(
                         f"no eligible provider left for {model!r} after {len(tried)} "
                         f"attempt(s) ({len(by_peer)} known, verified: "
-                        f"{sum(p.listing.verified for p in by_peer.values())})",
+                        f"{sum(p.listing.verified for p in by_peer.values())}, affordable: "
+                        f"{len(fresh)})",
                         attempts=[s.provider for s in segments],
                     )
                 choice = by_peer[order[0].peer_id]
@@ -189,22 +192,34 @@ class RoutedJobs:
                 self.router.record_start(choice.peer_id, now)
                 seg_chars = 0
                 t0 = time.perf_counter()
+                charged = [0]
                 try:
                     await self.dial(choice.advert)
-                    res = await run_job(
-                        self.host,
-                        ID.from_base58(choice.peer_id),
-                        choice.advert.job_pubkey,
-                        request,
-                        on_text=show,
-                        payer=self.payer_for(choice.advert),
-                    )
+                    async with self.payments.job(
+                        choice.advert, model_id, request.prompt, request.max_tokens
+                    ) as payer:
+                        try:
+                            res = await run_job(
+                                self.host,
+                                ID.from_base58(choice.peer_id),
+                                choice.advert.job_pubkey,
+                                request,
+                                on_text=show,
+                                payer=payer,
+                            )
+                        finally:
+                            charged[0] = payer.charged if payer is not None else 0
                 except ProviderBusy as exc:
                     self.router.record_abandoned(choice.peer_id, self.clock())
                     busy_until[choice.peer_id] = time.monotonic() + exc.retry_after
                     segments.append(Segment(choice.peer_id, 0, 0, error="busy"))
                     log.info("provider %s busy (retry after %.1f s)", choice.peer_id,
                              exc.retry_after)
+                    continue
+                except PaymentUnavailable as exc:  # says nothing about the provider
+                    self.router.record_abandoned(choice.peer_id, self.clock())
+                    segments.append(Segment(choice.peer_id, 0, 0, error=exc.code))
+                    log.info("cannot pay %s (%s); trying another provider", choice.peer_id, exc)
                     continue
                 except (JobError, OSError, trio.TooSlowError) as exc:
                     if isinstance(exc, JobError) and exc.code in NON_RETRYABLE:
@@ -214,7 +229,8 @@ class RoutedJobs:
                     code = exc.code if isinstance(exc, JobError) else type(exc).__name__
                     self.router.record_failure(choice.peer_id, self.clock())
                     delivered += got
-                    segments.append(Segment(choice.peer_id, got, 0, error=code, chars=seg_chars))
+                    segments.append(Segment(choice.peer_id, got, charged[0], error=code,
+                                            chars=seg_chars))
                     log.info("provider %s failed (%s) after %d tokens; failing over",
                              choice.peer_id, code, got)
                     continue
@@ -234,7 +250,8 @@ class RoutedJobs:
                 earlier = delivered
                 delivered += res.usage.completion_tokens
                 segments.append(
-                    Segment(choice.peer_id, res.usage.completion_tokens, res.usage.cost_nanoton,
+                    Segment(choice.peer_id, res.usage.completion_tokens,
+                            charged[0] if charged[0] else res.usage.cost_nanoton,
                             chars=seg_chars)
                 )
                 if self.on_settled is not None:

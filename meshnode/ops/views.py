@@ -25,8 +25,8 @@ from meshnode.core.metrics_text import Family, family
 
 if TYPE_CHECKING:
     from meshnode.node import ClientNode, ProviderNode
-    from meshnode.pay.gate import ChannelGates
-    from meshnode.pay.ledger import Ledger, LedgerTotals
+    from meshnode.pay.channel.ledger import Ledger, LedgerTotals
+    from meshnode.pay.metering.gates import ChannelGates
 
 # Status documents list at most this many peers/adverts: the page stays small on a big mesh.
 MAX_LISTED = 200

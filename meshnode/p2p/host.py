@@ -120,3 +120,16 @@ def parse_peer_addr(addr: str) -> PeerInfo:
 
 def peer_id_text(peer: ID) -> str:
     return peer.to_string()
+
+
+def forget_closed_connections(host: IHost, peer: ID) -> None:
+    """Drop connections to ``peer`` that are closed but still listed.
+
+    py-libp2p 0.8 can keep a dead connection in the swarm's table after the peer went
+    down (seen when a provider is killed and restarts under the same peer id). Then
+    ``connect`` sees "connected" and dials nothing, and ``new_stream`` filters the dead
+    connection out and fails with "No valid connections". Call this before either."""
+    network = host.get_network()
+    for conn in list(network.connections.get(peer) or []):
+        if getattr(conn, "is_closed", False):
+            network.remove_conn(conn)  # type: ignore[attr-defined]
