@@ -82,6 +82,19 @@ class Running:
             f"stderr:\n{''.join(self.err)}"
         )
 
+    def wait_for_stderr(self, text: str) -> str:
+        """The first stderr line containing `text` (waits up to STARTUP_TIMEOUT_S)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for line in list(self.err):
+                if text in line:
+                    return line
+            if self.process.poll() is not None and not any(text in x for x in self.err):
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"{self.process.args!r} wrote no {text!r} to stderr:\n"
+                             f"{''.join(self.err)}")
+
     def stop(self, signum: int = signal.SIGTERM) -> int:
         """Send `signum`, wait for the exit, return the exit status."""
         if self.process.poll() is None:

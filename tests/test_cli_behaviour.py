@@ -85,6 +85,18 @@ def test_an_answer_refused_for_want_of_a_tee_names_the_insecure_flag(testnet: Lo
     assert "run without a TEE" in done.stderr and "--insecure" in done.stderr
 
 
+def test_a_client_without_insecure_says_why_its_api_lists_no_models(
+    testnet: LocalMesh, tmp_path: Path
+) -> None:
+    running = Running.start(cli("client", "--api", "127.0.0.1:0", "--bootstrap",
+                                testnet.bootstrap), cli_env(tmp_path))
+    try:
+        line = running.wait_for_stderr("run without a TEE")
+    finally:
+        running.stop()
+    assert "1 provider(s)" in line and "--insecure" in line
+
+
 def _ask(testnet: LocalMesh, *flags: str) -> str:
     done = run_cli(testnet.env, "ask", "--model", "tiny-0", "--bootstrap", testnet.bootstrap,
                    "--insecure", "--max-tokens", "4", *flags, "hello")
