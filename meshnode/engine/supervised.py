@@ -202,8 +202,8 @@ class SupervisedGeneration:
             except trio.WouldBlock:
                 return out
             if not isinstance(item, TokenChunk):
-                # The end (or an error) is for the next __anext__ to report: put it back
-                # at the front by reopening a channel would reorder, so keep it aside.
+                # The end (or an error) is for the next __anext__ to report. It is always
+                # the last item of a job, so putting it back at the tail keeps the order.
                 self._job.send.send_nowait(item)
                 return out
             out.append(self._take(item))
