@@ -34,10 +34,7 @@ from llama_cpp import _internals as llama_internals
 from meshnode.engine.base import (
     EngineError,
     FinishReason,
-    InvalidRequest,
-    InvalidSamplingParams,
     ModelInfo,
-    PromptTooLong,
     SamplingParams,
     TokenChunk,
     chat_format_of,
@@ -47,6 +44,7 @@ from meshnode.engine.llama import (
     _make_sampler,
     _quant_name,
     _token_piece,
+    checked_prompt,
     steady_bias_for,
 )
 from meshnode.engine.textstream import TextAssembler
@@ -159,23 +157,8 @@ class BatchedModel:
 
     def prepare(self, prompt: str, params: SamplingParams, max_tokens: int) -> list[int]:
         """The prompt's tokens once the request is known to fit (typed errors otherwise)."""
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        bad = sorted(t for t in params.logit_bias if t >= self.n_vocab)
-        if bad:
-            raise InvalidSamplingParams(
-                f"logit_bias names token ids outside the vocabulary (size {self.n_vocab}): "
-                f"{bad[:5]}"
-            )
-        tokens = self.tokenize(prompt)
-        if not tokens:
-            raise InvalidRequest("the prompt is empty and this model adds no BOS token")
-        if len(tokens) >= self.n_ctx:
-            raise PromptTooLong(
-                f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
-                "including the output"
-            )
-        return tokens
+        return checked_prompt(self.tokenize, self.n_vocab, self.n_ctx, prompt, params,
+                              max_tokens)
 
     @property
     def free_slots(self) -> int:

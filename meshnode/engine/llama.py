@@ -237,23 +237,8 @@ class LlamaEngine:
     def prepare(self, prompt: str, params: SamplingParams, max_tokens: int) -> list[int]:
         """The prompt's tokens once the request is known to fit this model (typed errors
         otherwise): the checks every engine makes before decoding."""
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        bad = sorted(t for t in params.logit_bias if t >= self._n_vocab)
-        if bad:
-            raise InvalidSamplingParams(
-                f"logit_bias names token ids outside the vocabulary (size {self._n_vocab}): "
-                f"{bad[:5]}"
-            )
-        prompt_tokens = self.tokenize(prompt)
-        if not prompt_tokens:
-            raise InvalidRequest("the prompt is empty and this model adds no BOS token")
-        if len(prompt_tokens) >= self._info.n_ctx:
-            raise PromptTooLong(
-                f"prompt is {len(prompt_tokens)} tokens; the context holds "
-                f"{self._info.n_ctx} including the output"
-            )
-        return prompt_tokens
+        return checked_prompt(self.tokenize, self._n_vocab, self._info.n_ctx, prompt, params,
+                              max_tokens)
 
     def token_piece(self, token: int) -> bytes:
         """The bytes a token stands for in generated text (no special-token text)."""
@@ -376,6 +361,29 @@ class LlamaEngine:
         self._closed = True
         async with self._slot:
             await trio.to_thread.run_sync(self._llm.close)
+
+
+def checked_prompt(
+    tokenize: Callable[[str], list[int]], n_vocab: int, n_ctx: int, prompt: str,
+    params: SamplingParams, max_tokens: int,
+) -> list[int]:
+    """Tokenize ``prompt`` once the request is known to fit a model with ``n_vocab`` tokens
+    and a context of ``n_ctx`` (typed errors otherwise). Shared by every engine."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    bad = sorted(t for t in params.logit_bias if t >= n_vocab)
+    if bad:
+        raise InvalidSamplingParams(
+            f"logit_bias names token ids outside the vocabulary (size {n_vocab}): {bad[:5]}"
+        )
+    tokens = tokenize(prompt)
+    if not tokens:
+        raise InvalidRequest("the prompt is empty and this model adds no BOS token")
+    if len(tokens) >= n_ctx:
+        raise PromptTooLong(
+            f"prompt is {len(tokens)} tokens; the context holds {n_ctx} including the output"
+        )
+    return tokens
 
 
 class Decode:
