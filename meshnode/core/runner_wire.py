@@ -18,7 +18,7 @@ Runner -> node:
   hello  {info, plan, sysinfo, load_s}   the model is loaded and warm
   chunk  {id, text, n}               text of n sampled tokens
   end    {id, reason, prompt, completion, cached}   cached: prompt tokens reused from KV
-  err    {id, kind, msg}             kind: invalid | too_long | engine
+  err    {id, kind, msg}             kind: invalid | bad_params | too_long | engine
   count  {id, n}
   bias   {id, bias}                  bias: {token id: value}
   pong   {n}
@@ -63,7 +63,7 @@ SCHEMAS: Mapping[str, Mapping[str, object]] = {
     "pong": {"n": _INT},
     "fatal": {"msg": _STR},
 }
-ERROR_KINDS = frozenset({"invalid", "too_long", "engine"})
+ERROR_KINDS = frozenset({"invalid", "bad_params", "too_long", "engine"})
 FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
 
 

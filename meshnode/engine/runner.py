@@ -35,6 +35,7 @@ from meshnode.core import runner_wire as wire
 from meshnode.engine.base import (
     EngineError,
     InvalidRequest,
+    InvalidSamplingParams,
     PromptTooLong,
     SamplingParams,
 )
@@ -150,6 +151,8 @@ class Runner:
             tokens = self.model.prepare(msg["prompt"], params, msg["max"])
         except PromptTooLong as exc:
             self._error(msg["id"], "too_long", exc)
+        except InvalidSamplingParams as exc:
+            self._error(msg["id"], "bad_params", exc)
         except (InvalidRequest, ValueError) as exc:
             self._error(msg["id"], "invalid", exc)
         else:

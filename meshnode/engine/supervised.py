@@ -224,7 +224,7 @@ class SupervisedGeneration:
 class SupervisedEngine:
     """An Engine whose llama.cpp runs in a supervised child process."""
 
-    def __init__(self, config: RunnerConfig) -> None:
+    def __init__(self, config: RunnerConfig, progress: ProgressCallback | None = None) -> None:
         self.config = config
         self.state = RunnerState.STARTING
         self.on_state_change: Callable[[RunnerState], None] | None = None
@@ -246,7 +246,7 @@ class SupervisedEngine:
         self._last_rx = 0.0
         self._stderr_tail = bytearray()
         self._closing = False
-        self._progress: ProgressCallback | None = None
+        self._progress = progress  # load progress (hashing, loading) from the runner
 
     # ---- Engine protocol -------------------------------------------------------------
 
@@ -621,9 +621,10 @@ class _LoadFailed(Exception):
 def _runner_error(kind: str, msg: str) -> Exception:
     if kind == "too_long":
         return PromptTooLong(msg)
+    if kind == "bad_params":
+        return InvalidSamplingParams(msg)
     if kind == "invalid":
-        return InvalidSamplingParams(msg) if "logit_bias" in msg or "must be" in msg \
-            else InvalidRequest(msg)
+        return InvalidRequest(msg)
     return EngineError(msg)
 
 
@@ -637,8 +638,7 @@ async def open_supervised_engine(
     anything is advertised. On exit the runner is asked to stop, then killed.
     """
     await trio.to_thread.run_sync(check_model_file, config.model, config.check_memory)
-    engine = SupervisedEngine(config)
-    engine._progress = progress
+    engine = SupervisedEngine(config, progress)
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.supervise)
         try:
