@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
 import trio
 import typer
 from rich.console import Console
+from rich.highlighter import NullHighlighter
 from rich.logging import RichHandler
 from rich.markup import escape
 
@@ -121,17 +122,47 @@ def print_json(data: Any) -> None:
 NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "llama_cpp", "hypercorn")
 
 
+# A log message longer than this is cut (with its length noted): a line is for a human,
+# and formatting, wrapping and writing a megabyte costs about a second even unhighlighted.
+MAX_LOG_MESSAGE_CHARS = 4096
+
+
+class BoundedMessages(logging.Filter):
+    """Cuts each record's message to MAX_LOG_MESSAGE_CHARS: a last guard for a log line
+    that carries a peer's text without `core.text.shown`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > MAX_LOG_MESSAGE_CHARS:
+            record.msg = f"{message[:MAX_LOG_MESSAGE_CHARS]}…({len(message)} chars)"
+            record.args = None
+        return True
+
+
+def terminal_log_handler(console: Console) -> logging.Handler:
+    """The handler for a terminal: rich's layout, but no highlighter and no markup.
+
+    rich's default ReprHighlighter is quadratic on a long word (a 64 KiB one took 95 s on
+    a 2-core box, blocking the node's event loop), and a log line may carry a peer's text;
+    the message is cut to MAX_LOG_MESSAGE_CHARS as well."""
+    handler = RichHandler(console=console, show_path=False, highlighter=NullHighlighter(),
+                          markup=False, keywords=[])
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.addFilter(BoundedMessages())
+    return handler
+
+
 def setup_logging(verbose: int) -> None:
     """0: meshnode INFO and up, libraries silent (their routine noise is not the user's);
     1 (-v): meshnode DEBUG; 2 (-vv): the libraries' DEBUG too."""
     handler: logging.Handler
     if err.is_terminal:
-        handler = RichHandler(console=err, show_path=False)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler = terminal_log_handler(err)
     else:  # journald, docker logs, a file: one line per record, never wrapped
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+        handler.addFilter(BoundedMessages())
     logging.basicConfig(
         level=logging.DEBUG if verbose >= 2 else logging.WARNING,
         handlers=[handler],

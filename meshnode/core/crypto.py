@@ -19,6 +19,7 @@ from nacl import bindings as sodium
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey
 
+from meshnode.core.text import shown
 from meshnode.core.wire import MAX_NESTING, WireError
 
 # Below ~512 bytes zstd's frame overhead outweighs the gain on short token chunks.
@@ -84,7 +85,7 @@ def unpack_body(data: bytes) -> dict[str, Any]:
                 raise SealError("compressed body announces more than the plaintext limit")
             raw = dctx.decompress(payload, max_output_size=MAX_PLAINTEXT_BYTES)
         except zstandard.ZstdError as exc:
-            raise SealError(f"bad zstd body: {exc}") from exc
+            raise SealError(f"bad zstd body: {shown(str(exc))}") from exc
         if len(raw) > MAX_PLAINTEXT_BYTES:
             raise SealError("decompressed body exceeds the plaintext limit")
     elif flag == _FLAG_RAW:

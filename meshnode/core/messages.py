@@ -3,6 +3,8 @@
 Every frame is a msgpack map with a type key `t`. `parse_message` checks the type, the
 exact key set and each field's type and range, and returns a frozen dataclass; anything
 else raises `SchemaError` or `UnknownMessage`, which close only the stream they came on.
+Error messages name what the peer sent only through `core.text.shown`, so their size
+does not depend on the frame's.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from meshnode.core.text import shown, shown_keys
 from meshnode.core.wire import WireError
 
 JOB_PROTOCOL = "/meshnode/job/1"
@@ -304,12 +307,12 @@ def parse_message(d: dict[str, Any]) -> Message:
     kind = d.get("t")
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise UnknownMessage(f"unknown message type {kind!r}")
+        raise UnknownMessage(f"unknown message type {shown(kind)}")
     keys = set(d) - cls.OPTIONAL_KEYS
     if keys != cls.KEYS:
-        missing = sorted(cls.KEYS - keys)
-        extra = sorted(keys - cls.KEYS)
-        raise SchemaError(f"{cls.TYPE}: missing {missing} unexpected {extra}")
+        missing = sorted(cls.KEYS - keys)  # our own key names: short and few
+        extra = [k for k in keys if k not in cls.KEYS]  # the peer's: shown bounded
+        raise SchemaError(f"{cls.TYPE}: missing {missing} unexpected {shown_keys(extra)}")
     return cls.from_wire(d)
 
 
@@ -360,7 +363,7 @@ def check_done_body(d: dict[str, Any]) -> Usage:
     keys = {"k", "prompt_tokens", "completion_tokens", "finish_reason", "cost"}
     _require(set(d) == keys and d["k"] == "done", "expected a done body")
     reason = _str(d, "finish_reason", 16)
-    _require(reason in FINISH_REASONS, f"unknown finish_reason {reason!r}")
+    _require(reason in FINISH_REASONS, f"unknown finish_reason {shown(reason)}")
     return Usage(
         prompt_tokens=_int(d, "prompt_tokens", 0, UINT64_MAX),
         completion_tokens=_int(d, "completion_tokens", 0, MAX_TOKENS_LIMIT),

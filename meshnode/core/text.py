@@ -70,6 +70,24 @@ def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
     return f"<{type(value).__name__}>"
 
 
+# How many of a peer's map keys an error names before it just counts the rest.
+SHOWN_ITEMS = 8
+
+
+def shown_keys(keys: object, items: int = SHOWN_ITEMS) -> str:
+    """A bounded rendering of a collection of (peer-chosen) keys: the first `items`, each
+    through `shown`, then how many more. Never sorts (mixed key types cannot be sorted)."""
+    if not isinstance(keys, list | tuple | set | frozenset | dict):
+        return shown(keys)
+    out: list[str] = []
+    for i, key in enumerate(keys):
+        if i == items:
+            out.append(f"{_ELLIPSIS}(+{len(keys) - items} more)")
+            break
+        out.append(shown(key, limit=SHOWN_LIMIT // 2))
+    return "[" + ", ".join(out) + "]"
+
+
 def _terminal_table() -> dict[int, str]:
     """Code point -> visible escape, for every character a terminal acts on but \\n, \\t."""
     table: dict[int, str] = {}

@@ -11,6 +11,8 @@ from typing import Any
 
 import msgpack
 
+from meshnode.core.text import shown
+
 # A job's largest legitimate frame is a sealed prompt near the model's context (a few
 # hundred KiB of text); 1 MiB leaves headroom without letting one frame pin much memory.
 MAX_FRAME_BYTES = 1 << 20
@@ -81,7 +83,7 @@ def decode_body(body: bytes) -> dict[str, Any]:
             strict_map_key=False,
         )
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
-        raise MalformedFrame(f"not a msgpack value: {exc}") from exc
+        raise MalformedFrame(f"not a msgpack value: {shown(str(exc))}") from exc
     except Exception as exc:  # msgpack raises assorted types on hostile input
         raise MalformedFrame(f"not a msgpack value: {type(exc).__name__}") from exc
     if not isinstance(obj, dict):

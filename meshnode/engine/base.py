@@ -14,6 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
+from meshnode.core.text import shown, shown_keys
+
 # Above 2 the distribution is close to uniform noise; OpenAI caps temperature at 2 too.
 MAX_TEMPERATURE = 2.0
 # Larger k is indistinguishable from "no top-k" on real vocabularies and costs a sort.
@@ -62,9 +64,12 @@ def _number(name: str, value: object) -> float:
     # bool is an int subclass; a peer sending `true` for a temperature is a bug on its side.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidSamplingParams(f"{name} must be a number, got {type(value).__name__}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int past float's range (JSON allows any size)
+        raise InvalidSamplingParams(f"{name} is out of range, got {shown(value)}") from None
     if not math.isfinite(result):
-        raise InvalidSamplingParams(f"{name} must be finite, got {value!r}")
+        raise InvalidSamplingParams(f"{name} must be finite, got {shown(value)}")
     return result
 
 
@@ -79,7 +84,7 @@ def _token_id(key: object) -> int:
     if isinstance(key, str) and key.isdigit():
         key = int(key)
     if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-        raise InvalidSamplingParams(f"logit_bias keys must be token ids >= 0, got {key!r}")
+        raise InvalidSamplingParams(f"logit_bias keys must be token ids >= 0, got {shown(key)}")
     return key
 
 
@@ -125,7 +130,7 @@ class SamplingParams:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
                 raise InvalidSamplingParams(
                     f"each stop sequence must be a non-empty string of at most "
-                    f"{MAX_STOP_CHARS} characters, got {s!r}"
+                    f"{MAX_STOP_CHARS} characters, got {shown(s)}"
                 )
         if not isinstance(self.logit_bias, Mapping):
             raise InvalidSamplingParams("logit_bias must be a mapping of token id to bias")
@@ -136,11 +141,11 @@ class SamplingParams:
             )
         bias: dict[int, float] = {}
         for key, value in self.logit_bias.items():
-            amount = _number(f"logit_bias[{key!r}]", value)
+            amount = _number(f"logit_bias[{shown(key)}]", value)
             if abs(amount) > MAX_ABS_LOGIT_BIAS:
                 raise InvalidSamplingParams(
                     f"logit_bias values must be in [-{MAX_ABS_LOGIT_BIAS}, "
-                    f"{MAX_ABS_LOGIT_BIAS}], got {amount} for token {key!r}"
+                    f"{MAX_ABS_LOGIT_BIAS}], got {amount} for token {shown(key)}"
                 )
             bias[_token_id(key)] = amount
         repeat_penalty = _number("repeat_penalty", self.repeat_penalty)
@@ -163,9 +168,10 @@ class SamplingParams:
         if not isinstance(data, Mapping):
             raise InvalidSamplingParams(f"sampling params must be a map, got {type(data).__name__}")
         allowed = {"temperature", "top_p", "top_k", "seed", "stop", "logit_bias", "repeat_penalty"}
-        unknown = sorted(str(k) for k in data if k not in allowed)
+        unknown = [k for k in data if k not in allowed]
         if unknown:
-            raise InvalidSamplingParams(f"unknown sampling parameter(s): {', '.join(unknown)}")
+            # The names come from a peer: shown bounded (a 1 MiB name once froze the node).
+            raise InvalidSamplingParams(f"unknown sampling parameter(s): {shown_keys(unknown)}")
         kwargs = dict(data)
         if "stop" in kwargs and isinstance(kwargs["stop"], list):
             kwargs["stop"] = tuple(kwargs["stop"])

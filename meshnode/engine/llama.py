@@ -23,6 +23,7 @@ from gguf import LlamaFileType
 from llama_cpp import _internals as llama_internals
 
 from meshnode.core.cpu_features import LoadPlan, cpu_flags, load_plan
+from meshnode.core.text import shown
 from meshnode.engine.base import (
     MAX_LOGIT_BIAS_ENTRIES,
     Engine,
@@ -370,7 +371,7 @@ def checked_prompt(
     """Tokenize ``prompt`` once the request is known to fit a model with ``n_vocab`` tokens
     and a context of ``n_ctx`` (typed errors otherwise). Shared by every engine."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        raise InvalidRequest(f"max_tokens must be a positive integer, got {shown(max_tokens)}")
     bad = sorted(t for t in params.logit_bias if t >= n_vocab)
     if bad:
         raise InvalidSamplingParams(

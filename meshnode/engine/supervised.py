@@ -38,6 +38,7 @@ import trio
 from trio_typing import TaskStatus
 
 from meshnode.core import runner_wire as wire
+from meshnode.core.text import shown
 from meshnode.engine.base import (
     EngineError,
     EngineUnavailable,
@@ -269,7 +270,7 @@ class SupervisedEngine:
         self, prompt: str, params: SamplingParams, max_tokens: int
     ) -> AsyncIterator[SupervisedGeneration]:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}")
+            raise InvalidRequest(f"max_tokens must be a positive integer, got {shown(max_tokens)}")
         job = _Job(self._new_id())
         self._jobs[job.id] = job
         try:

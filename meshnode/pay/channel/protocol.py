@@ -14,6 +14,7 @@ import nacl.exceptions
 import nacl.signing
 from pytoniq_core.boc.cell import Cell
 
+from meshnode.core.text import shown, shown_keys
 from meshnode.core.voucher import MAX_VOUCHER_BOC_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 from meshnode.core.wire import WireError
 
@@ -62,7 +63,10 @@ def _str(d: dict[str, Any], key: str, limit: int) -> str:
 
 def _keys(d: dict[str, Any], kind: str, keys: set[str]) -> None:
     _require(d.get("t") == kind, f"expected {kind}")
-    _require(set(d) == keys | {"t"}, f"{kind}: keys {sorted(d)} != {sorted(keys | {'t'})}")
+    if set(d) != keys | {"t"}:
+        # The peer's keys may be many, long, or of mixed types (unsortable): shown bounded.
+        raise ChannelProtocolError(f"{kind}: keys {shown_keys(list(d))} != "
+                                   f"{sorted(keys | {'t'})}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +197,7 @@ def parse_request(d: dict[str, Any]) -> Request:
         return Announce.from_wire(d)
     if kind == "close":
         return CloseRequest.from_wire(d)
-    raise ChannelProtocolError(f"unknown channel request {kind!r}")
+    raise ChannelProtocolError(f"unknown channel request {shown(kind)}")
 
 
 def parse_reply(d: dict[str, Any], expected: type[Announced] | type[CloseSigned]) -> Any:
