@@ -25,6 +25,7 @@ from meshnode.core.wire import FrameDecoder, encode_frame
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity
+from meshnode.jobs.client import JobError, JobRequest, run_job
 from meshnode.node import ClientNode, ProviderNode, client_node, provider_node
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,8 @@ LEGIT_JOB_BOUND_S = 3.0
 # the failing run of this test wait minutes.
 HUGE_NAME_BYTES = 32 * 1024
 REPLY_TIMEOUT_S = 30.0
+# The prompt of the report: 60,000 "<s>" (180 KB), each parsed as a special token.
+SPECIAL_TOKEN_FLOOD = "<s>" * 60_000
 
 
 @pytest.fixture
@@ -139,3 +142,28 @@ async def test_a_huge_parameter_name_or_type_tag_is_refused_at_once_and_a_legit_
     assert "unknown sampling parameter" in logged
     lines = logged.splitlines()  # one 1000-column line per record, none wrapped
     assert len(lines) < 10, f"{len(lines)} lines logged for two refused frames and a job"
+
+
+async def test_a_special_token_flood_is_refused_unparsed_and_a_legit_job_completes(
+    engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode]
+) -> None:
+    prov, client = mesh
+    advert = client.adverts[prov.peer_id]
+    codes: list[str] = []
+
+    async def attack() -> None:
+        request = JobRequest(model_id=engine.info.model_id, prompt=SPECIAL_TOKEN_FLOOD,
+                             max_tokens=4, params={})
+        with pytest.raises(JobError) as info:
+            await run_job(client.host, prov.host.get_id(), advert.job_pubkey, request)
+        codes.append(info.value.code)
+
+    start = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(attack)
+        nursery.start_soon(attack)
+        await trio.sleep(0)
+        assert await _legit_job(engine, prov, client) == 5
+        legit_s = time.monotonic() - start
+    assert legit_s < LEGIT_JOB_BOUND_S, f"a legit job took {legit_s:.1f} s during the attack"
+    assert codes == ["prompt_too_long", "prompt_too_long"]

@@ -155,9 +155,12 @@ class BatchedModel:
         tokens: list[int] = self.model.tokenize(text.encode("utf-8"), self._add_bos, True)
         return tokens
 
-    def prepare(self, prompt: str, params: SamplingParams, max_tokens: int) -> list[int]:
-        """The prompt's tokens once the request is known to fit (typed errors otherwise)."""
-        return checked_prompt(self.tokenize, self.n_vocab, self.n_ctx, prompt, params,
+    def prepare(self, prompt: str, params: SamplingParams, max_tokens: int,
+                tokens: list[int] | None = None) -> list[int]:
+        """The prompt's tokens once the request is known to fit (typed errors otherwise);
+        `tokens`, when given, are the prompt's tokens already counted (not redone)."""
+        tokenize = self.tokenize if tokens is None else (lambda _prompt: tokens)
+        return checked_prompt(tokenize, self.n_vocab, self.n_ctx, prompt, params,
                               max_tokens)
 
     @property

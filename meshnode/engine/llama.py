@@ -37,6 +37,7 @@ from meshnode.engine.base import (
     TokenChunk,
     Usage,
     chat_format_of,
+    check_prompt_size,
 )
 from meshnode.engine.textstream import TextAssembler
 
@@ -45,6 +46,10 @@ from meshnode.engine.textstream import TextAssembler
 # slice (PREFILL_SLICE_TOKENS) takes a few seconds at worst. Past this the thread is
 # abandoned but keeps the generation slot, so the context is never used concurrently.
 WORKER_STOP_TIMEOUT_S = 10.0
+# Threads that tokenize prompts, beside the decode thread: tokenizing reads only the
+# vocabulary (llama-server tokenizes in its HTTP threads too), so it need not wait for a
+# generation, and one thread keeps a flood of prompts from taking every core.
+TOKENIZER_THREADS = 1
 # Chunks buffered between the decode thread and the consumer. Small, so a slow consumer
 # (a congested stream) pauses decoding instead of piling text up in memory.
 CHUNK_BUFFER = 16
@@ -154,6 +159,7 @@ class LlamaEngine:
         # One decode at a time: a llama.cpp context is not thread-safe. The thread holds
         # the token until it really ends, even if its waiter gave up on it.
         self._slot = trio.CapacityLimiter(1)
+        self._tokenizer = trio.CapacityLimiter(TOKENIZER_THREADS)
         self._vocab = llm._model.vocab
         self._n_vocab: int = llm.n_vocab()
         self._add_bos: bool = bool(llm._model.add_bos_token())
@@ -224,8 +230,15 @@ class LlamaEngine:
         return self._decoded_total
 
     def tokenize(self, text: str) -> list[int]:
-        """Prompt tokens for ``text``: BOS if the model wants one, special tokens parsed
-        (a raw completion prompt carries its own chat template)."""
+        """Prompt tokens for ``text``: BOS if the model wants one, special tokens parsed.
+
+        Special tokens are parsed on purpose: a job's prompt is the model's whole input,
+        chat template included (the client formats the chat, see ModelInfo.chat_format),
+        and no provider text shares it, so a client writing `<start_of_turn>` forges
+        nothing but its own conversation. Text from a third party must be escaped where
+        the prompt is built (the API's chat formatting), not here. The parsing is
+        quadratic in the special tokens found, so callers cap the size first
+        (check_prompt_size) and run it off the event loop (count_tokens, stream)."""
         self._check_open()
         tokens: list[int] = self._llm.tokenize(
             text.encode("utf-8"), add_bos=self._add_bos, special=True
@@ -233,7 +246,9 @@ class LlamaEngine:
         return tokens
 
     async def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text))
+        check_prompt_size(text, self._info.n_ctx)
+        tokens = await trio.to_thread.run_sync(self.tokenize, text, limiter=self._tokenizer)
+        return len(tokens)
 
     def prepare(self, prompt: str, params: SamplingParams, max_tokens: int) -> list[int]:
         """The prompt's tokens once the request is known to fit this model (typed errors
@@ -249,7 +264,10 @@ class LlamaEngine:
     async def stream(
         self, prompt: str, params: SamplingParams, max_tokens: int
     ) -> AsyncIterator[LlamaGeneration]:
-        prompt_tokens = self.prepare(prompt, params, max_tokens)
+        check_prompt_size(prompt, self._info.n_ctx)
+        prompt_tokens = await trio.to_thread.run_sync(
+            self.prepare, prompt, params, max_tokens, limiter=self._tokenizer
+        )
         send, recv = trio.open_memory_channel[TokenChunk](CHUNK_BUFFER)
         job = _Job(prompt_tokens=prompt_tokens, params=params, max_tokens=max_tokens, send=send)
         generation = LlamaGeneration(recv, job)
@@ -360,7 +378,7 @@ class LlamaEngine:
         if self._closed:
             return
         self._closed = True
-        async with self._slot:
+        async with self._slot, self._tokenizer:
             await trio.to_thread.run_sync(self._llm.close)
 
 
@@ -377,6 +395,7 @@ def checked_prompt(
         raise InvalidSamplingParams(
             f"logit_bias names token ids outside the vocabulary (size {n_vocab}): {bad[:5]}"
         )
+    check_prompt_size(prompt, n_ctx)
     tokens = tokenize(prompt)
     if not tokens:
         raise InvalidRequest("the prompt is empty and this model adds no BOS token")

@@ -10,7 +10,10 @@ payment ledger, and decoding never holds the node's GIL.
 One loop, one thread: read whatever commands arrived (without blocking while there is
 work), then do one batched step (engine.batched: the next token of every running job
 plus a slice of a prompt being read). So a cancel, a ping or a new job is seen within
-one llama_decode call. Up to --slots jobs run together, the rest wait in arrival order;
+one llama_decode call. Counting a prompt's tokens (`count_req`, asked before a job is
+paid for) runs on a tokenizer thread instead, so a stranger's long prompt never pauses
+the running jobs; the tokens it found are kept for that prompt's `gen`.
+Up to --slots jobs run together, the rest wait in arrival order;
 each may have at most CHUNK_WINDOW chunks the node has not consumed yet (flow control:
 a paused consumer pauses its own sequence, as the in-process engine's bounded channel
 did, while the others keep decoding).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import ctypes
 import os
 import select
@@ -38,6 +42,7 @@ from meshnode.engine.base import (
     InvalidSamplingParams,
     PromptTooLong,
     SamplingParams,
+    check_prompt_size,
 )
 
 # Chunks a job may have in flight to the node before its decode pauses: the same buffer
@@ -54,6 +59,12 @@ PROGRESS_EVERY_S = 0.1
 EXIT_LOAD_FAILED = 3
 # How often the runner checks that its node is still alive (see _die_with_parent).
 PARENT_CHECK_S = 1.0
+# Threads that count prompt tokens beside the decode loop: one, so a flood of prompts
+# takes one core at most (tokenizing reads only the vocabulary, safe beside decoding).
+TOKENIZER_THREADS = 1
+# Counted prompts whose tokens are kept for their `gen`: a provider's slots plus its
+# queue, with room. A prompt pushed out is tokenized again at admission (bounded work).
+MAX_COUNTED_PROMPTS = 16
 
 
 @dataclass
@@ -106,9 +117,18 @@ class Runner:
     active: dict[int, _Job] = field(default_factory=dict)
     decoder: wire.FrameDecoder = field(default_factory=wire.FrameDecoder)
     running: bool = True
+    # The tokenizer thread sends too: one frame at a time on the socket.
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    tokenizer: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
+            TOKENIZER_THREADS, thread_name_prefix="tokenize"))
+    counted: dict[str, list[int]] = field(default_factory=dict)  # prompt -> its tokens
+    counted_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(wire.encode(msg))
+        frame = wire.encode(msg)
+        with self.send_lock:
+            self.sock.sendall(frame)
 
     # ---- commands ------------------------------------------------------------------
 
@@ -146,9 +166,11 @@ class Runner:
             raise wire.RunnerProtocolError(f"the runner does not accept {kind}")
 
     def admit(self, msg: dict[str, Any]) -> None:
+        with self.counted_lock:
+            counted = self.counted.pop(msg["prompt"], None)
         try:
             params = SamplingParams.from_dict(msg["params"])
-            tokens = self.model.prepare(msg["prompt"], params, msg["max"])
+            tokens = self.model.prepare(msg["prompt"], params, msg["max"], tokens=counted)
         except PromptTooLong as exc:
             self._error(msg["id"], "too_long", exc)
         except InvalidSamplingParams as exc:
@@ -159,12 +181,23 @@ class Runner:
             self.queue.append(_Job(msg["id"], tokens, params, msg["max"]))
 
     def count(self, job_id: int, text: str) -> None:
+        """Count on the tokenizer thread; the answer is sent from there."""
+        self.tokenizer.submit(self._count, job_id, text)
+
+    def _count(self, job_id: int, text: str) -> None:  # on the tokenizer thread
         try:
-            n = len(self.model.tokenize(text))
+            check_prompt_size(text, self.model.n_ctx)
+            tokens = self.model.tokenize(text)
+        except PromptTooLong as exc:
+            self._error(job_id, "too_long", exc)
         except (EngineError, ValueError, RuntimeError) as exc:
             self._error(job_id, "engine", exc)
         else:
-            self.send({"t": "count", "id": job_id, "n": n})
+            with self.counted_lock:
+                self.counted[text] = tokens
+                while len(self.counted) > MAX_COUNTED_PROMPTS:
+                    del self.counted[next(iter(self.counted))]  # the oldest
+            self.send({"t": "count", "id": job_id, "n": len(tokens)})
 
     def cancel(self, job_id: int) -> None:
         job = self.active.get(job_id)
@@ -235,10 +268,13 @@ class Runner:
                    "cached": cached})
 
     def serve(self) -> None:
-        while self.running:
-            self.poll(block=not self.has_work)
-            if self.running and self.has_work:
-                self.step()
+        try:
+            while self.running:
+                self.poll(block=not self.has_work)
+                if self.running and self.has_work:
+                    self.step()
+        finally:
+            self.tokenizer.shutdown(wait=False, cancel_futures=True)
 
 
 def _progress_sender(sock: socket.socket) -> Any:

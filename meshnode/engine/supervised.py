@@ -50,6 +50,7 @@ from meshnode.engine.base import (
     SamplingParams,
     TokenChunk,
     Usage,
+    check_prompt_size,
 )
 from meshnode.engine.model_file import check_model_file
 
@@ -271,6 +272,7 @@ class SupervisedEngine:
     ) -> AsyncIterator[SupervisedGeneration]:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be a positive integer, got {shown(max_tokens)}")
+        check_prompt_size(prompt, self.info.n_ctx)  # before shipping it to the runner
         job = _Job(self._new_id())
         self._jobs[job.id] = job
         try:
@@ -289,6 +291,8 @@ class SupervisedEngine:
             self._jobs.pop(job.id, None)
 
     async def count_tokens(self, text: str) -> int:
+        """Counted by the runner on its tokenizer thread: running jobs do not wait."""
+        check_prompt_size(text, self.info.n_ctx)
         value = await self._request({"t": "count_req", "text": text})
         return int(value)
 
