@@ -11,24 +11,32 @@ import io
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import msgpack
 import pytest
 import trio
+import zstandard
 from libp2p.custom_types import TProtocol
 from rich.console import Console
 
 from meshnode.cli.common import terminal_log_handler
-from meshnode.core.messages import JOB_PROTOCOL, Open
+from meshnode.core.crypto import (
+    MAX_PLAINTEXT_BYTES,
+    MalformedBody,
+    Sealer,
+    client_session,
+    unpack_body,
+)
+from meshnode.core.messages import JOB_PROTOCOL, Open, Sealed, check_prompt_body, parse_message
 from meshnode.core.wire import FrameDecoder, encode_frame
+from meshnode.engine.base import SamplingParams
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError, JobRequest, run_job
 from meshnode.node import ClientNode, ProviderNode, client_node, provider_node
-
-pytestmark = pytest.mark.slow
 
 # The attack and a 5-token legitimate job take ~0.1 s here; before the fixes, the 32 KiB
 # parameter name alone held the event loop for ~17 s on a loaded 2-core box.
@@ -39,6 +47,8 @@ HUGE_NAME_BYTES = 32 * 1024
 REPLY_TIMEOUT_S = 30.0
 # The prompt of the report: 60,000 "<s>" (180 KB), each parsed as a special token.
 SPECIAL_TOKEN_FLOOD = "<s>" * 60_000
+# Bombs in flight at once against one provider (the report had 32; half keeps CI short).
+BOMBS_IN_FLIGHT = 16
 
 
 @pytest.fixture
@@ -113,6 +123,7 @@ async def _legit_job(engine: LlamaEngine, prov: ProviderNode, client: ClientNode
     return res.usage.completion_tokens
 
 
+@pytest.mark.slow
 async def test_a_huge_parameter_name_or_type_tag_is_refused_at_once_and_a_legit_job_completes(
     engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode], terminal_log: io.StringIO
 ) -> None:
@@ -144,6 +155,7 @@ async def test_a_huge_parameter_name_or_type_tag_is_refused_at_once_and_a_legit_
     assert len(lines) < 10, f"{len(lines)} lines logged for two refused frames and a job"
 
 
+@pytest.mark.slow
 async def test_a_special_token_flood_is_refused_unparsed_and_a_legit_job_completes(
     engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode]
 ) -> None:
@@ -167,3 +179,80 @@ async def test_a_special_token_flood_is_refused_unparsed_and_a_legit_job_complet
         legit_s = time.monotonic() - start
     assert legit_s < LEGIT_JOB_BOUND_S, f"a legit job took {legit_s:.1f} s during the attack"
     assert codes == ["prompt_too_long", "prompt_too_long"]
+
+
+def _bomb_body() -> bytes:
+    """A packed sealed-body (flag + zstd) of ~67 bytes holding 1 MiB of empty lists."""
+    raw = msgpack.packb({"k": "prompt", "prompt": [[] for _ in range(MAX_PLAINTEXT_BYTES - 64)]})
+    return b"\x01" + zstandard.ZstdCompressor(level=19).compress(raw)
+
+
+def test_a_zstd_msgpack_bomb_is_refused_before_msgpack_builds_it() -> None:
+    bomb = _bomb_body()
+    assert len(bomb) < 100
+    runs = 20
+    start = time.perf_counter()
+    for _ in range(runs):
+        with pytest.raises(MalformedBody):
+            unpack_body(bomb)
+    per_decode = (time.perf_counter() - start) / runs
+    # ~0.1 ms here after the fix; building the million lists took 0.1-1.4 s before.
+    assert per_decode < 0.01, f"{per_decode * 1000:.1f} ms per bomb"
+
+
+def test_errors_built_from_peer_input_are_short_whatever_the_input() -> None:
+    from meshnode.pay.channel.protocol import parse_request
+
+    huge = "k" * (1 << 20)
+    mixed_keys: dict[Any, Any] = {huge: 1, 7: 2}  # unsortable, and one key a megabyte
+    cases: list[Callable[[], object]] = [
+        lambda: parse_message({"t": [0] * 1_000_000}),
+        lambda: parse_message({"t": huge}),
+        lambda: parse_message({"t": "sealed", "c": b"", **mixed_keys}),
+        lambda: SamplingParams.from_dict({huge: 1, "x" * 10: 2}),
+        lambda: SamplingParams.from_dict({"stop": [huge]}),
+        lambda: SamplingParams.from_dict({"logit_bias": {huge: 1.0}}),
+        lambda: check_prompt_body({"k": "prompt", "prompt": [huge]}),
+        lambda: parse_request({"t": [huge] * 1000}),
+        lambda: parse_request({"t": "close", **mixed_keys}),
+    ]
+    for make in cases:
+        with pytest.raises(Exception) as info:
+            make()
+        assert len(str(info.value)) < 300, str(info.value)[:200]
+        assert str(info.value).isprintable()
+
+
+@pytest.mark.slow
+async def test_bombs_in_flight_get_a_typed_refusal_and_a_legit_job_completes(
+    engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode]
+) -> None:
+    from nacl.bindings import crypto_secretstream_xchacha20poly1305_push as push
+    from nacl.bindings import crypto_secretstream_xchacha20poly1305_TAG_MESSAGE as tag
+    from nacl.public import PrivateKey
+
+    prov, client = mesh
+    advert = client.adverts[prov.peer_id]
+    bomb = _bomb_body()
+    frames = []
+    for _ in range(BOMBS_IN_FLIGHT):  # each its own session: sealed before the clock starts
+        key, job_id = PrivateKey.generate(), os.urandom(16)
+        sealer = Sealer(client_session(key, advert.job_pubkey).send, ad=job_id)
+        opened = Open(job_id=job_id, model_id=engine.info.model_id, params={}, max_tokens=4,
+                      channel_id=None, client_pub=bytes(key.public_key), header=sealer.header)
+        sealed = push(sealer._state, bomb, job_id, tag)  # the packed bomb, sealed as is
+        frames.append(encode_frame(opened.to_wire()) + encode_frame(Sealed(sealed).to_wire()))
+    codes: list[str] = []
+
+    async def attack(frame: bytes) -> None:
+        codes.append((await _raw_exchange(client, prov, frame))["code"])
+
+    start = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for frame in frames:
+            nursery.start_soon(attack, frame)
+        await trio.sleep(0)
+        assert await _legit_job(engine, prov, client) == 5
+        legit_s = time.monotonic() - start
+    assert legit_s < LEGIT_JOB_BOUND_S, f"a legit job took {legit_s:.1f} s during the attack"
+    assert codes == ["malformed_body"] * BOMBS_IN_FLIGHT

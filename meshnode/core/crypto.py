@@ -20,13 +20,18 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey
 
 from meshnode.core.text import shown
-from meshnode.core.wire import MAX_NESTING, WireError
+from meshnode.core.wire import MalformedFrame, WireError, check_shape
 
 # Below ~512 bytes zstd's frame overhead outweighs the gain on short token chunks.
 ZSTD_THRESHOLD = 512
 # Decompressed bodies are capped like frames: a 1 MiB zstd bomb must not become 1 GiB.
 MAX_PLAINTEXT_BYTES = 1 << 20
 ZSTD_LEVEL = 3  # zstd's default: fast enough for per-chunk use, good ratio on text
+# Bodies are flat maps of a few scalars (core.messages: prompt, tokens, done); depth 2
+# leaves room for a short list. Checked on the bytes before msgpack builds anything, so
+# a 57-byte zstd bomb of a million empty lists costs microseconds, not 0.1-0.6 s.
+MAX_BODY_DEPTH = 2
+MAX_BODY_OBJECTS = 64  # the largest body (done) holds 11 values
 
 _FLAG_RAW = 0
 _FLAG_ZSTD = 1
@@ -38,6 +43,13 @@ class SealError(WireError):
     """Ciphertext that failed authentication, arrived out of order, or after the end."""
 
     code = "seal"
+
+
+class MalformedBody(SealError):
+    """An authentic sealed body that is not a small flat map: too large once
+    decompressed, not msgpack, too deep or too many values."""
+
+    code = "malformed_body"
 
 
 @dataclass(frozen=True)
@@ -72,49 +84,42 @@ def pack_body(body: dict[str, Any]) -> bytes:
     return bytes([_FLAG_RAW]) + raw
 
 
-def unpack_body(data: bytes) -> dict[str, Any]:
+def unpack_body(data: bytes, max_plaintext: int = MAX_PLAINTEXT_BYTES) -> dict[str, Any]:
+    """The body map inside a sealed message, refused (MalformedBody) when it decompresses
+    past `max_plaintext` bytes or is not a small flat map; bounded work either way."""
     if not data:
-        raise SealError("empty body")
+        raise MalformedBody("empty body")
     flag, payload = data[0], data[1:]
     if flag == _FLAG_ZSTD:
         try:
             dctx = zstandard.ZstdDecompressor()
             # max_output_size only applies when the frame omits its size; bound both ways.
             params = zstandard.get_frame_parameters(payload)
-            if params.content_size > MAX_PLAINTEXT_BYTES:
-                raise SealError("compressed body announces more than the plaintext limit")
-            raw = dctx.decompress(payload, max_output_size=MAX_PLAINTEXT_BYTES)
+            if params.content_size > max_plaintext:
+                raise MalformedBody(f"compressed body announces more than {max_plaintext} "
+                                    "bytes")
+            raw = dctx.decompress(payload, max_output_size=max_plaintext)
         except zstandard.ZstdError as exc:
-            raise SealError(f"bad zstd body: {shown(str(exc))}") from exc
-        if len(raw) > MAX_PLAINTEXT_BYTES:
-            raise SealError("decompressed body exceeds the plaintext limit")
+            raise MalformedBody(f"bad zstd body: {shown(str(exc))}") from exc
+        if len(raw) > max_plaintext:
+            raise MalformedBody(f"decompressed body exceeds {max_plaintext} bytes")
     elif flag == _FLAG_RAW:
         raw = payload
+        if len(raw) > max_plaintext:
+            raise MalformedBody(f"body exceeds {max_plaintext} bytes")
     else:
-        raise SealError(f"unknown body flag {flag}")
+        raise MalformedBody(f"unknown body flag {flag}")
+    try:
+        check_shape(raw, max_depth=MAX_BODY_DEPTH, max_objects=MAX_BODY_OBJECTS)
+    except MalformedFrame as exc:
+        raise MalformedBody(f"sealed body refused: {exc}") from None
     try:
         body = msgpack.unpackb(raw, raw=False)
     except Exception as exc:  # msgpack raises assorted types on hostile input
-        raise SealError(f"sealed body is not msgpack: {type(exc).__name__}") from exc
+        raise MalformedBody(f"sealed body is not msgpack: {type(exc).__name__}") from exc
     if not isinstance(body, dict):
-        raise SealError("sealed body must be a map")
-    _check_flat(body)
+        raise MalformedBody("sealed body must be a map")
     return body
-
-
-def _check_flat(body: dict[str, Any]) -> None:
-    # Bodies are flat maps of scalars and short lists; deep nesting is hostile.
-    def depth(obj: object, level: int) -> None:
-        if level > MAX_NESTING:
-            raise SealError("sealed body nested too deeply")
-        if isinstance(obj, dict):
-            for v in obj.values():
-                depth(v, level + 1)
-        elif isinstance(obj, list):
-            for v in obj:
-                depth(v, level + 1)
-
-    depth(body, 0)
 
 
 class Sealer:
@@ -151,8 +156,12 @@ class Opener:
         self._ad = ad
         self.finished = False
 
-    def open(self, ciphertext: bytes) -> tuple[dict[str, Any], bool]:
-        """(body, is_final). Raises SealError on tampering, reordering or replay."""
+    def open(
+        self, ciphertext: bytes, max_plaintext: int = MAX_PLAINTEXT_BYTES
+    ) -> tuple[dict[str, Any], bool]:
+        """(body, is_final). Raises SealError on tampering, reordering or replay, and
+        MalformedBody on a body past `max_plaintext` bytes (a caller expecting a small
+        body, such as a token chunk, passes a tighter bound) or not a small flat map."""
         if self.finished:
             raise SealError("message after the final one")
         try:
@@ -164,7 +173,7 @@ class Opener:
                 "ciphertext failed authentication (tampered, reordered or replayed)"
             ) from exc
         self.finished = tag == _TAG_FINAL
-        return unpack_body(plain), self.finished
+        return unpack_body(plain, max_plaintext), self.finished
 
     def check_complete(self) -> None:
         """Call at end of stream: a missing FINAL message means the peer's output was cut."""

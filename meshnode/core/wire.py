@@ -61,6 +61,74 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return encode_uvarint(len(body)) + body
 
 
+# Bytes after a msgpack type byte that give a container's length or a payload's size, and
+# the fixed payload that follows: type byte -> (length bytes, fixed extra bytes, kind).
+# kind: "a" array of n items, "m" map of n pairs, "s" n payload bytes, "x" ext (1 + n).
+_SIZED: dict[int, tuple[int, int, str]] = {
+    0xC4: (1, 0, "s"), 0xC5: (2, 0, "s"), 0xC6: (4, 0, "s"),  # bin 8/16/32
+    0xC7: (1, 1, "s"), 0xC8: (2, 1, "s"), 0xC9: (4, 1, "s"),  # ext 8/16/32 (+ type byte)
+    0xD9: (1, 0, "s"), 0xDA: (2, 0, "s"), 0xDB: (4, 0, "s"),  # str 8/16/32
+    0xDC: (2, 0, "a"), 0xDD: (4, 0, "a"), 0xDE: (2, 0, "m"), 0xDF: (4, 0, "m"),
+}
+_FIXED: dict[int, int] = {  # type byte -> payload bytes that follow it
+    0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8,  # nil, false, true, float32/64
+    0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,  # (u)ints
+    0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17,  # fixext 1/2/4/8/16 (+ type byte)
+}
+
+
+def check_shape(data: bytes, *, max_depth: int, max_objects: int) -> None:
+    """Refuse msgpack whose containers nest deeper than `max_depth` or which holds more
+    than `max_objects` values, *before* msgpack builds any of them.
+
+    Reads only type bytes and lengths, skipping string and binary payloads, and stops at
+    the first value past a limit: the cost is O(min(objects, max_objects)) whatever the
+    size of `data`. (A megabyte of empty lists is a million objects to build; here it is
+    refused at the second list.) Truncation and trailing bytes are left to the decoder."""
+    view = memoryview(data)
+    pos, objects = 0, 0
+    pending = [1]  # values still expected at each open nesting level
+    while pending:
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        if pos >= len(view):
+            return  # truncated: the decoder reports it
+        objects += 1
+        if objects > max_objects:
+            raise MalformedFrame(f"more than {max_objects} msgpack values")
+        tb = view[pos]
+        pos += 1
+        count = 0
+        if tb <= 0x7F or tb >= 0xE0:  # fixint
+            continue
+        if 0x80 <= tb <= 0x8F:
+            count = 2 * (tb & 0x0F)
+        elif 0x90 <= tb <= 0x9F:
+            count = tb & 0x0F
+        elif 0xA0 <= tb <= 0xBF:
+            pos += tb & 0x1F
+            continue
+        elif tb in _FIXED:
+            pos += _FIXED[tb]
+            continue
+        elif tb in _SIZED:
+            width, extra, kind = _SIZED[tb]
+            n = int.from_bytes(view[pos : pos + width], "big")
+            pos += width
+            if kind == "s":
+                pos += extra + n
+                continue
+            count = 2 * n if kind == "m" else n
+        else:
+            raise MalformedFrame(f"msgpack type byte 0x{tb:02x} is never used")
+        if count:
+            if len(pending) > max_depth:
+                raise MalformedFrame(f"msgpack nested deeper than {max_depth}")
+            pending.append(count)
+
+
 def _check_depth(obj: object, depth: int = 0) -> None:
     if depth > MAX_NESTING:
         raise MalformedFrame(f"nesting deeper than {MAX_NESTING}")
