@@ -8,10 +8,12 @@ complete within a bound while it happens.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -31,7 +33,7 @@ from meshnode.core.crypto import (
 )
 from meshnode.core.messages import JOB_PROTOCOL, Open, Sealed, check_prompt_body, parse_message
 from meshnode.core.wire import FrameDecoder, encode_frame
-from meshnode.engine.base import SamplingParams
+from meshnode.engine.base import SamplingParams, max_prompt_bytes
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity
@@ -256,3 +258,51 @@ async def test_bombs_in_flight_get_a_typed_refusal_and_a_legit_job_completes(
         legit_s = time.monotonic() - start
     assert legit_s < LEGIT_JOB_BOUND_S, f"a legit job took {legit_s:.1f} s during the attack"
     assert codes == ["malformed_body"] * BOMBS_IN_FLIGHT
+
+
+# A context where the byte cap (8 per token) still admits 21,845 "<s>": ~2 s of special-
+# token parsing on this box, long enough to see whether running jobs pause for it.
+RUNNER_CTX = 8192
+# Longest pause between two chunks of a running job while the runner counts that prompt.
+# The runner's loop pausing for the whole count (as before) shows as a ~2 s gap.
+MAX_CHUNK_GAP_S = 0.5
+
+
+@pytest.mark.slow
+async def test_counting_a_long_prompt_in_the_runner_does_not_pause_running_jobs(
+    tiny_gguf_path: Path,
+) -> None:
+    from meshnode.engine.supervised import RunnerConfig, open_supervised_engine
+
+    flood = "<s>" * (max_prompt_bytes(RUNNER_CTX) // 3)
+    config = RunnerConfig(model=tiny_gguf_path, n_ctx=RUNNER_CTX)
+    async with open_supervised_engine(config) as engine:
+        params = SamplingParams(temperature=0.0, logit_bias=await engine.steady_logit_bias())
+        arrivals: list[float] = []
+        counted: list[tuple[float, float]] = []
+
+        async def count_when_running(generating: trio.Event) -> None:
+            await generating.wait()
+            start = time.monotonic()
+            assert await engine.count_tokens(flood) == RUNNER_CTX * 8 // 3 + 1
+            counted.append((start, time.monotonic()))
+
+        async with trio.open_nursery() as nursery:
+            generating = trio.Event()
+            nursery.start_soon(count_when_running, generating)
+            async with engine.stream("the river", params, RUNNER_CTX - 16) as gen:
+                async for _chunk in gen:
+                    arrivals.append(time.monotonic())
+                    if len(arrivals) == 20:
+                        generating.set()
+                    if counted and arrivals[-1] > counted[0][1] + 0.2:
+                        break
+        (start, end) = counted[0]
+        assert arrivals[-1] > end, "the job ended before the count did: nothing measured"
+        during = [t for t in arrivals if start <= t <= end + 0.2]
+        gaps = [b - a for a, b in itertools.pairwise(during)]
+        print(f"count {end - start:.2f} s, {len(during)} chunks, longest gap {max(gaps):.3f} s")
+        assert max(gaps) < MAX_CHUNK_GAP_S, (
+            f"a running job paused {max(gaps):.2f} s while the runner counted "
+            f"({end - start:.2f} s)"
+        )
