@@ -17,6 +17,7 @@ from meshnode.api.backend import BackendError, CompletionRequest, ModelCard, res
 from meshnode.api.chat_format import parse_messages, render_chat
 from meshnode.api.errors import ApiError, bad_request
 from meshnode.core.messages import MAX_PROMPT_CHARS, MAX_TOKENS_LIMIT
+from meshnode.core.text import SHOWN_LIMIT, shown
 from meshnode.engine.base import MAX_STOP_SEQUENCES, InvalidSamplingParams, SamplingParams
 
 # OpenAI's documented default for /v1/completions.
@@ -60,14 +61,15 @@ class ParsedRequest:
 def _check_keys(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
     for key in body:
         if key not in allowed:
-            raise bad_request(f"Unrecognized request argument supplied: {key}", param=str(key))
+            name = str(key)[:SHOWN_LIMIT]  # bounded: the body's keys are the caller's
+            raise bad_request(f"Unrecognized request argument supplied: {name}", param=name)
 
 
 def _require_absent_or(body: Mapping[str, Any], key: str, *neutral: object) -> None:
     """Refuse a feature we do not implement unless the client set it to its no-op value."""
     value = body.get(key)
     if value is not None and not any(value == n and type(value) is type(n) for n in neutral):
-        raise bad_request(f"{key}={value!r} is not supported by this endpoint", param=key)
+        raise bad_request(f"{key}={shown(value)} is not supported by this endpoint", param=key)
 
 
 def _model(body: Mapping[str, Any], cards: Sequence[ModelCard]) -> tuple[str, ModelCard]:

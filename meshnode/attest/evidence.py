@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import msgpack
 
 from meshnode.core.errors import MeshnodeError
+from meshnode.core.text import shown, shown_keys
 
 # A TDX v4 quote with its embedded PEM PCK chain is about 5 KB; 16 KiB leaves room
 # for v5 quotes and longer chains while keeping adverts small.
@@ -44,7 +45,7 @@ class Evidence:
 
     def __post_init__(self) -> None:
         if self.kind not in EVIDENCE_KINDS:
-            raise EvidenceError(f"unknown evidence kind {self.kind!r}")
+            raise EvidenceError(f"unknown evidence kind {shown(self.kind)}")
         if not isinstance(self.blob, bytes) or not self.blob:
             raise EvidenceError("evidence blob must be non-empty bytes")
         if len(self.blob) > MAX_EVIDENCE_BLOB_BYTES:
@@ -72,10 +73,10 @@ class Evidence:
         if not isinstance(d, dict):
             raise EvidenceError(f"evidence must be a map, got {type(d).__name__}")
         if d.get("v") != EVIDENCE_FORMAT_VERSION:
-            raise EvidenceError(f"unsupported evidence format version {d.get('v')!r}")
+            raise EvidenceError(f"unsupported evidence format version {shown(d.get('v'))}")
         unknown = set(d) - {"v", "kind", "blob", "gpu"}
         if unknown:
-            raise EvidenceError(f"unknown evidence fields {sorted(unknown)}")
+            raise EvidenceError(f"unknown evidence fields {shown_keys(list(unknown))}")
         kind, blob, gpu = d.get("kind"), d.get("blob"), d.get("gpu")
         if not isinstance(kind, str):
             raise EvidenceError("evidence kind must be a string")

@@ -31,6 +31,7 @@ from meshnode.core.peerid import (
     MAX_PEER_ID_TEXT_LEN,
     peer_id_from_ed25519,
 )
+from meshnode.core.text import shown
 
 ADVERT_VERSION = 1  # bump when the body schema changes; receivers reject unknown versions
 # Separates advert signatures from every other Ed25519 signature made with the node key
@@ -296,7 +297,8 @@ def _unpack(data: bytes, what: str) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except (msgpack.exceptions.UnpackException, ValueError, TypeError, OverflowError) as e:
-        raise AdvertRejected(RejectReason.MALFORMED, f"{what} is not msgpack: {e}") from e
+        reason = f"{what} is not msgpack: {shown(str(e))}"
+        raise AdvertRejected(RejectReason.MALFORMED, reason) from e
 
 
 def _malformed(msg: str) -> AdvertRejected:

@@ -23,6 +23,8 @@ from pytoniq_core.boc.builder import Builder
 from pytoniq_core.boc.cell import Cell
 from pytoniq_core.boc.slice import Slice
 
+from meshnode.core.text import shown
+
 STATE_TAG = 0x43685374
 """``semichannel_state`` constructor tag ("ChSt") the contract checks."""
 
@@ -190,7 +192,7 @@ def parse_voucher(data: bytes) -> Voucher:
     try:
         roots = Cell.from_boc(bytes(data))
     except Exception as exc:  # the BOC parser raises many unrelated types on bad input
-        raise MalformedVoucher(f"not a valid BOC: {exc}") from exc
+        raise MalformedVoucher(f"not a valid BOC: {shown(str(exc))}") from exc
     if len(roots) != 1:
         raise MalformedVoucher(f"expected one root cell, got {len(roots)}")
     cell = roots[0]
@@ -220,7 +222,7 @@ def _read_voucher(cs: Slice) -> Voucher:
     except MalformedVoucher:
         raise
     except Exception as exc:
-        raise MalformedVoucher(f"truncated voucher: {exc}") from exc
+        raise MalformedVoucher(f"truncated voucher: {shown(str(exc))}") from exc
     if has_conditionals or has_counterparty:
         raise MalformedVoucher("conditionals and counterparty data must be empty")
     if cs.remaining_bits or cs.remaining_refs:
