@@ -33,7 +33,7 @@ from meshnode.core.crypto import (
 )
 from meshnode.core.messages import JOB_PROTOCOL, Open, Sealed, check_prompt_body, parse_message
 from meshnode.core.wire import FrameDecoder, encode_frame
-from meshnode.engine.base import SamplingParams, max_prompt_bytes
+from meshnode.engine.base import PromptTooLong, SamplingParams, max_prompt_bytes
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity
@@ -306,3 +306,11 @@ async def test_counting_a_long_prompt_in_the_runner_does_not_pause_running_jobs(
             f"a running job paused {max(gaps):.2f} s while the runner counted "
             f"({end - start:.2f} s)"
         )
+        # The job for the counted prompt reuses the count's tokens: refused (too many
+        # tokens for the context) at once, not after parsing it all again.
+        start = time.monotonic()
+        with pytest.raises(PromptTooLong):
+            async with engine.stream(flood, params, 4) as gen:
+                async for _chunk in gen:
+                    pass
+        assert time.monotonic() - start < (end - counted[0][0]) / 2
