@@ -51,3 +51,32 @@ def test_shown_costs_the_same_for_a_megabyte_as_for_a_byte() -> None:
     for _ in range(1000):
         shown(big)
     assert time.perf_counter() - start < 0.5  # O(limit): ~1 ms for 1000 calls here
+
+
+def test_the_log_handlers_cut_a_megabyte_message_and_escape_terminal_controls() -> None:
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from meshnode.cli.common import MAX_LOG_MESSAGE_CHARS, terminal_log_handler
+
+    out = io.StringIO()
+    handler = terminal_log_handler(Console(file=out, force_terminal=True, width=20_000))
+    logger = logging.getLogger("meshnode.test_text")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        start = time.perf_counter()
+        logger.warning("peer said %s", "k" * (1 << 20))  # one long word: rich's worst case
+        logger.warning("peer said %s", "\x1b]0;pwned\x07\x1b[2J")
+        elapsed = time.perf_counter() - start
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    text = out.getvalue()
+    assert elapsed < 0.5, f"two log lines took {elapsed:.2f} s"  # 1 MiB took minutes before
+    assert f"({(1 << 20) + len('peer said ')} chars)" in text
+    lines = [line.rstrip() for line in text.splitlines()]  # rich pads to the console width
+    assert len(lines) == 2 and max(map(len, lines)) < MAX_LOG_MESSAGE_CHARS + 200
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in text and "pwned\x07" not in text

@@ -25,6 +25,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from meshnode.core.errors import EXIT_USAGE, MeshnodeError
+from meshnode.core.text import for_terminal
 
 if TYPE_CHECKING:
     from meshnode.pay.channel.pool import Budget
@@ -128,14 +129,17 @@ MAX_LOG_MESSAGE_CHARS = 4096
 
 
 class BoundedMessages(logging.Filter):
-    """Cuts each record's message to MAX_LOG_MESSAGE_CHARS: a last guard for a log line
-    that carries a peer's text without `core.text.shown`."""
+    """Cuts each record's message to MAX_LOG_MESSAGE_CHARS and escapes the control
+    characters a terminal acts on: a last guard for a log line that carries a peer's
+    text without `core.text.shown`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        safe = for_terminal(message[:MAX_LOG_MESSAGE_CHARS])
         if len(message) > MAX_LOG_MESSAGE_CHARS:
-            record.msg = f"{message[:MAX_LOG_MESSAGE_CHARS]}…({len(message)} chars)"
-            record.args = None
+            safe = f"{safe}…({len(message)} chars)"
+        if safe != message:
+            record.msg, record.args = safe, None
         return True
 
 
