@@ -314,3 +314,32 @@ async def test_counting_a_long_prompt_in_the_runner_does_not_pause_running_jobs(
                 async for _chunk in gen:
                     pass
         assert time.monotonic() - start < (end - counted[0][0]) / 2
+
+
+def test_the_shape_check_passes_every_body_we_send_and_fails_junk_only_with_its_own_error(
+) -> None:
+    import random
+
+    from meshnode.core.crypto import MAX_BODY_DEPTH, MAX_BODY_OBJECTS
+    from meshnode.core.messages import Usage
+    from meshnode.core.wire import MalformedFrame, check_shape
+
+    bodies: list[dict[str, Any]] = [
+        {"k": "prompt", "prompt": "é" * 70_000},
+        {"k": "tokens", "text": "x" * 300, "n": 3, "total": 2**40},
+        Usage(prompt_tokens=2**63, completion_tokens=5, finish_reason="stop",
+              cost_nanoton=2**64 - 1).to_body(),
+        {"f": 1.5, "b": b"\x00" * 70_000, "n": None, "t": True, "neg": -(2**63), "l": [1, 2]},
+        {"s8": "y" * 100, "b8": b"\x01" * 100, "s16": "z" * 300, "b16": b"\x02" * 300,
+         "i": [-1, 200, -200, 70_000, -70_000, 2**33, -(2**33), 0.25]},
+    ]
+    for body in bodies:
+        check_shape(msgpack.packb(body), max_depth=MAX_BODY_DEPTH, max_objects=MAX_BODY_OBJECTS)
+        assert unpack_body(b"\x00" + msgpack.packb(body)) == body
+    rng = random.Random(0)
+    for _ in range(5000):
+        junk = rng.randbytes(rng.randrange(64))
+        try:
+            check_shape(junk, max_depth=MAX_BODY_DEPTH, max_objects=MAX_BODY_OBJECTS)
+        except MalformedFrame:
+            pass

@@ -77,14 +77,16 @@ _FIXED: dict[int, int] = {  # type byte -> payload bytes that follow it
 }
 
 
-def check_shape(data: bytes, *, max_depth: int, max_objects: int) -> None:
+def check_shape(data: bytes, *, max_depth: int, max_objects: int, complete: bool = True
+                ) -> None:
     """Refuse msgpack whose containers nest deeper than `max_depth` or which holds more
     than `max_objects` values, *before* msgpack builds any of them.
 
     Reads only type bytes and lengths, skipping string and binary payloads, and stops at
     the first value past a limit: the cost is O(min(objects, max_objects)) whatever the
     size of `data`. (A megabyte of empty lists is a million objects to build; here it is
-    refused at the second list.) Truncation and trailing bytes are left to the decoder."""
+    refused at the 65th list.) `data` must be exactly one value, unless `complete` is
+    False: then it may be the head of one, and only what it holds is checked."""
     view = memoryview(data)
     pos, objects = 0, 0
     pending = [1]  # values still expected at each open nesting level
@@ -92,9 +94,9 @@ def check_shape(data: bytes, *, max_depth: int, max_objects: int) -> None:
         if pending[-1] == 0:
             pending.pop()
             continue
-        pending[-1] -= 1
         if pos >= len(view):
-            return  # truncated: the decoder reports it
+            break
+        pending[-1] -= 1
         objects += 1
         if objects > max_objects:
             raise MalformedFrame(f"more than {max_objects} msgpack values")
@@ -127,6 +129,8 @@ def check_shape(data: bytes, *, max_depth: int, max_objects: int) -> None:
             if len(pending) > max_depth:
                 raise MalformedFrame(f"msgpack nested deeper than {max_depth}")
             pending.append(count)
+    if complete and (pos != len(view) or any(pending)):
+        raise MalformedFrame("msgpack value truncated or followed by extra bytes")
 
 
 def _check_depth(obj: object, depth: int = 0) -> None:
