@@ -343,3 +343,22 @@ def test_the_shape_check_passes_every_body_we_send_and_fails_junk_only_with_its_
             check_shape(junk, max_depth=MAX_BODY_DEPTH, max_objects=MAX_BODY_OBJECTS)
         except MalformedFrame:
             pass
+
+
+def test_a_megabyte_frame_of_tiny_values_is_refused_before_it_is_built() -> None:
+    from meshnode.core.wire import MalformedFrame, decode_body
+
+    largest_open = Open(job_id=os.urandom(16), model_id="ab" * 32, max_tokens=4,
+                        params={"logit_bias": {i: -100.0 for i in range(300)},
+                                "stop": ["a", "b", "c", "d"]},
+                        channel_id=None, client_pub=os.urandom(32), header=os.urandom(24))
+    snapshot = {"t": "adverts", "items": [os.urandom(40) for _ in range(1024)]}
+    for legit in (largest_open.to_wire(), snapshot):
+        assert decode_body(msgpack.packb(legit, use_bin_type=True)) == legit
+    for hostile in ({"t": [0] * 1_000_000}, {"t": "open", "x": [[]] * 1_000_000}):
+        body = msgpack.packb(hostile)
+        start = time.perf_counter()
+        with pytest.raises(MalformedFrame):
+            decode_body(body)
+        took = time.perf_counter() - start
+        assert took < 0.05, f"{took * 1000:.0f} ms for one frame"  # 2 ms; 0.3-1 s before
