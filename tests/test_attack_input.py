@@ -8,7 +8,6 @@ complete within a bound while it happens.
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import os
 import time
@@ -260,16 +259,15 @@ async def test_bombs_in_flight_get_a_typed_refusal_and_a_legit_job_completes(
     assert codes == ["malformed_body"] * BOMBS_IN_FLIGHT
 
 
-# A context where the byte cap (8 per token) still admits 21,845 "<s>": ~2 s of special-
-# token parsing on this box, long enough to see whether running jobs pause for it.
+# A context where the byte cap (8 per token) still admits 21,845 "<s>": 2-10 s of
+# llama.cpp's special-token parsing on this box without the special-token budget.
 RUNNER_CTX = 8192
-# Longest pause between two chunks of a running job while the runner counts that prompt.
-# The runner's loop pausing for the whole count (as before) shows as a ~2 s gap.
-MAX_CHUNK_GAP_S = 0.5
+# Refusing the flood is one regex pass (~1 ms); parsing it took seconds.
+FLOOD_REFUSAL_BOUND_S = 1.0
 
 
 @pytest.mark.slow
-async def test_counting_a_long_prompt_in_the_runner_does_not_pause_running_jobs(
+async def test_the_runner_refuses_a_special_token_flood_at_once_and_reuses_a_count_for_its_job(
     tiny_gguf_path: Path,
 ) -> None:
     from meshnode.engine.supervised import RunnerConfig, open_supervised_engine
@@ -277,43 +275,40 @@ async def test_counting_a_long_prompt_in_the_runner_does_not_pause_running_jobs(
     flood = "<s>" * (max_prompt_bytes(RUNNER_CTX) // 3)
     config = RunnerConfig(model=tiny_gguf_path, n_ctx=RUNNER_CTX)
     async with open_supervised_engine(config) as engine:
-        params = SamplingParams(temperature=0.0, logit_bias=await engine.steady_logit_bias())
-        arrivals: list[float] = []
-        counted: list[tuple[float, float]] = []
-
-        async def count_when_running(generating: trio.Event) -> None:
-            await generating.wait()
-            start = time.monotonic()
-            assert await engine.count_tokens(flood) == RUNNER_CTX * 8 // 3 + 1
-            counted.append((start, time.monotonic()))
-
-        async with trio.open_nursery() as nursery:
-            generating = trio.Event()
-            nursery.start_soon(count_when_running, generating)
-            async with engine.stream("the river", params, RUNNER_CTX - 16) as gen:
-                async for _chunk in gen:
-                    arrivals.append(time.monotonic())
-                    if len(arrivals) == 20:
-                        generating.set()
-                    if counted and arrivals[-1] > counted[0][1] + 0.2:
-                        break
-        (start, end) = counted[0]
-        assert arrivals[-1] > end, "the job ended before the count did: nothing measured"
-        during = [t for t in arrivals if start <= t <= end + 0.2]
-        gaps = [b - a for a, b in itertools.pairwise(during)]
-        print(f"count {end - start:.2f} s, {len(during)} chunks, longest gap {max(gaps):.3f} s")
-        assert max(gaps) < MAX_CHUNK_GAP_S, (
-            f"a running job paused {max(gaps):.2f} s while the runner counted "
-            f"({end - start:.2f} s)"
-        )
-        # The job for the counted prompt reuses the count's tokens: refused (too many
-        # tokens for the context) at once, not after parsing it all again.
         start = time.monotonic()
-        with pytest.raises(PromptTooLong):
-            async with engine.stream(flood, params, 4) as gen:
-                async for _chunk in gen:
-                    pass
-        assert time.monotonic() - start < (end - counted[0][0]) / 2
+        with pytest.raises(PromptTooLong, match="special tokens"):
+            await engine.count_tokens(flood)
+        took = time.monotonic() - start
+        assert took < FLOOD_REFUSAL_BOUND_S, f"refusing the flood took {took:.1f} s"
+        # A prompt within the budget is counted once: its job uses the same tokens.
+        prompt = "<s>the river flows " * 500
+        counted = await engine.count_tokens(prompt)
+        params = SamplingParams(temperature=0.0, logit_bias=await engine.steady_logit_bias())
+        async with engine.stream(prompt, params, 4) as gen:
+            async for _chunk in gen:
+                pass
+        assert gen.usage.prompt_tokens == counted > 1000
+
+
+async def test_the_special_token_budget_counts_the_vocabularys_special_texts(
+    tiny_gguf_path: Path,
+) -> None:
+    from meshnode.engine.special_tokens import (
+        MAX_SPECIAL_TOKENS_PER_PROMPT,
+        SpecialTokenBudget,
+        TooManySpecialTokens,
+    )
+
+    budget = SpecialTokenBudget(["<s>", "</s>", "<unk>", "<start_of_turn>", "<start>"], limit=5)
+    assert budget.count("a <s> b </s><start_of_turn>x<start><star<unk") == 4
+    assert budget.count("<" * 10_000 + "s>") == 1
+    with pytest.raises(TooManySpecialTokens):
+        budget.check("<s>" * 6)
+    within = "<s>hello</s>" * (MAX_SPECIAL_TOKENS_PER_PROMPT // 2)
+    async with await LlamaEngine.load(tiny_gguf_path, n_ctx=RUNNER_CTX) as engine:
+        assert await engine.count_tokens(within) > MAX_SPECIAL_TOKENS_PER_PROMPT
+        with pytest.raises(TooManySpecialTokens):
+            await engine.count_tokens(within + "<unk>")
 
 
 def test_the_shape_check_passes_every_body_we_send_and_fails_junk_only_with_its_own_error(

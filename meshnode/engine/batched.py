@@ -47,6 +47,7 @@ from meshnode.engine.llama import (
     checked_prompt,
     steady_bias_for,
 )
+from meshnode.engine.special_tokens import SpecialTokenBudget, special_texts
 from meshnode.engine.textstream import TextAssembler
 
 # Tokens per llama_decode call (llama.cpp's default n_batch): prompt slices fill it.
@@ -134,6 +135,7 @@ class BatchedModel:
         self.n_ctx = n_ctx
         self.n_slots = n_slots
         self._add_bos = bool(self.model.add_bos_token())
+        self._specials = SpecialTokenBudget(special_texts(self.vocab, self.n_vocab))
         self._buf = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
         self.slots = [_Slot(i) for i in range(n_slots)]
         self.decoded_total = 0
@@ -152,6 +154,8 @@ class BatchedModel:
     # ---- what a request costs and whether it fits --------------------------------
 
     def tokenize(self, text: str) -> list[int]:
+        """As llama.LlamaEngine.tokenize: special tokens parsed, after counting them."""
+        self._specials.check(text)
         tokens: list[int] = self.model.tokenize(text.encode("utf-8"), self._add_bos, True)
         return tokens
 

@@ -39,6 +39,7 @@ from meshnode.engine.base import (
     chat_format_of,
     check_prompt_size,
 )
+from meshnode.engine.special_tokens import SpecialTokenBudget, special_texts
 from meshnode.engine.textstream import TextAssembler
 
 # How long leaving a stream waits for the decode thread to notice the cancel flag. One
@@ -163,6 +164,7 @@ class LlamaEngine:
         self._vocab = llm._model.vocab
         self._n_vocab: int = llm.n_vocab()
         self._add_bos: bool = bool(llm._model.add_bos_token())
+        self._specials = SpecialTokenBudget(special_texts(self._vocab, self._n_vocab))
         self._decoded_total = 0
         self._closed = False
 
@@ -238,8 +240,10 @@ class LlamaEngine:
         nothing but its own conversation. Text from a third party must be escaped where
         the prompt is built (the API's chat formatting), not here. The parsing is
         quadratic in the special tokens found, so callers cap the size first
-        (check_prompt_size) and run it off the event loop (count_tokens, stream)."""
+        (check_prompt_size), the special tokens are counted first (linear, refused past
+        MAX_SPECIAL_TOKENS_PER_PROMPT) and it runs off the event loop."""
         self._check_open()
+        self._specials.check(text)
         tokens: list[int] = self._llm.tokenize(
             text.encode("utf-8"), add_bos=self._add_bos, special=True
         )
