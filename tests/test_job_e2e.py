@@ -187,15 +187,3 @@ async def test_tokens_the_engine_made_while_sending_go_out_batched_and_intact(
             direct.append(chunk.text)
     assert "".join(pieces) == "".join(direct)
 
-
-def test_a_batch_never_outruns_the_credit_window() -> None:
-    from meshnode.engine.base import TokenChunk
-    from meshnode.jobs.provider import _payable_batch
-
-    class Window:
-        def may_produce(self, delivered: int) -> bool:
-            return delivered <= 5
-
-    chunks = [TokenChunk("a", 2), TokenChunk("b", 2), TokenChunk("c", 2)]
-    assert [c.text for c in _payable_batch(chunks, 0, Window())] == ["a", "b"]  # type: ignore[arg-type]
-    assert [c.text for c in _payable_batch(chunks[1:], 0, Window())] == ["b", "c"]  # type: ignore[arg-type]
