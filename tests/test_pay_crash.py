@@ -4,7 +4,6 @@ one to its ledger before producing the tokens that voucher pays for."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,11 +15,10 @@ import trio
 from pay_net import DEPOSIT, PRICE, WINDOW_TOKENS, pay_net
 from pytoniq_core.boc.cell import Cell
 
-from meshnode.core.messages import Usage
+from meshnode.jobs.client import JobError
 from meshnode.node import client_node
 from meshnode.pay.channel.ledger import ChannelRecord, Ledger
 from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
-from meshnode.pay.metering.payer import ChannelPayer
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -32,44 +30,6 @@ STARTUP_TIMEOUT_S = 60.0  # importing llama.cpp and libp2p on a busy 2-core box
 VOUCHERS_BEFORE_KILL = 3
 
 
-class PausingPayer:
-    """Pays the first few requests, then stalls: the provider is then blocked waiting
-    for payment, so every voucher the client sent was accepted (tokens followed each)."""
-
-    def __init__(self, inner: ChannelPayer, pay_times: int) -> None:
-        self.inner = inner
-        self.pay_times = pay_times
-        self.stalled = trio.Event()
-
-    @property
-    def channel_id(self) -> int | None:
-        return self.inner.channel_id
-
-    def begin(self, prompt: str) -> None:
-        self.inner.begin(prompt)
-
-    def authorize(self, job_id: bytes, client_pub: bytes, provider_peer_id: str) -> bytes:
-        return self.inner.authorize(job_id, client_pub, provider_peer_id)
-
-    def check_usage(self, usage: Usage) -> None:
-        self.inner.check_usage(usage)
-
-    def channel_key(self) -> bytes:
-        return self.inner.channel_key()
-
-    def accepted(self, prompt_tokens: int | None, owed_before: int | None) -> None:
-        self.inner.accepted(prompt_tokens, owed_before)
-
-    async def finish(self, received: int, complete: bool) -> None:
-        await self.inner.finish(received, complete)
-
-    async def voucher_for(self, owed: int, received: int) -> bytes:
-        if len(self.inner.vouchers) >= self.pay_times:
-            self.stalled.set()
-            await trio.sleep_forever()
-        return await self.inner.voucher_for(owed, received)
-
-
 @pytest.fixture(scope="module")
 def code() -> Cell:
     try:
@@ -78,7 +38,7 @@ def code() -> Cell:
         pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
-async def test_provider_killed_mid_job_keeps_the_last_accepted_voucher(
+async def test_provider_killed_right_after_accepting_a_voucher_has_it_on_disk(
     tmp_path: Path, code: Cell, tiny_gguf_path: Path, tiny_engine: LlamaEngine
 ) -> None:
     from meshnode.engine.llama import steady_logit_bias
@@ -99,6 +59,7 @@ async def test_provider_killed_mid_job_keeps_the_last_accepted_voucher(
         str(PRICE.prompt_per_1k),
         str(PRICE.completion_per_1k),
         str(WINDOW_TOKENS),
+        str(VOUCHERS_BEFORE_KILL),  # the provider SIGKILLs itself right after this one
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
@@ -108,30 +69,34 @@ async def test_provider_killed_mid_job_keeps_the_last_accepted_voucher(
             line = await trio.to_thread.run_sync(  # type: ignore[call-arg]
                 proc.stdout.readline, abandon_on_cancel=True
             )
-        addr = json.loads(line)["addr"]
-        payer = PausingPayer(channel.payer(PRICE, WINDOW_TOKENS), VOUCHERS_BEFORE_KILL)
+        started = json.loads(line)
+        # The provider's own ledger connection commits with WAL + synchronous=FULL (2):
+        # a voucher is fsynced before accept_voucher returns, so even power loss keeps it.
+        assert (started["journal_mode"], started["synchronous"]) == ("wal", 2)
+        payer = channel.payer(PRICE, WINDOW_TOKENS)
         params = {"temperature": 0.0, "seed": 7, "logit_bias": steady_logit_bias(tiny_engine)}
         async with client_node(allow_insecure=True) as client:
-            advert = await client.connect(addr)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    lambda: client.ask(
-                        advert, "hello world", max_tokens=200, params=params, payer=payer
-                    )
-                )
-                with trio.fail_after(STARTUP_TIMEOUT_S):
-                    await payer.stalled.wait()
-                os.kill(proc.pid, signal.SIGKILL)
-                await trio.to_thread.run_sync(proc.wait)
-                nursery.cancel_scope.cancel()
+            advert = await client.connect(started["addr"])
+            with trio.fail_after(STARTUP_TIMEOUT_S), pytest.raises(JobError) as info:
+                await client.ask(advert, "hello world", max_tokens=200, params=params,
+                                 payer=payer)
+        assert info.value.code == "disconnected"
+        with trio.fail_after(STARTUP_TIMEOUT_S):
+            await trio.to_thread.run_sync(proc.wait)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    sent = payer.inner.vouchers
+    sent = payer.vouchers
+    # The provider died before asking for more: the last voucher sent is the one it took.
     assert len(sent) == VOUCHERS_BEFORE_KILL
     with Ledger(home) as reopened:
         stored = reopened.latest_voucher(channel.ref)
     assert stored is not None
     assert stored.voucher == sent[-1]
+
+
+def test_the_ledgers_own_connection_commits_with_synchronous_full(tmp_path: Path) -> None:
+    with Ledger(tmp_path) as ledger:
+        assert ledger.durability() == ("wal", 2)
