@@ -26,7 +26,6 @@ from meshnode.core.messages import JOB_PROTOCOL, Accept, ErrorMsg, Open, Sealed,
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.wire import FrameDecoder, encode_frame, encode_uvarint
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
-from meshnode.engine.tinymodel import tiny_model_path
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError, JobRequest, run_job
 from meshnode.node import ClientNode, ProviderNode, client_node, provider_node
@@ -38,17 +37,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LlamaEngine]:
-    eng = await LlamaEngine.load(
-        tiny_model_path(tmp_path_factory.getbasetemp() / "models"), n_ctx=512
-    )
-    yield eng
-    await eng.aclose()
-
-
-@pytest.fixture
-async def mesh(engine: LlamaEngine) -> AsyncIterator[tuple[ProviderNode, ClientNode]]:
-    async with provider_node(engine, identity=NodeIdentity.generate()) as prov:
+async def mesh(tiny_engine: LlamaEngine) -> AsyncIterator[tuple[ProviderNode, ClientNode]]:
+    async with provider_node(tiny_engine, identity=NodeIdentity.generate()) as prov:
         async with client_node(allow_insecure=True) as client:
             await client.connect(prov.addrs[0])
             yield prov, client
@@ -114,20 +104,20 @@ def _bad_inputs(prov: ProviderNode, engine: LlamaEngine) -> dict[str, bytes]:
     "case", ["truncated_frame", "frame_too_large", "malformed_frame", "schema", "unknown_message"]
 )
 async def test_bad_frame_closes_only_its_stream(
-    case: str, engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode]
+    case: str, tiny_engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode]
 ) -> None:
     prov, client = mesh
-    reply = await _raw_exchange(client, prov, _bad_inputs(prov, engine)[case])
+    reply = await _raw_exchange(client, prov, _bad_inputs(prov, tiny_engine)[case])
     assert reply == {"t": "error", "code": case, "msg": reply["msg"]}
     assert prov.jobs.stats.errors == {case: 1}
     advert = client.adverts[prov.peer_id]
-    params = {"temperature": 0.0, "logit_bias": steady_logit_bias(engine)}
+    params = {"temperature": 0.0, "logit_bias": steady_logit_bias(tiny_engine)}
     res = await client.ask(advert, "still there?", max_tokens=5, params=params)
     assert res.usage.completion_tokens == 5
 
 
 async def test_flipped_ciphertext_byte_is_detected(
-    engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode]
+    tiny_engine: LlamaEngine, mesh: tuple[ProviderNode, ClientNode]
 ) -> None:
     prov, client = mesh
     key = PrivateKey.generate()
@@ -135,7 +125,7 @@ async def test_flipped_ciphertext_byte_is_detected(
     sealer = Sealer(client_session(key, prov.identity.job_public).send, job_id)
     sealed = bytearray(sealer.seal({"k": "prompt", "prompt": "secret question"}))
     sealed[5] ^= 0x01
-    data = encode_frame(_open(engine, key, sealer, job_id).to_wire()) + encode_frame(
+    data = encode_frame(_open(tiny_engine, key, sealer, job_id).to_wire()) + encode_frame(
         Sealed(bytes(sealed)).to_wire()
     )
     reply = await _raw_exchange(client, prov, data)

@@ -18,7 +18,6 @@ from pytoniq_core.boc.cell import Cell
 from meshnode.jobs.client import JobError
 from meshnode.node import client_node
 from meshnode.pay.channel.ledger import ChannelRecord, Ledger
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -28,14 +27,6 @@ pytestmark = pytest.mark.slow
 PROVIDER_SCRIPT = Path(__file__).with_name("pay_provider_proc.py")
 STARTUP_TIMEOUT_S = 60.0  # importing llama.cpp and libp2p on a busy 2-core box
 VOUCHERS_BEFORE_KILL = 3
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 async def test_provider_killed_right_after_accepting_a_voucher_has_it_on_disk(

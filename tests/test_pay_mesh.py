@@ -24,7 +24,6 @@ from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_nod
 from meshnode.pay.channel.ledger import ChannelRecord, Ledger
 from meshnode.pay.channel.lifecycle import ClientChannel
 from meshnode.pay.contract.cells import FEE_RESERVE
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -32,14 +31,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 def steady(engine: LlamaEngine) -> dict[str, Any]:
