@@ -424,3 +424,105 @@ async def test_a_provider_silent_before_its_first_token_is_given_up_on_within_th
     assert outcome.before_first_token and arrivals == []
     bound = StallDetector.for_prompt("hello").timeout()
     assert bound <= trio.current_time() - start <= bound + 0.1
+
+
+class _WindowGate:
+    """The PaymentGate interface over `Window`: one nanoton a token, vouchers carry the
+    signed total as decimal text; records what happened in `log`."""
+
+    def __init__(self, window: Window, log: list[str]) -> None:
+        self.window = window
+        self.log = log
+
+    async def admit(self) -> None:
+        return None
+
+    async def start(self, prompt_tokens: int) -> None:
+        return None
+
+    @property
+    def owed_before(self) -> int | None:
+        return 0
+
+    def may_produce(self, upto: int) -> bool:
+        return self.window.may_produce(upto)
+
+    def exhausted(self, upto: int) -> bool:
+        return self.window.exhausted(upto)
+
+    def ask(self, delivered: int, upto: int) -> int:
+        return self.window.ask(delivered, upto)
+
+    def settled(self, delivered: int) -> bool:
+        return self.window.settled(delivered)
+
+    async def accept_voucher(self, boc: bytes, delivered: int) -> None:
+        self.window.paid = max(self.window.paid, int(boc))
+        self.log.append(f"paid {self.window.paid}")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        return completion_tokens
+
+    async def finish(self) -> None:
+        return None
+
+
+class _SigningPayer:
+    """The Payer interface signing whatever is asked (as decimal text)."""
+
+    channel_id = 1
+    charged = 0
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def begin(self, prompt: str) -> None:
+        return None
+
+    def authorize(self, job_id: bytes, client_pub: bytes, provider_peer_id: str) -> bytes:
+        return b"\0" * 64
+
+    def channel_key(self) -> bytes:
+        return b"\0" * 32
+
+    def accepted(self, prompt_tokens: int | None, owed_before: int | None) -> None:
+        return None
+
+    async def voucher_for(self, owed: int, received: int) -> bytes:
+        return str(owed).encode()
+
+    def check_usage(self, usage: Any) -> None:
+        self.log.append(f"done {usage.completion_tokens}")
+
+    async def finish(self, received: int, complete: bool) -> None:
+        return None
+
+
+async def test_the_drivers_keep_tokens_within_the_window_and_settle_before_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log: list[str] = []
+    window = Window(limit=2)
+    key = PrivateKey.generate()
+    provider = JobProvider(_ScriptedEngine([0.01] * 7, hang=False), bytes(key),  # type: ignore[arg-type]
+                           peer_id="provider",
+                           gate_factory=lambda _open, _peer: _WindowGate(window, log))
+    left, right = trio.testing.memory_stream_pair()
+
+    async def on_text(text: str) -> None:
+        log.append(f"token {len([e for e in log if e.startswith('token')]) + 1}")
+        assert len([e for e in log if e.startswith("token")]) <= window.paid + window.limit
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(provider.handle_stream, _MemoryNetStream(right))
+        res = await run_job_on_stream(
+            FramedStream(_MemoryNetStream(left)),  # type: ignore[arg-type]
+            ID(b"\x00\x01peer"), bytes(key.public_key),
+            JobRequest(MODEL, "hello", 100, {"temperature": 0.0}), on_text=on_text,
+            payer=_SigningPayer(log),  # type: ignore[arg-type]
+        )
+        nursery.cancel_scope.cancel()
+    assert res.usage.completion_tokens == 7
+    # Never more than two tokens on credit, and the last one paid for before the bill.
+    assert log == ["token 1", "token 2", "paid 2", "token 3", "token 4", "paid 4", "token 5",
+                   "token 6", "paid 6", "token 7", "paid 7", "done 7"]
