@@ -1,5 +1,8 @@
 """Client half of `/meshnode/job/1`: seal a prompt to the provider's job key, stream
-the tokens back, pay when asked, and check the provider's accounting on the way."""
+the tokens back, pay when asked, and check the provider's accounting on the way.
+
+A trio driver over `core.job_protocol.ClientJob` (the ordering and accounting rules)
+and `StallDetector` (how long to wait for the provider's next frame)."""
 
 from __future__ import annotations
 
