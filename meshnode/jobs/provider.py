@@ -2,10 +2,11 @@
 
 A trio driver over `core.job_protocol.ProviderJob`, which holds every ordering rule
 (what may be received or sent when, the credit window, settling before Done); this
-module does the I/O, runs the engine and calls the payment gate. One job per stream. Any protocol error (bad frame, bad seal, unexpected message) ends
-that stream with a typed `Error` frame and a log line; it never reaches the node.
-A concurrent reader watches the client: vouchers go to the payment gate, and a closed
-or reset stream cancels generation, so a vanished client frees its slot at once.
+module does the I/O, runs the engine and calls the payment gate. One job per stream. Any
+protocol error (bad frame, bad seal, unexpected message) ends that stream with a typed
+`Error` frame and a log line; it never reaches the node. A concurrent reader watches the
+client: vouchers go to the payment gate, and a closed or reset stream cancels
+generation, so a vanished client frees its slot at once.
 """
 
 from __future__ import annotations
