@@ -25,6 +25,7 @@ All three are `ProtocolError`, which carries the stable `code` sent in an Error 
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from nacl.public import PrivateKey
 from meshnode.core.crypto import Opener, Sealer, SealError, client_session, provider_session
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.messages import (
+    JOB_ID_BYTES,
     Accept,
     Busy,
     ErrorMsg,
@@ -450,10 +452,12 @@ class ClientJob:
             JobDone | ProviderBusy | ProviderFailed   (the job is over)
         send(job.abort(code, msg))       # the client gives up (optional)
 
-    `receive_frame` raises only `RemoteProtocolError`: a frame the state does not allow,
-    a bad seal or body, a token count that does not add up or that bills more tokens than
-    the text could hold, a Done whose bill differs from what arrived. After a raise the
-    machine is closed.
+    `job_id` (random by default) and `ephemeral` (the client's X25519 key, fresh by
+    default) may be fixed for tests. `receive_frame` raises only `ProtocolError`:
+    `RemoteProtocolError` for a frame the state does not allow, a bad seal or body, a
+    token count that does not add up or that bills more tokens than the text could hold,
+    a Done whose bill differs from what arrived; `LocalProtocolError` for a frame read
+    while a voucher is owed. After a raise the machine is closed.
     """
 
     def __init__(
@@ -464,10 +468,10 @@ class ClientJob:
         max_tokens: int,
         params: dict[str, Any],
         *,
-        job_id: bytes,
+        job_id: bytes | None = None,
         ephemeral: PrivateKey | None = None,
     ) -> None:
-        self.job_id = job_id
+        self.job_id = os.urandom(JOB_ID_BYTES) if job_id is None else job_id
         self._ephemeral = ephemeral or PrivateKey.generate()
         self._keys = client_session(self._ephemeral, provider_job_pub)
         self._sealer = Sealer(self._keys.send, ad=job_id)
