@@ -78,7 +78,7 @@ class Window:
 def handshake(window: Any = None, prompt: str = "hi") -> tuple[ClientJob, ProviderJob]:
     """A client and a provider machine talking up to the provider's Accept."""
     key = PrivateKey.generate()
-    client = ClientJob(bytes(key.public_key), MODEL, prompt, 100, {}, job_id=os.urandom(16))
+    client = ClientJob(bytes(key.public_key), MODEL, prompt, 100, {})  # a random job id
     provider = ProviderJob(key, MODEL)
     open_msg, sealed = client.open(None, None, None)
     provider.receive_frame(open_msg)

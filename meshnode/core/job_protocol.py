@@ -471,10 +471,10 @@ class ClientJob:
         job_id: bytes | None = None,
         ephemeral: PrivateKey | None = None,
     ) -> None:
-        self.job_id = os.urandom(JOB_ID_BYTES) if job_id is None else job_id
+        self.job_id: bytes = os.urandom(JOB_ID_BYTES) if job_id is None else job_id
         self._ephemeral = ephemeral or PrivateKey.generate()
         self._keys = client_session(self._ephemeral, provider_job_pub)
-        self._sealer = Sealer(self._keys.send, ad=job_id)
+        self._sealer = Sealer(self._keys.send, ad=self.job_id)
         self._opener: Opener | None = None
         self.model_id = model_id
         self.prompt = prompt
