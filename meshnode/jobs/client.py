@@ -44,7 +44,7 @@ ACCEPT_TIMEOUT_S = 15.0
 # Between tokens the wait follows the provider's own pace: core.job_protocol.StallDetector
 # (at most TOKEN_TIMEOUT_S, re-exported here with TOKEN_COUNT_SLACK for callers).
 __all__ = ["TOKEN_COUNT_SLACK", "TOKEN_TIMEOUT_S", "JobError", "JobRequest", "JobResult",
-           "ProviderBusy", "run_job"]
+           "ProviderBusy", "run_job", "run_job_on_stream"]
 
 OnText = Callable[[str], Awaitable[None]]
 
