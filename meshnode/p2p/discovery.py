@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from typing import Protocol
 
 import trio
 from libp2p.abc import IHost
@@ -43,7 +44,7 @@ from meshnode.p2p.dht import (
     make_dht,
 )
 from meshnode.p2p.directory_sync import fetch_snapshot, install_snapshot_server
-from meshnode.p2p.gossip import ADVERT_TOPIC, AdvertGossip
+from meshnode.p2p.gossip import AdvertGossip
 from meshnode.p2p.host import parse_peer_addr
 from meshnode.p2p.relay import RelayClient, RelayError, running_relay_server
 
@@ -74,6 +75,14 @@ ADVERT_FETCH_CONCURRENCY = 8
 FIND_TIMEOUT_S = 20.0
 
 OnInsert = Callable[[InsertResult], None]
+
+
+class AdvertPublisher(Protocol):
+    """What the announcer's gossip loop needs of ``AdvertGossip``."""
+
+    async def publish(self, signed_advert: bytes) -> None: ...
+
+    def has_topic_peers(self) -> bool: ...
 
 
 def _parse_bootstrap(addrs: Sequence[str]) -> list[PeerInfo]:
@@ -233,18 +242,20 @@ class ProviderAnnouncer:
             await trio.sleep(delay)
             delay = await self._announce_dht()
 
-    async def _gossip_loop(self, gossip: AdvertGossip) -> None:
+    async def _gossip_loop(self, gossip: AdvertPublisher) -> None:
         with trio.move_on_after(FIRST_PUBLISH_WAIT_S):
-            while not gossip.pubsub.peer_topics.get(ADVERT_TOPIC):
+            while not gossip.has_topic_peers():
                 await trio.sleep(_TOPIC_POLL_S)
-        last = -float("inf")
         while True:
+            # A fresh event *before* signing and publishing: a load change that lands
+            # while this advert is built or sent sets the new event and is published
+            # next (replacing it after the await would lose that wake-up).
+            self._load_changed = trio.Event()
             try:
                 await gossip.publish(self.node_advert_fn())
             except (trio.TooSlowError, AdvertRejected) as exc:
                 log.warning("gossip publish failed: %s", exc)
             last = trio.current_time()
-            self._load_changed = trio.Event()
             with trio.move_on_after(self.republish_s):
                 await self._load_changed.wait()
                 await trio.sleep_until(last + self.load_interval_s)

@@ -150,6 +150,10 @@ class AdvertGossip:
             await self.pubsub.publish(ADVERT_TOPIC, signed_advert)
         self.published += 1
 
+    def has_topic_peers(self) -> bool:
+        """Whether any connected peer is subscribed to the topic (a publish reaches it)."""
+        return bool(self.pubsub.peer_topics.get(ADVERT_TOPIC))
+
     def mesh_peers(self) -> set[ID]:
         return set(self.router.mesh.get(ADVERT_TOPIC, set()))
 
