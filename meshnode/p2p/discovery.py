@@ -13,7 +13,7 @@ lives in that task and ends with it.
   its advert.
 - ``ClientDiscovery``: a light client's view. Feeds every advert heard on the topic
   into its ``Directory``; ``find`` answers from the directory and falls back to a DHT
-  lookup when it holds no fresh advert for the model.
+  lookup when it holds no fresh *verified* advert for the model.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 from trio_typing import TaskStatus
 
+from meshnode.attest.advert_check import policy_advert_check
 from meshnode.core.advert import AdvertRejected, decode_and_verify
-from meshnode.core.directory import Directory, InsertResult, Provider
+from meshnode.core.directory import AttestCheck, Directory, InsertResult, Provider
 from meshnode.p2p.dht import (
     BOOTSTRAP_DIAL_TIMEOUT_S,
     DhtError,
@@ -103,12 +104,17 @@ class BootstrapNode:
         *,
         relay: bool = True,
         directory: Directory | None = None,
+        attest: AttestCheck | None = None,
     ) -> None:
         self.host = host
         self.peers = _parse_bootstrap(peers)
         self.relay = relay
-        # Bootstrap nodes keep a directory too: cheap, and it makes them observable.
-        self.directory = directory if directory is not None else Directory()
+        # Bootstrap nodes keep a directory too: clients load it as their first snapshot.
+        # Its entries are checked against the attestation policy before they are stored,
+        # so a flood of fresh keys cannot evict a verified provider (core/directory.py).
+        if directory is None:
+            directory = Directory(attest=attest if attest is not None else policy_advert_check())
+        self.directory = directory
         self.dht: MeshKadDHT | None = None
         self.gossip: AdvertGossip | None = None
 
@@ -331,10 +337,12 @@ class ClientDiscovery:
         return accepted
 
     async def find(self, model: str, timeout: float = FIND_TIMEOUT_S) -> list[Provider]:
-        """Live providers of ``model`` (id or name): the directory's if it has any, else
-        those a DHT lookup turns up (by model id only: the DHT is keyed by id)."""
+        """Live providers of ``model`` (id or name): the directory's if it holds a verified
+        one, else also those a DHT lookup turns up (by model id only: the DHT is keyed by
+        id). Unverified entries do not stop the lookup: a flood of fresh keys offering
+        the model must not hide the real providers that the DHT still knows."""
         found = self.directory.providers_for(model, self.clock())
-        if found or not _is_model_id(model):
+        if any(p.listing.verified for p in found) or not _is_model_id(model):
             return found
         if self.dht is None:
             raise RuntimeError("ClientDiscovery.find called before run() started")

@@ -1,0 +1,227 @@
+"""Attacks on discovery by a stranger: a gossip flood of validly signed adverts from
+fresh peer ids, and a junk flood on the advert topic. After each, the node answers and
+a legitimate client still finds the real provider (and, where it applies, a job runs)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import libp2p.pubsub.pubsub as pubsub_module
+import pytest
+import trio
+from discovery_mesh import MESH_WAIT_S, model_id, running_mesh
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+from libp2p.tools.anyio_service import background_trio_service
+
+import meshnode.p2p.gossip as gossip_module
+from meshnode.attest.advert_check import policy_advert_check
+from meshnode.core.advert import Advert, Capacity, Load, ModelOffer, encode_signed
+from meshnode.core.directory import Directory
+from meshnode.core.peerid import peer_id_from_ed25519
+from meshnode.engine.llama import LlamaEngine
+from meshnode.identity import NodeIdentity
+from meshnode.node import ProviderSettings, client_node, provider_node
+from meshnode.p2p.discovery import BootstrapNode
+from meshnode.p2p.gossip import ADVERT_TOPIC, GOSSIP_PEER_BURST, GOSSIP_PEER_RATE_PER_S
+from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
+
+pytestmark = pytest.mark.slow
+
+# CI scale of the measured attack (2,500 adverts against 1,024 entries): the same ratio
+# of flood to directory size, small enough to sign and send in a few seconds.
+FLOOD_ADVERTS = 300
+FLOOD_DIRECTORY_ENTRIES = 64
+# Junk flood: a one-sender flood well beyond what its per-peer bucket admits.
+JUNK_MESSAGES = 2000
+JUNK_PREFIX = b"junk-flood:"
+RPC_BATCH = 50  # forged messages per RPC: one write carries many
+QUIET_S = 1.0  # a count unchanged this long means the flood has been processed
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = MESH_WAIT_S) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.05)
+    assert condition(), what
+
+
+async def _until_quiet(count: Callable[[], int], timeout: float = MESH_WAIT_S) -> int:
+    """Wait until ``count()`` has not changed for QUIET_S; its last value."""
+    with trio.fail_after(timeout):
+        last, since = count(), trio.current_time()
+        while trio.current_time() - since < QUIET_S:
+            await trio.sleep(0.1)
+            now = count()
+            if now != last:
+                last, since = now, trio.current_time()
+    return last
+
+
+class Rogue:
+    """A stranger with a bare py-libp2p gossipsub (no validator, no rate limit of its
+    own) that forges pubsub messages, each signed by whatever key it likes."""
+
+    def __init__(self, host: IHost, router: GossipSub, pubsub: Pubsub) -> None:
+        self.host = host
+        self.router = router
+        self.pubsub = pubsub
+        self._seqno = 0
+
+    def message(self, data: bytes, seed: bytes) -> rpc_pb2.Message:
+        """A pubsub message from the peer whose key ``seed`` is, validly signed."""
+        keys = create_new_key_pair(seed)
+        self._seqno += 1
+        msg = rpc_pb2.Message(
+            data=data,
+            topicIDs=[ADVERT_TOPIC],
+            from_id=ID.from_pubkey(keys.public_key).to_bytes(),
+            seqno=self._seqno.to_bytes(8, "big"),
+        )
+        msg.signature = keys.private_key.sign(
+            PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString()
+        )
+        msg.key = keys.public_key.serialize()
+        return msg
+
+    async def send(self, target: ID, msgs: list[rpc_pb2.Message]) -> None:
+        """Push ``msgs`` to ``target``, RPC_BATCH to an RPC, pausing so py-libp2p's
+        32-RPC outbound queue never drops any."""
+        for i in range(0, len(msgs), RPC_BATCH):
+            self.router.send_rpc(target, rpc_pb2.RPC(publish=msgs[i:i + RPC_BATCH]))
+            await trio.sleep(0.02)
+
+
+@asynccontextmanager
+async def rogue_next_to(target: IHost) -> AsyncIterator[Rogue]:
+    async with running_host(NodeIdentity.generate()) as host:
+        router = GossipSub([PROTOCOL_ID_V11], 6, 4, 12, heartbeat_interval=1,
+                           max_messages_per_topic_per_second=1e9)
+        pubsub = Pubsub(host, router)
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            await pubsub.subscribe(ADVERT_TOPIC)
+            await host.connect(parse_peer_addr(full_addrs(target)[0]))
+            target_id = target.get_id()
+            await _until(lambda: target_id in router.mesh.get(ADVERT_TOPIC, set()),
+                         "the target in the rogue's mesh")
+            yield Rogue(host, router, pubsub)
+
+
+def fake_advert(seed: bytes, model: str, name: str) -> bytes:
+    """A validly signed advert of a fresh key offering ``model``, living as long as
+    allowed, with evidence no policy accepts."""
+    pub = create_new_key_pair(seed).public_key.to_bytes()
+    now = time.time()
+    advert = Advert(
+        peer_id=peer_id_from_ed25519(pub),
+        peer_pubkey=pub,
+        addrs=("/ip4/127.0.0.1/tcp/9",),
+        models=(ModelOffer(id=model, name=name, quant="Q4_K_M", ctx=512,
+                           price_prompt_per_1k=0, price_completion_per_1k=0),),
+        capacity=Capacity(slots=8, tokens_per_s=1000.0),
+        load=Load(busy_slots=0, queue_len=0),
+        job_pubkey=os.urandom(32),
+        seq=1,
+        issued_at=now,
+        expires_at=now + 890.0,
+        attestation={"kind": "dev"},
+    )
+    return encode_signed(advert, seed)
+
+
+async def test_advert_flood_from_fresh_ids_keeps_the_real_provider_findable_and_a_job_runs(
+    tiny_engine: LlamaEngine,
+) -> None:
+    model = tiny_engine.info.model_id
+    async with running_host(NodeIdentity.generate()) as boot_host, trio.open_nursery() as n:
+        # A bootstrap node with a directory sized like the attack's ratio; it checks
+        # evidence with a policy that admits dev providers (as a testnet's would).
+        directory = Directory(max_entries=FLOOD_DIRECTORY_ENTRIES,
+                              attest=policy_advert_check(allow_insecure=True))
+        boot = BootstrapNode(boot_host, relay=False, directory=directory)
+        await n.start(boot.run)
+        boot_addr = full_addrs(boot_host)[0]
+        settings = ProviderSettings(bootstrap=(boot_addr,))
+        async with provider_node(tiny_engine, identity=NodeIdentity.generate(),
+                                 settings=settings) as provider:
+            await _until(lambda: directory.get(provider.peer_id, time.time()) is not None,
+                         "the provider's advert at the bootstrap node")
+            assert boot.gossip is not None
+            gossip = boot.gossip
+            async with rogue_next_to(boot_host) as rogue:
+                name = f"{tiny_engine.info.name}"
+                msgs = [rogue.message(fake_advert(seed, model, name), seed)
+                        for seed in (os.urandom(32) for _ in range(FLOOD_ADVERTS))]
+                await rogue.send(boot_host.get_id(), msgs)
+                seen = await _until_quiet(lambda: gossip.received + gossip.rejected.total())
+            assert seen >= FLOOD_ADVERTS // 2, "the flood did not reach the bootstrap node"
+            assert len(directory) == FLOOD_DIRECTORY_ENTRIES  # the flood filled it
+            kept = directory.get(provider.peer_id, time.time())
+            assert kept is not None and kept.verified, "the real provider was evicted"
+            async with client_node(allow_insecure=True, bootstrap=(boot_addr,)) as client:
+                with trio.fail_after(MESH_WAIT_S):
+                    result = await client.complete(model, "hello", max_tokens=4)
+            assert result.providers == [provider.peer_id]
+            assert result.usage.completion_tokens == 4
+        n.cancel_scope.cancel()
+
+
+async def test_a_junk_flood_costs_bounded_signature_checks_and_adverts_still_arrive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checks = {"pubsub": 0, "advert": 0}
+    real_sig = pubsub_module.signature_validator  # type: ignore[attr-defined]
+    real_decode = gossip_module.decode_and_verify  # type: ignore[attr-defined]
+
+    def counting_sig(msg: rpc_pb2.Message) -> bool:
+        if msg.data.startswith(JUNK_PREFIX):
+            checks["pubsub"] += 1
+        ok: bool = real_sig(msg)
+        return ok
+
+    def counting_decode(data: bytes, now: float) -> Advert:
+        if data.startswith(JUNK_PREFIX):
+            checks["advert"] += 1
+        advert: Advert = real_decode(data, now)
+        return advert
+
+    monkeypatch.setattr(pubsub_module, "signature_validator", counting_sig)
+    monkeypatch.setattr(gossip_module, "decode_and_verify", counting_decode)
+    real = model_id("real-under-junk")
+    async with running_mesh([[real]], dht=False, republish_s=1.0) as mesh:
+        client = await mesh.add_client()
+        assert client.gossip is not None
+        gossip = client.gossip
+        provider = mesh.providers[0].peer_id
+
+        def seq() -> int:
+            listing = client.directory.get(provider, time.time())
+            return -1 if listing is None else listing.advert.seq
+
+        await _until(lambda: seq() >= 0, "the real provider listed")
+        async with rogue_next_to(client.host) as rogue:
+            seed = os.urandom(32)
+            msgs = [rogue.message(JUNK_PREFIX + i.to_bytes(4, "big"), seed)
+                    for i in range(JUNK_MESSAGES)]
+            start = trio.current_time()
+            before = seq()
+            await rogue.send(client.host.get_id(), msgs)
+            arrived = await _until_quiet(
+                lambda: checks["pubsub"] + gossip.rejected["rate_limited"])
+            elapsed = trio.current_time() - start
+            # The real provider's adverts kept arriving through its own forwarder.
+            await _until(lambda: seq() > before, "a fresh advert of the real provider")
+    bound = GOSSIP_PEER_BURST + GOSSIP_PEER_RATE_PER_S * elapsed
+    print(f"junk sent {JUNK_MESSAGES}, arrived {arrived}, signature checks {checks}, "
+          f"elapsed {elapsed:.1f} s, bound {bound:.0f}")
+    assert arrived >= 2 * bound, "the flood was too slow to test anything"
+    assert checks["pubsub"] <= bound and checks["advert"] <= bound
