@@ -15,6 +15,8 @@ import trio
 from discovery_mesh import MESH_WAIT_S, model_id, running_mesh
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -30,9 +32,10 @@ from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.engine.llama import LlamaEngine
 from meshnode.identity import NodeIdentity
 from meshnode.node import ProviderSettings, client_node, provider_node
+from meshnode.p2p.dht import BoundedValueStore, ValueStoreFull, advert_key, make_dht
 from meshnode.p2p.discovery import BootstrapNode
 from meshnode.p2p.gossip import ADVERT_TOPIC, GOSSIP_PEER_BURST, GOSSIP_PEER_RATE_PER_S
-from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
+from meshnode.p2p.host import full_addrs, make_host, parse_peer_addr, running_host
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +47,10 @@ FLOOD_DIRECTORY_ENTRIES = 64
 JUNK_MESSAGES = 2000
 JUNK_PREFIX = b"junk-flood:"
 RPC_BATCH = 50  # forged messages per RPC: one write carries many
-QUIET_S = 1.0  # a count unchanged this long means the flood has been processed
+QUIET_S = 1.0
+# DHT junk: records under namespaces we do not validate, near py-libp2p's 1 MiB cap.
+JUNK_RECORDS = 12
+JUNK_RECORD_BYTES = 1000 * 1000  # a count unchanged this long means the flood has been processed
 
 
 async def _until(condition: Callable[[], bool], what: str, timeout: float = MESH_WAIT_S) -> None:
@@ -225,3 +231,78 @@ async def test_a_junk_flood_costs_bounded_signature_checks_and_adverts_still_arr
           f"elapsed {elapsed:.1f} s, bound {bound:.0f}")
     assert arrived >= 2 * bound, "the flood was too slow to test anything"
     assert checks["pubsub"] <= bound and checks["advert"] <= bound
+
+
+async def _put_raw(dht: KadDHT, peer: ID, key: str, value: bytes) -> bool:
+    """One PUT_VALUE straight to ``peer``, as any py-libp2p node can send; whether the
+    peer acknowledged (stored) it."""
+    accepted: bool = await dht.value_store._store_at_peer(peer, key.encode(), value)
+    return accepted
+
+
+async def test_a_dht_server_stores_only_valid_adverts_within_its_limits() -> None:
+    real = model_id("real-in-dht")
+    async with running_mesh([[real]], gossip=False) as mesh:
+        boot_dht = mesh.bootstrap.dht
+        assert boot_dht is not None
+        before = boot_dht.value_store.size()  # the provider's own advert record
+        async with running_host(NodeIdentity.generate()) as host:
+            attacker = KadDHT(host, DHTMode.CLIENT)  # plain py-libp2p, no validators
+            async with background_trio_service(attacker):
+                await host.connect(parse_peer_addr(mesh.bootstrap_addr))
+                target = mesh.bootstrap.host.get_id()
+                big = os.urandom(JUNK_RECORD_BYTES)
+                junk = [(f"/junk-{i}/k", big) for i in range(JUNK_RECORDS)]
+                junk += [(f"/pk/{i}", big) for i in range(4)]
+                junk += [(f"/meshnode-advert/{i:032x}", b"\x93not an advert") for i in range(4)]
+                accepted = 0
+                for key, value in junk:
+                    with trio.fail_after(MESH_WAIT_S):
+                        accepted += await _put_raw(attacker, target, key, value)
+        stored = boot_dht.value_store.size() - before
+        print(f"DHT junk records sent {len(junk)}, acknowledged {accepted}, stored {stored}")
+        assert (accepted, stored) == (0, 0)
+        # The node still answers, and a client still finds the real provider through it.
+        client = await mesh.add_client(gossip=False)
+        found = await client.find(real, timeout=20)
+    assert [p.peer_id for p in found] == [mesh.providers[0].peer_id]
+
+
+def test_a_full_value_store_drops_expired_adverts_then_refuses_new_keys() -> None:
+    identity = NodeIdentity.generate()
+    dht = make_dht(make_host(identity), server=True)
+    store = dht.value_store
+    assert isinstance(store, BoundedValueStore)
+    store.max_records = 2
+    adverts = [_signed_advert(NodeIdentity.generate(), ttl) for ttl in (60.0, 60.0, 60.0)]
+    for key, record in adverts[:2]:
+        store.put_record(key, record)
+    with pytest.raises(ValueStoreFull):
+        store.put_record(*adverts[2])
+    store.put_record(*adverts[0])  # an existing key may always be refreshed
+    expired_key, expired = _signed_advert(NodeIdentity.generate(), 1.0, issued=-1000.0)
+    store.store[adverts[1][0]] = (expired, time.time() + 3600)  # its advert has expired
+    store.put_record(*adverts[2])
+    assert set(store.store) == {adverts[0][0], adverts[2][0]} and store.refused == 1
+    assert expired_key not in store.store
+
+
+def _signed_advert(identity: NodeIdentity, ttl: float, issued: float = 0.0) -> tuple[bytes, Record]:
+    now = time.time() + issued
+    pub = identity.peer_public
+    advert = Advert(
+        peer_id=peer_id_from_ed25519(pub),
+        peer_pubkey=pub,
+        addrs=("/ip4/127.0.0.1/tcp/9",),
+        models=(ModelOffer(id=model_id("x"), name="x", quant="Q4_K_M", ctx=512,
+                           price_prompt_per_1k=0, price_completion_per_1k=0),),
+        capacity=Capacity(slots=1, tokens_per_s=10.0),
+        load=Load(busy_slots=0, queue_len=0),
+        job_pubkey=identity.job_public,
+        seq=1,
+        issued_at=now,
+        expires_at=now + ttl,
+        attestation={"kind": "dev"},
+    )
+    key = advert_key(advert.peer_id).encode()
+    return key, Record(key=key, value=encode_signed(advert, identity.peer_seed))
