@@ -277,7 +277,19 @@ def test_a_flood_of_long_lived_fresh_ids_cannot_evict_a_checked_provider() -> No
     results = [d.insert(signed(n, ttl=900), NOW) for n in range(1000, 1000 + flood)]
     assert peer(0) in {e.peer_id for e in d.peers(NOW)}
     assert [p.peer_id for p in d.providers_for(GEMMA, NOW) if p.listing.verified] == [peer(0)]
-    assert len(d) == 64 and sum(r.accepted for r in results) == flood  # junk churns junk
+    assert len(d) == 64 and sum(r.accepted for r in results) == 63  # the free slots only
+    assert d.counters()["directory_full"] == flood - 63
+
+
+def test_at_equal_trust_the_incumbent_stays() -> None:
+    d = Directory(max_entries=2)
+    d.insert(signed(0, ttl=50), NOW)
+    d.insert(signed(1, ttl=60), NOW)
+    d.set_verification(peer(0), False, "dev refused")
+    d.set_verification(peer(1), False, "dev refused")
+    d.attest = _attest_good()  # everything fails
+    assert d.insert(signed(2, ttl=900), NOW).reason is RejectReason.DIRECTORY_FULL
+    assert {e.peer_id for e in d.peers(NOW)} == {peer(0), peer(1)}
 
 
 def test_newcomer_expiring_before_every_entry_is_rejected() -> None:

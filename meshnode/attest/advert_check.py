@@ -2,8 +2,8 @@
 policy a client uses, run before an advert is stored (a bootstrap node's directory).
 
 Not verified here: anything needing the network. TDX evidence whose collateral is not in
-the local cache cannot be decided offline and stays *pending* (it neither evicts nor is
-evicted by unverified adverts); a client fetches collateral and decides for itself.
+the local cache cannot be decided offline and stays *pending* (it outranks failed
+adverts, verified ones outrank it); a client fetches collateral and decides for itself.
 """
 
 from __future__ import annotations

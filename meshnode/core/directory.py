@@ -14,12 +14,12 @@ Admission policy, chosen so that no flood can push out good entries:
   against the attestation policy *before* the advert is stored or evicts anything, and
   the entry is stored as verified or failed (pending only when the check cannot decide
   offline). Without one, entries start pending and the shell verifies them later;
-* when the directory is full, a newcomer may take the place of, in order: an expired
-  entry; an entry whose attestation failed; and, only if the newcomer itself is
-  verified, the soonest-expiring *pending* entry. Verified entries are never evicted
-  for a newcomer; if no entry qualifies, the newcomer is ``DIRECTORY_FULL``. A Sybil
-  flood of fresh keys therefore cannot evict a verified provider however long its
-  adverts live, and unverified floods only churn among themselves.
+* when the directory is full, a newcomer may take the place of an expired entry, or
+  else of a live entry it outranks (failed < pending < verified), the lowest-ranked and
+  soonest-expiring first. At equal trust the incumbent stays; if no entry qualifies, the
+  newcomer is ``DIRECTORY_FULL``. A flood of fresh keys, however long its adverts live,
+  therefore evicts no one it does not outrank: never a verified provider, and not even
+  a failed one (a dev provider that a strict bootstrap node refuses).
 
 Time is always a parameter; nothing here reads a clock.
 """
@@ -58,6 +58,11 @@ class Verification(StrEnum):
     PENDING = "pending"  # signature fine, attestation not yet checked
     VERIFIED = "verified"
     FAILED = "failed"
+
+
+# Eviction order: a newcomer may only displace a live entry it outranks; at equal
+# trust the incumbent stays (so a flood of fresh keys cannot churn out anyone).
+_TRUST_RANK = {Verification.FAILED: 0, Verification.PENDING: 1, Verification.VERIFIED: 2}
 
 
 @dataclass(frozen=True)
@@ -258,14 +263,13 @@ class Directory:
         if expired:
             victim = expired[0]
         else:
-            failed = [e for e in self._entries.values() if e.verification is Verification.FAILED]
-            pending = [e for e in self._entries.values() if e.verification is Verification.PENDING]
-            if failed:
-                victim = min(failed, key=lambda e: e.advert.expires_at).peer_id
-            elif pending and newcomer is Verification.VERIFIED:
-                victim = min(pending, key=lambda e: e.advert.expires_at).peer_id
-            else:
+            rank = _TRUST_RANK[newcomer]
+            lower = [e for e in self._entries.values() if _TRUST_RANK[e.verification] < rank]
+            if not lower:
                 return None
+            victim = min(
+                lower, key=lambda e: (_TRUST_RANK[e.verification], e.advert.expires_at)
+            ).peer_id
         del self._entries[victim]
         self.evictions += 1
         return victim
