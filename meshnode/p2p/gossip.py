@@ -120,6 +120,10 @@ class MeshPubsub(Pubsub):
         limiter: RateLimiter,
         on_dropped: Callable[[], None],
     ) -> None:
+        if not callable(getattr(Pubsub, "_is_msg_seen", None)):
+            raise GossipCompatError(
+                "Pubsub._is_msg_seen is gone (py-libp2p changed); update MeshPubsub.push_msg"
+            )
         super().__init__(host, router, seen_ttl=GOSSIP_SEEN_TTL_S)
         self.limiter = limiter
         self._on_dropped = on_dropped
