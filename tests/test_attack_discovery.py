@@ -304,6 +304,20 @@ def test_a_full_value_store_drops_expired_adverts_then_refuses_new_keys() -> Non
     store.put_record(*adverts[2])
     assert set(store.store) == {adverts[0][0], adverts[2][0]} and store.refused == 1
     assert expired_key not in store.store
+    own_key, own = _signed_advert(identity, 60.0)
+    store.put(own_key, own.value)  # the node's own advert is always stored
+    assert own_key in store.store and len(store.store) == 2
+
+
+def test_a_full_client_value_store_makes_room_instead_of_failing_a_lookup() -> None:
+    dht = make_dht(make_host(NodeIdentity.generate()), server=False)
+    store = dht.value_store
+    assert isinstance(store, BoundedValueStore)
+    store.max_records = 2
+    adverts = [_signed_advert(NodeIdentity.generate(), 60.0) for _ in range(3)]
+    for key, record in adverts:
+        store.put_record(key, record)
+    assert set(store.store) == {adverts[1][0], adverts[2][0]} and store.refused == 0
 
 
 def _signed_advert(identity: NodeIdentity, ttl: float, issued: float = 0.0) -> tuple[bytes, Record]:

@@ -142,19 +142,27 @@ class ValueStoreFull(ValueError):
 
 class BoundedValueStore(ValueStore):
     """py-libp2p's value store with a count cap. When full, records that no longer
-    validate (expired adverts) are dropped first; if none is, a record under a new key
-    is refused with ``ValueStoreFull`` (the PUT_VALUE handler then resets the stream),
-    so a flood cannot evict the records of live providers."""
+    validate (expired adverts) are dropped first; if none is, a server refuses a record
+    under a new key with ``ValueStoreFull`` (the PUT_VALUE handler then resets the
+    stream), so a flood cannot evict the records of live providers. A client's store is
+    only a cache of what it fetched: there the oldest record makes room instead, so a
+    lookup never fails for want of space."""
 
     def __init__(
-        self, inner: ValueStore, validator: NamespacedValidator, max_records: int
+        self,
+        inner: ValueStore,
+        validator: NamespacedValidator,
+        max_records: int,
+        *,
+        refuse_when_full: bool = True,
     ) -> None:
         super().__init__(inner.host, inner.local_peer_id)
         self.validator = validator
         self.max_records = max_records
+        self.refuse_when_full = refuse_when_full
         self.refused = 0
 
-    def _make_room(self, key: bytes) -> None:
+    def _make_room(self, key: bytes, *, refuse: bool) -> None:
         if key in self.store or len(self.store) < self.max_records:
             return
         for k, (record, _) in list(self.store.items()):
@@ -163,15 +171,19 @@ class BoundedValueStore(ValueStore):
             except (ValueError, UnicodeDecodeError, InvalidRecordType):
                 del self.store[k]
         if len(self.store) >= self.max_records:
-            self.refused += 1
-            raise ValueStoreFull(f"value store holds {self.max_records} live records")
+            if refuse:
+                self.refused += 1
+                raise ValueStoreFull(f"value store holds {self.max_records} live records")
+            del self.store[next(iter(self.store))]  # dicts keep insertion order: oldest
 
     def put_record(self, key: bytes, record: Record) -> None:
-        self._make_room(key)
+        """A record from the network (a PUT_VALUE, or a lookup's answer cached)."""
+        self._make_room(key, refuse=self.refuse_when_full)
         super().put_record(key, record)
 
     def put(self, key: bytes, value: bytes, validity: float = 0.0) -> None:
-        self._make_room(key)
+        """Our own record: always stored (the oldest other record makes room)."""
+        self._make_room(key, refuse=False)
         super().put(key, value, validity)
 
 
@@ -191,7 +203,9 @@ class MeshKadDHT(KadDHT):
         super().__init__(
             host, mode, validator=validator, validator_changed=True, strict_validation=True
         )
-        self.value_store = BoundedValueStore(self.value_store, validator, max_records)
+        self.value_store = BoundedValueStore(
+            self.value_store, validator, max_records, refuse_when_full=mode is DHTMode.SERVER
+        )
 
     async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
         return await super().add_peer(peer_id, skip_server_mode_check=False)
