@@ -428,6 +428,7 @@ async def client_node(
                 node.dialer.relay = await stack.enter_async_context(RelayClient(host).running())
             nursery = await stack.enter_async_context(background_tasks())
             nursery.start_soon(node.verified.verify_loop)
+            nursery.start_soon(node.dialer.keep_pinned_fresh)  # providers given by --peer
             if isinstance(payments, PaymentService):
                 payments.attach(host, node.ensure_connected, node.advert_of)
                 await nursery.start(payments.run)
