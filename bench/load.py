@@ -47,6 +47,16 @@ REQUEST_TIMEOUT_S = 60.0
 # How often the client's RSS is sampled while the load runs.
 RSS_SAMPLE_S = 0.2
 MIB = 1024 * 1024
+# Unexpected answers kept for the report: enough to see the cause, not the whole flood.
+MAX_SAMPLES = 5
+SAMPLE_CHARS = 300
+
+
+def _error_code(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "?"
 
 
 @dataclass
@@ -56,6 +66,8 @@ class LoadResult:
     ok_latency_s: list[float] = field(default_factory=list)
     busy_latency_s: list[float] = field(default_factory=list)
     busy_without_retry_after: int = 0
+    busy_codes: Counter[str] = field(default_factory=Counter)
+    samples: list[str] = field(default_factory=list)  # bodies of unexpected answers
     wall_s: float = 0.0
     rss_start_mib: float = 0.0
     rss_peak_mib: float = 0.0
@@ -71,6 +83,8 @@ class LoadResult:
             "ok": self.outcomes["ok"],
             "busy_503": self.outcomes["busy"],
             "busy_without_retry_after": self.busy_without_retry_after,
+            "busy_codes": dict(self.busy_codes),
+            "samples": self.samples,
             "errors": self.errors,
             "outcomes": dict(self.outcomes),
             "ok_p50_s": percentile(self.ok_latency_s, 50),
@@ -138,10 +152,15 @@ async def drive(
             elif resp.status_code == 503:
                 result.outcomes["busy"] += 1
                 result.busy_latency_s.append(took)
+                result.busy_codes[_error_code(resp)] += 1
                 if "retry-after" not in resp.headers:
                     result.busy_without_retry_after += 1
+                    if len(result.samples) < MAX_SAMPLES:
+                        result.samples.append(resp.text[:SAMPLE_CHARS])
             else:
                 result.outcomes[f"http_{resp.status_code}"] += 1
+                if len(result.samples) < MAX_SAMPLES:
+                    result.samples.append(resp.text[:SAMPLE_CHARS])
 
     async def sample_rss() -> None:
         while True:
