@@ -9,6 +9,7 @@ requests in separate processes; here it is sized for CI.
 from __future__ import annotations
 
 import importlib.util
+import resource
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -27,7 +28,7 @@ from meshnode.api.backend import (
     OnText,
     RoutedBackend,
 )
-from meshnode.api.server import serve_api
+from meshnode.api.server import WANTED_OPEN_FILES, serve_api
 from meshnode.engine.llama import LlamaEngine
 from meshnode.identity import NodeIdentity
 from meshnode.node import ProviderSettings, client_node, provider_node
@@ -126,3 +127,20 @@ async def test_200_concurrent_requests_on_3_providers_complete_or_get_503_busy(
             resp = await http.post(f"{url}/v1/completions",
                                    json={"model": model, "prompt": "hi", "max_tokens": 4})
         assert resp.status_code == 200, resp.text
+
+
+async def test_serving_the_api_raises_a_low_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 256  # below a 1,000-connection burst, as a default 1,024 limit is too
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    now = low
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_api, QuickBackend(), "127.0.0.1", 0))
+            now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            nursery.cancel_scope.cancel()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, now), hard))
+    expected = WANTED_OPEN_FILES if hard == resource.RLIM_INFINITY else min(
+        WANTED_OPEN_FILES, hard)
+    assert now == expected

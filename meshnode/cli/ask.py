@@ -58,6 +58,12 @@ async def warn_dev_refused(node: Any) -> None:
         await trio.sleep(DEV_REFUSED_CHECK_S)
 
 
+def shown_text(value: object) -> str:
+    """Text that may come from a provider, made inert for the terminal and for rich's
+    markup (a provider's "[red]" or escape sequence is shown, not obeyed)."""
+    return markup_escape(for_terminal(str(value)))
+
+
 def exit_now(code: int) -> None:
     """End the process at once, after flushing what the user is owed: the output and
     the log. Only for a client with no state to persist (no channels, no peer stats):
@@ -149,7 +155,7 @@ def ask(
         err.print(
             f"[dim]{usage.completion_tokens} tokens from {', '.join(used)}, "
             f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
-            f"finish: {markup_escape(for_terminal(usage.finish_reason))}[/]"
+            f"finish: {shown_text(usage.finish_reason)}[/]"
         )
 
     async def main() -> int:
@@ -166,7 +172,8 @@ def ask(
                     try:
                         advert = await client.connect(peer)
                     except Exception as exc:  # libp2p raises its own dial errors
-                        err.print(f"[red]cannot reach {peer}:[/] {type(exc).__name__}: {exc}")
+                        err.print(f"[red]cannot reach {markup_escape(peer)}:[/] "
+                                  f"{type(exc).__name__}: {shown_text(exc)}")
                         return 3
                     if channel_id is not None and choice is not None:
                         from meshnode.channel_ops import channel_payer, client_payments
@@ -207,13 +214,13 @@ def ask(
                         err.print(f"[dim]paid {format_ton(usage.cost_nanoton)} by voucher[/]")
                     ttft, elapsed = routed.ttft_s, routed.elapsed_s
             except PermissionError as exc:
-                err.print(f"[red]refused:[/] {exc} (--insecure allows dev providers)")
+                err.print(f"[red]refused:[/] {shown_text(exc)} (--insecure allows dev providers)")
                 return 5
             except NoProvider as exc:
-                err.print(f"[red]no provider:[/] {exc}")
+                err.print(f"[red]no provider:[/] {shown_text(exc)}")
                 return 6
             except JobError as exc:
-                err.print(f"\n[red]job failed:[/] {markup_escape(for_terminal(str(exc)))}")
+                err.print(f"\n[red]job failed:[/] {shown_text(exc)}")
                 return 4
             summary(used, usage, insecure_run, ttft, elapsed)
             if channels is None and payer is None:
