@@ -8,6 +8,7 @@ as its own process, as a user runs it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,24 +85,43 @@ class HostileEngine:
         pass
 
 
-async def test_ask_escapes_a_providers_terminal_control_bytes(
-    tiny_engine: LlamaEngine, tmp_path: Path
-) -> None:
-    hostile = HostileEngine(tiny_engine)
+async def ask_hostile(engine: LlamaEngine, home: Path, *extra: str) -> str:
+    """`meshnode ask` against a provider whose answer carries control bytes: its stdout."""
+    hostile = HostileEngine(engine)
     async with provider_node(hostile, identity=NodeIdentity.generate()) as prov:  # type: ignore[arg-type]
-        env = {**os.environ, "MESHNODE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "MESHNODE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         with trio.fail_after(ASK_TIMEOUT_S):
             done = await trio.run_process(
                 [sys.executable, "-m", "meshnode.cli", "ask", "--peer", prov.addrs[0],
-                 "--insecure", "--max-tokens", "8", "hello"],
+                 "--insecure", "--max-tokens", "8", *extra, "hello"],
                 capture_stdout=True, capture_stderr=True, env=env, check=False,
                 stdin=b"",
             )
-    stdout = done.stdout.decode("utf-8", errors="replace")
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
-    controls = {c for c in stdout if (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) < 0xA0}
+    return done.stdout.decode("utf-8", errors="replace")
+
+
+def terminal_controls(text: str) -> set[str]:
+    return {c for c in text if (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) < 0xA0}
+
+
+async def test_ask_escapes_a_providers_terminal_control_bytes(
+    tiny_engine: LlamaEngine, tmp_path: Path
+) -> None:
+    stdout = await ask_hostile(tiny_engine, tmp_path)
+    controls = terminal_controls(stdout)
     assert controls == set(), f"raw controls reached the terminal: {controls!r}"
     assert "\\x1b]0;pwned" in stdout  # shown, escaped, not dropped: the user sees the attempt
+
+
+async def test_ask_json_keeps_the_providers_text_exactly_and_is_itself_inert(
+    tiny_engine: LlamaEngine, tmp_path: Path
+) -> None:
+    stdout = await ask_hostile(tiny_engine, tmp_path, "--json")
+    assert terminal_controls(stdout) == set()  # JSON escapes them: safe to print as is
+    answer = json.loads(stdout)
+    assert answer["text"].startswith(HOSTILE)  # a script gets the bytes the provider sent
+    assert answer["completion_tokens"] == 8 and answer["insecure"] is True
 
 
 async def test_ask_exits_right_after_the_last_byte_of_its_answer(

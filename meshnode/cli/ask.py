@@ -31,6 +31,7 @@ from meshnode.cli.common import (
     metrics_bind,
     out,
     parse_channel_arg,
+    print_json,
     print_ops,
     routed_budget,
     run,
@@ -100,15 +101,20 @@ def ask(
     deposit: DepositOpt = "0.1",
     budget: BudgetOpt = "1",
     insecure: InsecureOpt = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the answer and its usage as one JSON object.")
+    ] = False,
     home: HomeOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Send one prompt to a provider (--peer) or to the best provider of --model, and
-    print the tokens as they arrive. With --model, priced providers are paid through
-    channels opened on first use (within --deposit and --budget) and reused.
+    print the tokens as they arrive (with --json: one JSON object at the end). With
+    --model, priced providers are paid through channels opened on first use (within
+    --deposit and --budget) and reused.
 
     The provider's text is shown with its terminal control characters escaped (an
-    untrusted provider must not drive the user's terminal); the API keeps them as sent.
+    untrusted provider must not drive the user's terminal); --json and the API keep them
+    as sent (JSON escapes them, so the JSON itself is still safe to print).
     """
     # Only what every ask needs is imported up front: the first token is waiting on it.
     # Payments (TON cells, the channel ledger) load only when a channel or --model asks.
@@ -142,11 +148,22 @@ def ask(
         params["seed"] = seed
 
     async def on_text(text: str) -> None:
+        if json_out:
+            return  # the whole text goes out once, unescaped, inside the JSON
         sys.stdout.write(for_terminal(text))
         sys.stdout.flush()
 
-    def summary(used: list[str], usage: Any, insecure_run: bool, ttft: float,
+    def summary(text: str, used: list[str], usage: Any, insecure_run: bool, ttft: float,
                 elapsed: float) -> None:
+        if json_out:
+            print_json({
+                "text": text, "providers": used, "insecure": insecure_run,
+                "finish_reason": usage.finish_reason, "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cost_nanoton": usage.cost_nanoton, "ttft_s": ttft, "elapsed_s": elapsed,
+            })
+            sys.stdout.flush()
+            return
         sys.stdout.write("\n")
         sys.stdout.flush()
         if insecure_run:
@@ -201,7 +218,7 @@ def ask(
                     used, usage, insecure_run = (
                         [advert.peer_id], res.usage, client.insecure.get(advert.peer_id, True)
                     )
-                    ttft, elapsed = res.ttft_s, res.elapsed_s
+                    ttft, elapsed, text = res.ttft_s, res.elapsed_s, res.text
                 else:
                     assert model is not None
                     routed = await client.complete(model, prompt, max_tokens=max_tokens,
@@ -212,7 +229,7 @@ def ask(
                         from meshnode.channel_ops import format_ton
 
                         err.print(f"[dim]paid {format_ton(usage.cost_nanoton)} by voucher[/]")
-                    ttft, elapsed = routed.ttft_s, routed.elapsed_s
+                    ttft, elapsed, text = routed.ttft_s, routed.elapsed_s, routed.text
             except PermissionError as exc:
                 err.print(f"[red]refused:[/] {shown_text(exc)} (--insecure allows dev providers)")
                 return 5
@@ -222,7 +239,7 @@ def ask(
             except JobError as exc:
                 err.print(f"\n[red]job failed:[/] {shown_text(exc)}")
                 return 4
-            summary(used, usage, insecure_run, ttft, elapsed)
+            summary(text, used, usage, insecure_run, ttft, elapsed)
             if channels is None and payer is None:
                 # Nothing left to save: skip closing the host's connections one by one
                 # (0.85 s after the last token); the kernel closes the sockets at exit.
