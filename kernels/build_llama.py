@@ -156,6 +156,31 @@ def _cuda_env(env: dict[str, str], cache: Path) -> dict[str, str]:
     return env
 
 
+def _unpacked_sdist(version: str, target: Path, env: dict[str, str]) -> Path:
+    """llama-cpp-python's source, unpacked once into ``target/src`` (same path on every
+    run, so a kept CMake build folder stays valid)."""
+    source = target / "src" / f"llama_cpp_python-{version}"
+    if (source / "pyproject.toml").exists():
+        return source
+    sdist = os.environ.get("MESHNODE_LLAMA_SDIST")
+    download = target / "sdist"
+    if not sdist:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                        ":all:", "--progress-bar", "off", "-d", str(download),
+                        f"llama-cpp-python=={version}"], env=env, check=True)
+        found = sorted(download.glob("llama_cpp_python-*.tar.gz"))
+        if not found:
+            raise SystemExit("[llama-build] pip downloaded no llama-cpp-python sdist")
+        sdist = str(found[-1])
+    import tarfile
+
+    with tarfile.open(sdist) as tar:
+        tar.extractall(target / "src", filter="data")
+    if not (source / "pyproject.toml").exists():
+        raise SystemExit(f"[llama-build] {sdist} did not unpack to {source}")
+    return source
+
+
 def build_wheel(version: str, profile: str, args: list[str], key: str, wheelhouse: Path,
                 force: bool) -> Path:
     target = wheelhouse / f"{version}-{profile}-{key}"
@@ -183,6 +208,14 @@ def build_wheel(version: str, profile: str, args: list[str], key: str, wheelhous
         ]
         if os.environ.get("MESHNODE_LLAMA_SDIST"):
             cmd[-3] = os.environ["MESHNODE_LLAMA_SDIST"]
+        if profile == "cuda":
+            # ~190 CUDA units take hours on a small machine: build from a fixed source
+            # folder into a kept build folder, so an interrupted build resumes where it
+            # stopped (CMake's cache is tied to the source path, which pip randomises).
+            source = _unpacked_sdist(version, target, env)
+            cmd[-3] = str(source)
+            cmd += ["--config-settings", f"build-dir={target / 'cmake-build'}"]
+            print(f"[llama-build] resumable: build folder {target / 'cmake-build'}")
         subprocess.run(cmd, env=env, check=True)
         built = sorted(Path(tmp).glob("llama_cpp_python-*.whl"))
         if not built:

@@ -14,17 +14,13 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from meshnode.attest.dev import DevEvidenceProducer
-from meshnode.attest.evidence import Evidence, EvidenceProducer
-from meshnode.attest.local import make_evidence
-from meshnode.attest.tdx_tsm import TdxEvidenceProducer
 from meshnode.client.dialer import Dialer
 from meshnode.client.peer_stats import PeerStatsFile
 from meshnode.client.verified import VerifiedDirectory
@@ -35,13 +31,10 @@ from meshnode.core.directory import Directory, InsertResult, Verification
 from meshnode.core.messages import JOB_PROTOCOL
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.router import Router, Strategy
-from meshnode.engine.base import Engine
-from meshnode.engine.supervised import SupervisedEngine
 from meshnode.identity import NodeIdentity, load_or_create
 from meshnode.jobs.client import JobError, JobRequest, JobResult, OnText, run_job
 from meshnode.jobs.client_stats import ClientStats
 from meshnode.jobs.payment_gate import JobPayments, Payer, PaymentService, PayNothing
-from meshnode.jobs.provider import GateFactory, JobProvider
 from meshnode.jobs.routed import DEFAULT_DEADLINE_S, NoProvider, RoutedJobs, RoutedResult
 from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, serve_advert
 from meshnode.p2p.discovery import ClientDiscovery, ProviderAnnouncer
@@ -51,8 +44,15 @@ from meshnode.p2p.host import (
     running_host,
 )
 from meshnode.p2p.relay import RelayClient
-from meshnode.pay.setup.wiring import ProviderPayments
 from meshnode.tasks import background_tasks, node_context
+
+if TYPE_CHECKING:
+    # Provider-only parts: imported where a provider starts, so that a light client (every
+    # `meshnode ask`) does not pay for the engine, the job server and TON payments.
+    from meshnode.attest.evidence import Evidence, EvidenceProducer
+    from meshnode.engine.base import Engine
+    from meshnode.jobs.provider import GateFactory
+    from meshnode.pay.setup.wiring import ProviderPayments
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ class ProviderNode:
         settings: ProviderSettings,
         gate_factory: GateFactory | None = None,
     ) -> None:
+        from meshnode.attest.dev import DevEvidenceProducer
+        from meshnode.attest.tdx_tsm import TdxEvidenceProducer
+        from meshnode.jobs.provider import JobProvider
+
         self.host = host
         self.identity = identity
         self.engine = engine
@@ -107,6 +111,8 @@ class ProviderNode:
 
     async def refresh_evidence(self, now: float | None = None) -> None:
         """Fresh evidence binding our keys for the current epoch."""
+        from meshnode.attest.local import make_evidence
+
         self.evidence = await make_evidence(
             self.producer,
             self.identity.job_public,
@@ -189,6 +195,8 @@ async def provider_node(
     """Run a provider until the block exits. Identity comes from `home` unless given.
     `payments` attaches the payment service in one place: its gates admit the jobs, its
     handler learns channels, its watcher runs with the node, its payee is advertised."""
+    from meshnode.engine.supervised import SupervisedEngine
+
     if identity is None:
         if home is None:
             raise ValueError("provider_node needs an identity or a home directory")
@@ -428,6 +436,7 @@ async def client_node(
                 node.dialer.relay = await stack.enter_async_context(RelayClient(host).running())
             nursery = await stack.enter_async_context(background_tasks())
             nursery.start_soon(node.verified.verify_loop)
+            nursery.start_soon(node.dialer.keep_pinned_fresh)  # providers given by --peer
             if isinstance(payments, PaymentService):
                 payments.attach(host, node.ensure_connected, node.advert_of)
                 await nursery.start(payments.run)

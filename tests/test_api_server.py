@@ -217,7 +217,8 @@ async def test_malformed_json_is_a_400() -> None:
 async def test_an_oversized_body_is_refused_unread() -> None:
     backend = ScriptedBackend([])
     async with served(backend) as http:
-        resp = await http.post("/v1/completions", content=b" " * (MAX_BODY_BYTES + 1))
+        resp = await http.post("/v1/completions", content=b" " * (MAX_BODY_BYTES + 1),
+                               headers={"content-type": "application/json"})
     assert resp.status_code == 413
     assert backend.requests == []
 

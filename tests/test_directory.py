@@ -23,7 +23,14 @@ from meshnode.core.advert import (
     encode_signed,
     sign_body,
 )
-from meshnode.core.directory import RATE_BURST, RATE_PER_S, Directory, Verification
+from meshnode.core.directory import (
+    RATE_BURST,
+    RATE_PER_S,
+    AttestCheck,
+    AttestVerdict,
+    Directory,
+    Verification,
+)
 from meshnode.core.peerid import peer_id_from_ed25519
 
 NOW = 1_700_000_000.0
@@ -216,14 +223,73 @@ def test_full_directory_of_verified_entries_rejects_newcomers() -> None:
     assert d.counters()["directory_full"] == 1
 
 
-def test_newcomer_replaces_the_soonest_expiring_pending_entry() -> None:
+def test_a_pending_newcomer_never_evicts_a_pending_entry_however_long_it_lives() -> None:
     d = Directory(max_entries=3)
     d.insert(signed(0, ttl=100), NOW)
     d.insert(signed(1, ttl=50), NOW)
     d.insert(signed(2, ttl=200), NOW)
-    result = d.insert(signed(3, ttl=300), NOW)
+    result = d.insert(signed(3, ttl=900), NOW)
+    assert result.reason is RejectReason.DIRECTORY_FULL
+    assert {e.peer_id for e in d.peers(NOW)} == {peer(0), peer(1), peer(2)}
+
+
+def _attest_good(*good: int) -> AttestCheck:
+    """An attestation check that passes the evidence of peers ``good`` only."""
+
+    def check(adv: Advert, now: float) -> AttestVerdict:
+        ok = adv.attestation.get("n") in good
+        return AttestVerdict(
+            Verification.VERIFIED if ok else Verification.FAILED,
+            "test: allowlisted" if ok else "test: not allowlisted",
+        )
+
+    return check
+
+
+def test_with_an_attest_check_adverts_are_stored_already_verified_or_failed() -> None:
+    d = Directory(attest=_attest_good(1))
+    good = d.insert(signed(1), NOW)
+    bad = d.insert(signed(2), NOW)
+    assert good.listing is not None and good.listing.verified and not good.needs_verification
+    assert bad.listing is not None and bad.listing.verification is Verification.FAILED
+    assert d.pending_verification(NOW) == [] and d.attest_checks == 2
+    d.insert(signed(1, seq=2, load=Load(busy_slots=1, queue_len=0)), NOW)
+    assert d.attest_checks == 2  # same evidence: not checked again
+
+
+def test_a_verified_newcomer_replaces_the_soonest_expiring_pending_entry() -> None:
+    d = Directory(max_entries=3)
+    d.insert(signed(0, ttl=100), NOW)
+    d.insert(signed(1, ttl=50), NOW)
+    d.insert(signed(2, ttl=200), NOW)
+    d.attest = _attest_good(3)
+    result = d.insert(signed(3, ttl=60), NOW)
     assert result.accepted and result.evicted == peer(1)
     assert {e.peer_id for e in d.peers(NOW)} == {peer(0), peer(2), peer(3)}
+
+
+def test_a_flood_of_long_lived_fresh_ids_cannot_evict_a_checked_provider() -> None:
+    """The bootstrap-node case: a real provider with a short-lived advert, then hundreds
+    of validly signed adverts of fresh keys that live longer. The provider stays."""
+    flood = 500
+    d = Directory(max_entries=64, attest=_attest_good(0))
+    d.insert(signed(0, ttl=60), NOW)
+    results = [d.insert(signed(n, ttl=900), NOW) for n in range(1000, 1000 + flood)]
+    assert peer(0) in {e.peer_id for e in d.peers(NOW)}
+    assert [p.peer_id for p in d.providers_for(GEMMA, NOW) if p.listing.verified] == [peer(0)]
+    assert len(d) == 64 and sum(r.accepted for r in results) == 63  # the free slots only
+    assert d.counters()["directory_full"] == flood - 63
+
+
+def test_at_equal_trust_the_incumbent_stays() -> None:
+    d = Directory(max_entries=2)
+    d.insert(signed(0, ttl=50), NOW)
+    d.insert(signed(1, ttl=60), NOW)
+    d.set_verification(peer(0), False, "dev refused")
+    d.set_verification(peer(1), False, "dev refused")
+    d.attest = _attest_good()  # everything fails
+    assert d.insert(signed(2, ttl=900), NOW).reason is RejectReason.DIRECTORY_FULL
+    assert {e.peer_id for e in d.peers(NOW)} == {peer(0), peer(1)}
 
 
 def test_newcomer_expiring_before_every_entry_is_rejected() -> None:

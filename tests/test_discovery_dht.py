@@ -42,6 +42,19 @@ async def test_a_model_nobody_serves_finds_nothing() -> None:
         assert await client.find(model_id("absent"), timeout=20) == []
 
 
+async def test_find_asks_the_dht_when_the_directory_holds_no_verified_provider() -> None:
+    """A stranger's advert for the model (never verified) must not hide the real
+    provider: the client still looks the model up in the DHT."""
+    wanted = model_id("hidden")
+    async with running_mesh([[wanted]], gossip=False) as mesh:
+        client = await mesh.add_client(gossip=False)
+        stranger = FakeProvider(_FakeHost(), NodeIdentity.generate(), (wanted,))  # type: ignore[arg-type]
+        assert client.directory.insert(stranger.signed_advert(), time.time()).accepted
+        found = await client.find(wanted, timeout=20)
+    assert mesh.providers[0].peer_id in {p.peer_id for p in found}
+    assert client.dht_lookups == 1
+
+
 async def test_light_client_is_never_listed_as_a_dht_server() -> None:
     async with running_mesh([[model_id("a")], [model_id("b")]], gossip=False) as mesh:
         client = await mesh.add_client(gossip=False)

@@ -31,7 +31,6 @@ from meshnode.ops.control import (
 )
 from meshnode.ops.http import MetricsBindRefused, parse_bind
 from meshnode.ops.views import BootstrapView, ProviderView
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -41,14 +40,6 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 async def scrape(url: str) -> Samples:

@@ -27,21 +27,12 @@ from pytoniq_core.boc.cell import Cell
 from meshnode.jobs.payment_gate import PaymentGate, PaymentRejected
 from meshnode.pay.channel.ledger import JobUsage
 from meshnode.pay.channel.lifecycle import ClientChannel
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 from meshnode.pay.metering.gates import MAX_CHANNEL_PLACES
 from meshnode.pay.metering.payer import ChannelPayer
 from meshnode.pay.setup.wiring import ClientPayments
 
 PROMPT_TOKENS = 2
 STRANGER_WALLET = Address((0, bytes([0x5A]) * 32))
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 @pytest.fixture

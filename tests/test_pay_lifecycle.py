@@ -36,19 +36,10 @@ from meshnode.pay.contract.cells import (
     CHANNEL_STATE_UNINITED,
     FEE_RESERVE,
 )
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 from meshnode.pay.metering.payer import ChannelPayer
 from meshnode.pay.ton.onchain import raw_address
 
 TOKENS_PER_VOUCHER = 3
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 @pytest.fixture

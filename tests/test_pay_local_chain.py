@@ -19,7 +19,6 @@ from meshnode.identity import NodeIdentity
 from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
 from meshnode.pay.channel.lifecycle import ClientChannel, Payee
 from meshnode.pay.contract.cells import CHANNEL_STATE_OPEN, CHANNEL_STATE_UNINITED, FEE_RESERVE
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments, close_channel
 from meshnode.pay.ton import local_chain
 from meshnode.pay.ton.local_chain import LocalChain, LocalChainError, local_wallet_address
@@ -28,14 +27,6 @@ TON = 10**9
 TOKENS_PER_VOUCHER = 3
 ALICE = local_wallet_address(VoucherSigner(b"\x01" * 32).public_key)
 BOB = local_wallet_address(VoucherSigner(b"\x02" * 32).public_key)
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 @pytest.fixture

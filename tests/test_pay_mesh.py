@@ -4,7 +4,7 @@ a client paying by vouchers on a channel opened in the emulated chain (real cont
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,6 @@ from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_nod
 from meshnode.pay.channel.ledger import ChannelRecord, Ledger
 from meshnode.pay.channel.lifecycle import ClientChannel
 from meshnode.pay.contract.cells import FEE_RESERVE
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -32,14 +31,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 def steady(engine: LlamaEngine) -> dict[str, Any]:
@@ -179,31 +170,49 @@ async def test_a_forged_voucher_ends_the_job_and_the_node_keeps_serving(
     assert m.provider.jobs.stats.errors.get("voucher_bad_signature") == 1
 
 
+class PaidAtPrefill:
+    """The real engine behind the Engine interface, noting how much the provider's own
+    ledger held in vouchers at the moment each generation (prefill first) began."""
+
+    def __init__(self, engine: LlamaEngine) -> None:
+        self._engine = engine
+        self.info = engine.info
+        self.available = True
+        self.paid: Callable[[], int] = lambda: 0
+        self.paid_at_start: list[int] = []
+
+    def stream(self, prompt: str, params: Any, max_tokens: int) -> Any:
+        self.paid_at_start.append(self.paid())
+        return self._engine.stream(prompt, params, max_tokens)
+
+    async def count_tokens(self, text: str) -> int:
+        return await self._engine.count_tokens(text)
+
+    async def aclose(self) -> None:
+        return None
+
+
 async def test_a_prompt_costing_more_than_the_window_is_paid_before_decoding(
     tmp_path: Path, code: Cell, tiny_engine: LlamaEngine
 ) -> None:
     long_prompt = " ".join(["the river"] * 40)  # far more prompt cost than a 4-token window
-    async with mesh(tmp_path, code, tiny_engine) as m:
-        before = tiny_engine.decoded_tokens_total
-        payer = m.channel.payer(PRICE, WINDOW_TOKENS)
-        decoded_at_first_voucher: list[int] = []
+    engine = PaidAtPrefill(tiny_engine)
+    async with mesh(tmp_path, code, engine) as m:  # type: ignore[arg-type]
 
-        class Watching:
-            """The real payer, noting how far the engine had decoded when asked to pay."""
+        def paid() -> int:
+            stored = m.net.provider.ledger.latest_voucher(m.channel.ref)
+            return 0 if stored is None else stored.voucher.sent
 
-            def __getattr__(self, name: str) -> Any:
-                return getattr(payer, name)
-
-            async def voucher_for(self, owed: int, received: int) -> bytes:
-                if not decoded_at_first_voucher:
-                    decoded_at_first_voucher.append(tiny_engine.decoded_tokens_total - before)
-                boc: bytes = await payer.voucher_for(owed, received)
-                return boc
-
+        engine.paid = paid
         res = await m.client.ask(m.advert, long_prompt, max_tokens=8,
-                                 params=steady(tiny_engine), payer=Watching())  # type: ignore[arg-type]
-    assert PRICE.cost(res.usage.prompt_tokens, 0) > PRICE.window_cost(WINDOW_TOKENS)
-    assert decoded_at_first_voucher == [0]  # llama.cpp had not started on the prompt
+                                 params=steady(tiny_engine),
+                                 payer=m.channel.payer(PRICE, WINDOW_TOKENS))
+    prompt_cost = PRICE.cost(res.usage.prompt_tokens, 0)
+    assert prompt_cost > PRICE.window_cost(WINDOW_TOKENS)
+    # llama.cpp started on the prompt only once the provider held a voucher for all of it
+    # but the credit window.
+    on_credit = PRICE.window_cost(WINDOW_TOKENS)
+    assert engine.paid_at_start == [prompt_cost - on_credit]
     assert res.usage.completion_tokens == 8
 
 

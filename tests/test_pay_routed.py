@@ -25,7 +25,6 @@ from meshnode.jobs.routed import NoProvider
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
 from meshnode.pay.channel.ledger import ChannelRef
 from meshnode.pay.channel.pool import Budget, ClientChannels
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments
 from meshnode.pay.ton.emulator import EmulatedChain
 from meshnode.pay.ton.onchain import raw_address
@@ -40,14 +39,6 @@ LONG_CTX = 4096  # a long generation cannot finish before its provider is stoppe
 CHEAP = Price(prompt_per_1k=1_000_000, completion_per_1k=2_000_000)
 DEAR = Price(prompt_per_1k=2_000_000, completion_per_1k=5_000_000)
 PROVIDER_WALLETS = [Address((0, bytes([0xB0 + i]) * 32)) for i in range(3)]
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 @pytest.fixture

@@ -16,21 +16,12 @@ from meshnode.engine.supervised import RunnerConfig, RunnerState, open_supervise
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError
 from meshnode.node import ProviderSettings, client_node, provider_node
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 
 pytestmark = pytest.mark.slow
 
 CTX = 512
 # Restarting the tiny model's runner takes about a second; allow for a loaded machine.
 RECOVERY_TIMEOUT_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 def runner(model: Path, fault: str | None = None) -> RunnerConfig:

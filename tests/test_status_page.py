@@ -23,7 +23,6 @@ from pay_net import PRICE, WINDOW_TOKENS
 from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.messages import Usage
-from meshnode.pay.contract.code import ContractCodeError, load_payment_channel_code
 from meshnode.pay.metering.payer import ChannelPayer
 
 if TYPE_CHECKING:
@@ -52,14 +51,6 @@ def _browser_or_skip() -> None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def code() -> Cell:
-    try:
-        return load_payment_channel_code()
-    except ContractCodeError as exc:
-        pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
 class HeldPayer:

@@ -11,7 +11,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import trio
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from meshnode.api.backend import CompletionBackend
 from meshnode.api.completion_run import CompletionRun, send_json
 from meshnode.api.errors import ApiError, bad_request
+from meshnode.api.guard import RequestGuard
 from meshnode.api.openai_request import (
     ParsedRequest,
     parse_chat_request,
@@ -58,6 +59,8 @@ async def read_json_body(request: Request) -> Any:
                        code="request_timeout") from exc
     try:
         return json.loads(b"".join(chunks))
+    except RecursionError as exc:
+        raise too_deep() from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(
             "We could not parse the JSON body of your request. (HINT: This likely means you "
@@ -66,8 +69,21 @@ async def read_json_body(request: Request) -> Any:
         ) from exc
 
 
-def create_app(backend: CompletionBackend, *, api_key: str | None = None) -> ASGIApp:
-    """The ASGI app; with ``api_key`` set every request must carry it as a bearer token."""
+def too_deep() -> ApiError:
+    """400 for JSON nested past what the parser (or our walk over it) can recurse into."""
+    return bad_request("the JSON body is nested too deeply", code="invalid_json")
+
+
+def create_app(
+    backend: CompletionBackend,
+    *,
+    api_key: str | None = None,
+    allowed_hosts: Iterable[str] | None = (),
+) -> ASGIApp:
+    """The ASGI app; with ``api_key`` set every request must carry it as a bearer token.
+    Requests must name a loopback host or one of ``allowed_hosts`` (None: any host, for a
+    remote bind with a key), come from no foreign web page and POST JSON (api/guard.py).
+    """
 
     async def list_models(request: Request) -> Response:
         data = [model_body(card) for card in backend.list_models()]
@@ -86,7 +102,10 @@ def create_app(backend: CompletionBackend, *, api_key: str | None = None) -> ASG
     ) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             body = await read_json_body(request)
-            parsed = parse(body, backend.list_models())
+            try:
+                parsed = parse(body, backend.list_models())
+            except RecursionError as exc:  # json.loads stops short of this depth only just
+                raise too_deep() from exc
             shaper = ResponseShaper(
                 kind=kind,
                 model=parsed.requested_model,
@@ -115,14 +134,14 @@ def create_app(backend: CompletionBackend, *, api_key: str | None = None) -> ASG
             Exception: _internal_error,
         },
     )
-    if api_key is None:
-        return app
-    return BearerAuth(app, api_key)
+    authed: ASGIApp = app if api_key is None else BearerAuth(app, api_key)
+    return RequestGuard(authed, allowed_hosts=allowed_hosts)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {name.decode(): value.decode() for name, value in exc.headers()}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

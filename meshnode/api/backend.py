@@ -53,6 +53,7 @@ _BACKEND_CODE_BY_JOB_CODE: Mapping[str, str] = {
     "prompt_too_long": BAD_PARAMS,
     "busy": PROVIDER_BUSY,
     "timeout": PROVIDER_TIMEOUT,
+    "stalled": PROVIDER_TIMEOUT,  # the provider stopped sending (core.job_protocol)
 }
 
 

@@ -42,8 +42,10 @@ def encode_json(body: Any) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-async def send_json(send: Send, status: int, body: Any) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+async def send_json(send: Send, status: int, body: Any,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": _JSON_HEADERS + (headers or [])})
     await send({"type": "http.response.body", "body": encode_json(body), "more_body": False})
 
 

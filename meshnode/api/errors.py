@@ -20,6 +20,7 @@ UNAVAILABLE = "service_unavailable_error"
 _TYPE_BY_STATUS = {
     400: INVALID_REQUEST,
     401: AUTHENTICATION,
+    403: "permission_error",
     404: NOT_FOUND,
     405: INVALID_REQUEST,
     408: INVALID_REQUEST,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import socket
 
 import trio
@@ -30,6 +31,15 @@ DEFAULT_API_PORT = 8080  # llama.cpp's server and most local OpenAI-compatible t
 GRACEFUL_SHUTDOWN_S = 5.0
 # Idle keep-alive connections from SDK connection pools are closed after this long.
 KEEP_ALIVE_TIMEOUT_S = 30.0
+# Connections the kernel queues before we accept them. hypercorn's default of 100 reset
+# 177 of 1,000 concurrent connects; a burst that size must wait in the queue, not be
+# refused (the kernel caps it at net.core.somaxconn, 4096 on current Linux).
+LISTEN_BACKLOG = 2048
+# Open files the API process asks for: room for a burst of 1,000 HTTP connections next to
+# its libp2p connections and files. Most systems start processes with a soft limit of
+# 1,024 (and a far higher hard limit), where such a burst runs out of descriptors and
+# hypercorn stops accepting.
+WANTED_OPEN_FILES = 8192
 
 
 class BindRefused(MeshnodeError, ValueError):
@@ -68,6 +78,20 @@ def check_bind(host: str, *, allow_remote: bool, api_key: str | None) -> None:
         raise BindRefused(f"serving the API on non-loopback {host!r} requires an API key")
 
 
+def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (never above the hard limit, never
+    lowering it); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:  # a container may forbid it; keep going
+            log.warning("could not raise the open-files limit to %d: %s", target, exc)
+    return soft
+
+
 def _bind_string(host: str, port: int) -> str:
     bare = host.strip("[]")
     return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
@@ -98,15 +122,20 @@ async def serve_api(
     ``url = await nursery.start(serve_api, backend, host, port)``; ``url`` is the base
     URL actually bound (port 0 picks a free port), e.g. ``http://127.0.0.1:8080``."""
     check_bind(host, allow_remote=allow_remote, api_key=api_key)
+    raise_open_files_limit()
     config = Config()
     config.bind = [_bind_string(host, port)]
     config.graceful_timeout = GRACEFUL_SHUTDOWN_S
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
+    config.backlog = LISTEN_BACKLOG
     config.include_server_header = False
     config.accesslog = None
     # Through our logging setup (levels, handlers) rather than hypercorn's own stderr writer.
     config.errorlog = logging.getLogger("meshnode.api.http")
-    app = create_app(backend, api_key=api_key)
+    # A loopback bind answers only to loopback names and its own; a remote one (with its
+    # required key) to any Host, since the machine's names cannot be listed.
+    app = create_app(backend, api_key=api_key,
+                     allowed_hosts=[host] if is_loopback(host) else None)
 
     async def started(*, task_status: TaskStatus[list[str]]) -> None:
         await serve(

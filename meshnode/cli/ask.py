@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from functools import partial
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import trio
 import typer
+from rich.markup import escape as markup_escape
 
 from meshnode.cli.common import (
     INSECURE_HINT,
@@ -28,12 +31,17 @@ from meshnode.cli.common import (
     metrics_bind,
     out,
     parse_channel_arg,
+    print_json,
     print_ops,
     routed_budget,
     run,
     setup_logging,
 )
+from meshnode.core.text import for_terminal
 from meshnode.identity import data_dir
+
+if TYPE_CHECKING:
+    from meshnode.pay.metering.payer import ChannelPayer
 
 # How often the client looks for providers it refused for running without a TEE.
 DEV_REFUSED_CHECK_S = 5.0
@@ -49,6 +57,22 @@ async def warn_dev_refused(node: Any) -> None:
                       f"are refused: the API does not list their models; {INSECURE_HINT}[/]")
             return
         await trio.sleep(DEV_REFUSED_CHECK_S)
+
+
+def shown_text(value: object) -> str:
+    """Text that may come from a provider, made inert for the terminal and for rich's
+    markup (a provider's "[red]" or escape sequence is shown, not obeyed)."""
+    return markup_escape(for_terminal(str(value)))
+
+
+def exit_now(code: int) -> None:
+    """End the process at once, after flushing what the user is owed: the output and
+    the log. Only for a client with no state to persist (no channels, no peer stats):
+    what it skips is closing libp2p connections, which the kernel does at exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def register(app: typer.Typer) -> None:
@@ -77,18 +101,26 @@ def ask(
     deposit: DepositOpt = "0.1",
     budget: BudgetOpt = "1",
     insecure: InsecureOpt = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the answer and its usage as one JSON object.")
+    ] = False,
     home: HomeOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Send one prompt to a provider (--peer) or to the best provider of --model, and
-    print the tokens as they arrive. With --model, priced providers are paid through
-    channels opened on first use (within --deposit and --budget) and reused."""
-    from meshnode.channel_ops import channel_payer, client_payments, format_ton, routed_payments
+    print the tokens as they arrive (with --json: one JSON object at the end). With
+    --model, priced providers are paid through channels opened on first use (within
+    --deposit and --budget) and reused.
+
+    The provider's text is shown with its terminal control characters escaped (an
+    untrusted provider must not drive the user's terminal); --json and the API keep them
+    as sent (JSON escapes them, so the JSON itself is still safe to print).
+    """
+    # Only what every ask needs is imported up front: the first token is waiting on it.
+    # Payments (TON cells, the channel ledger) load only when a channel or --model asks.
     from meshnode.jobs.client import JobError
     from meshnode.jobs.routed import NoProvider
     from meshnode.node import client_node
-    from meshnode.pay.channel.pool import DEFAULT_IDLE_CLOSE_S
-    from meshnode.pay.metering.payer import ChannelPayer
 
     setup_logging(verbose)
     if (peer is None) == (model is None):
@@ -107,6 +139,8 @@ def ask(
         raise typer.Exit(2)
     limits = None
     if model is not None:
+        from meshnode.pay.channel.pool import DEFAULT_IDLE_CLOSE_S
+
         limits = routed_budget(deposit, budget, DEFAULT_IDLE_CLOSE_S)
         choice = chain_choice(chain, network_config)
     params: dict[str, Any] = {"temperature": temperature}
@@ -114,13 +148,40 @@ def ask(
         params["seed"] = seed
 
     async def on_text(text: str) -> None:
-        sys.stdout.write(text)
+        if json_out:
+            return  # the whole text goes out once, unescaped, inside the JSON
+        sys.stdout.write(for_terminal(text))
         sys.stdout.flush()
+
+    def summary(text: str, used: list[str], usage: Any, insecure_run: bool, ttft: float,
+                elapsed: float) -> None:
+        if json_out:
+            print_json({
+                "text": text, "providers": used, "insecure": insecure_run,
+                "finish_reason": usage.finish_reason, "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cost_nanoton": usage.cost_nanoton, "ttft_s": ttft, "elapsed_s": elapsed,
+            })
+            sys.stdout.flush()
+            return
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if insecure_run:
+            err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
+                      "could read the prompt[/]")
+        err.print(
+            f"[dim]{usage.completion_tokens} tokens from {', '.join(used)}, "
+            f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
+            f"finish: {shown_text(usage.finish_reason)}[/]"
+        )
 
     async def main() -> int:
         channels = None
         if limits is not None and choice is not None:
+            from meshnode.channel_ops import routed_payments
+
             channels = routed_payments(data_dir(home), choice, limits)
+        payer: ChannelPayer | None = None
         async with client_node(allow_insecure=insecure, bootstrap=boot,
                                payments=channels) as client:
             try:
@@ -128,10 +189,12 @@ def ask(
                     try:
                         advert = await client.connect(peer)
                     except Exception as exc:  # libp2p raises its own dial errors
-                        err.print(f"[red]cannot reach {peer}:[/] {type(exc).__name__}: {exc}")
+                        err.print(f"[red]cannot reach {markup_escape(peer)}:[/] "
+                                  f"{type(exc).__name__}: {shown_text(exc)}")
                         return 3
-                    payer: ChannelPayer | None = None
                     if channel_id is not None and choice is not None:
+                        from meshnode.channel_ops import channel_payer, client_payments
+
                         payer = await channel_payer(
                             client_payments(data_dir(home), choice), channel_id, advert)
                     try:
@@ -146,6 +209,8 @@ def ask(
                                       "channel (meshnode channel open) and pass --channel[/]")
                         raise
                     if payer is not None:
+                        from meshnode.channel_ops import format_ton
+
                         total = payer.paid_for_job + payer.job_base
                         err.print(f"[dim]paid {format_ton(payer.paid_for_job)} in "
                                   f"{len(payer.vouchers)} voucher(s); channel total "
@@ -153,7 +218,7 @@ def ask(
                     used, usage, insecure_run = (
                         [advert.peer_id], res.usage, client.insecure.get(advert.peer_id, True)
                     )
-                    ttft, elapsed = res.ttft_s, res.elapsed_s
+                    ttft, elapsed, text = res.ttft_s, res.elapsed_s, res.text
                 else:
                     assert model is not None
                     routed = await client.complete(model, prompt, max_tokens=max_tokens,
@@ -161,26 +226,24 @@ def ask(
                     used, usage = routed.providers, routed.usage
                     insecure_run = client.ran_insecure(routed)
                     if usage.cost_nanoton:
+                        from meshnode.channel_ops import format_ton
+
                         err.print(f"[dim]paid {format_ton(usage.cost_nanoton)} by voucher[/]")
-                    ttft, elapsed = routed.ttft_s, routed.elapsed_s
+                    ttft, elapsed, text = routed.ttft_s, routed.elapsed_s, routed.text
             except PermissionError as exc:
-                err.print(f"[red]refused:[/] {exc} (--insecure allows dev providers)")
+                err.print(f"[red]refused:[/] {shown_text(exc)} (--insecure allows dev providers)")
                 return 5
             except NoProvider as exc:
-                err.print(f"[red]no provider:[/] {exc}")
+                err.print(f"[red]no provider:[/] {shown_text(exc)}")
                 return 6
             except JobError as exc:
-                err.print(f"\n[red]job failed:[/] {exc}")
+                err.print(f"\n[red]job failed:[/] {shown_text(exc)}")
                 return 4
-        sys.stdout.write("\n")
-        if insecure_run:
-            err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
-                      "could read the prompt[/]")
-        err.print(
-            f"[dim]{usage.completion_tokens} tokens from {', '.join(used)}, "
-            f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
-            f"finish: {usage.finish_reason}[/]"
-        )
+            summary(text, used, usage, insecure_run, ttft, elapsed)
+            if channels is None and payer is None:
+                # Nothing left to save: skip closing the host's connections one by one
+                # (0.85 s after the last token); the kernel closes the sockets at exit.
+                exit_now(0)
         return 0
 
     raise typer.Exit(run(main))

@@ -69,6 +69,7 @@ class VerifiedDirectory:
 
     async def find(self, model: str, discovery: ClientDiscovery | None) -> int:
         """Providers of `model` that pass verification, asking the mesh if none is known."""
+        await self.verify_pending()  # an unchecked listing may already be the answer
         known = [p for p in self.directory.providers_for(model, time.time())
                  if p.listing.verified]
         if not known and discovery is not None:

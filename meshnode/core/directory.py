@@ -10,12 +10,16 @@ Admission policy, chosen so that no flood can push out good entries:
 * each peer has a token bucket, spent only by adverts that would be accepted, after the
   signature is checked — so only the key holder can drain its own bucket, and a replayer
   cannot get a victim's fresh adverts rate-limited;
-* when the directory is full, a newcomer may take the place of, in order: an expired
-  entry; an entry whose attestation failed; the soonest-expiring *pending* entry, but
-  only if that entry expires before the newcomer would. Verified entries are never
-  evicted for a newcomer; if no entry qualifies, the newcomer is ``DIRECTORY_FULL``.
-  A Sybil flood of fresh keys therefore can only churn unverified entries, and its own
-  entries fail attestation and become the first to go.
+* with an ``attest`` check (a bootstrap node passes one), new evidence is checked
+  against the attestation policy *before* the advert is stored or evicts anything, and
+  the entry is stored as verified or failed (pending only when the check cannot decide
+  offline). Without one, entries start pending and the shell verifies them later;
+* when the directory is full, a newcomer may take the place of an expired entry, or
+  else of a live entry it outranks (failed < pending < verified), the lowest-ranked and
+  soonest-expiring first. At equal trust the incumbent stays; if no entry qualifies, the
+  newcomer is ``DIRECTORY_FULL``. A flood of fresh keys, however long its adverts live,
+  therefore evicts no one it does not outrank: never a verified provider, and not even
+  a failed one (a dev provider that a strict bootstrap node refuses).
 
 Time is always a parameter; nothing here reads a clock.
 """
@@ -54,6 +58,11 @@ class Verification(StrEnum):
     PENDING = "pending"  # signature fine, attestation not yet checked
     VERIFIED = "verified"
     FAILED = "failed"
+
+
+# Eviction order: a newcomer may only displace a live entry it outranks; at equal
+# trust the incumbent stays (so a flood of fresh keys cannot churn out anyone).
+_TRUST_RANK = {Verification.FAILED: 0, Verification.PENDING: 1, Verification.VERIFIED: 2}
 
 
 @dataclass(frozen=True)
@@ -140,12 +149,28 @@ AdvertDecoder = Callable[[bytes, float], Advert]
 """``decode_and_verify``'s shape: the advert in the bytes at a time, or AdvertRejected."""
 
 
+@dataclass(frozen=True)
+class AttestVerdict:
+    """An attestation check's answer: VERIFIED, FAILED, or PENDING when it cannot decide
+    offline (e.g. collateral not cached yet)."""
+
+    verification: Verification
+    reason: str
+
+
+AttestCheck = Callable[[Advert, float], AttestVerdict]
+"""Checks an advert's evidence against the attestation policy at a time (blocking)."""
+
+
 @dataclass
 class Directory:
     max_entries: int = DEFAULT_MAX_ENTRIES
     # A node keeps the default. The routing lab feeds one advert to many directories and
     # passes a decoder that verifies each distinct advert once (meshnode.lab.gossip).
     decode: AdvertDecoder = field(default=decode_and_verify, repr=False, compare=False)
+    # When set, new evidence is checked before an advert is stored or evicts anything.
+    attest: AttestCheck | None = field(default=None, repr=False, compare=False)
+    attest_checks: int = 0  # how many times ``attest`` ran (each is a signature check or more)
     accepted: int = 0
     rejections: Counter[RejectReason] = field(default_factory=Counter)
     evictions: int = 0
@@ -187,65 +212,64 @@ class Directory:
                 RejectReason.RATE_LIMITED, f"{advert.peer_id} sends adverts too often"
             )
 
-        evicted: str | None = None
-        if current is None and len(self._entries) >= self.max_entries:
-            evicted = self._make_room(advert, now)
-            if evicted is None:
-                return self._reject(
-                    RejectReason.DIRECTORY_FULL,
-                    f"{self.max_entries} entries, none expires before this advert",
-                )
-        self._buckets[advert.peer_id] = bucket
-        self._prune_buckets(now)
-
         same_evidence = current is not None and (
             current.advert.attestation == advert.attestation
             and current.advert.job_pubkey == advert.job_pubkey
         )
         if current is not None and same_evidence:
-            listing = Listing(
-                advert=advert,
-                verification=current.verification,
-                verification_reason=current.verification_reason,
-                received_at=now,
-                evidence_since_seq=current.evidence_since_seq,
-                signed=data,
-            )
+            verification = current.verification
+            reason = current.verification_reason
+            evidence_since = current.evidence_since_seq
         else:
-            listing = Listing(
-                advert=advert,
-                verification=Verification.PENDING,
-                verification_reason="attestation not checked yet",
-                received_at=now,
-                evidence_since_seq=advert.seq,
-                signed=data,
-            )
+            verification, reason = Verification.PENDING, "attestation not checked yet"
+            evidence_since = advert.seq
+            if self.attest is not None:
+                self.attest_checks += 1
+                verdict = self.attest(advert, now)
+                verification = verdict.verification
+                reason = verdict.reason[:MAX_VERIFICATION_REASON_LEN]
+
+        evicted: str | None = None
+        if current is None and len(self._entries) >= self.max_entries:
+            evicted = self._make_room(verification, now)
+            if evicted is None:
+                return self._reject(
+                    RejectReason.DIRECTORY_FULL,
+                    f"{self.max_entries} entries, none this {verification} advert may replace",
+                )
+        self._buckets[advert.peer_id] = bucket
+        self._prune_buckets(now)
+
+        listing = Listing(
+            advert=advert,
+            verification=verification,
+            verification_reason=reason,
+            received_at=now,
+            evidence_since_seq=evidence_since,
+            signed=data,
+        )
         self._entries[advert.peer_id] = listing
         self.accepted += 1
         return InsertResult(
             accepted=True,
             listing=listing,
-            needs_verification=not same_evidence,
+            needs_verification=verification is Verification.PENDING and not same_evidence,
             evicted=evicted,
         )
 
-    def _make_room(self, newcomer: Advert, now: float) -> str | None:
+    def _make_room(self, newcomer: Verification, now: float) -> str | None:
         """Evict one entry per the module's policy; the evicted peer id, or None."""
         expired = [pid for pid, e in self._entries.items() if e.advert.expires_at <= now]
         if expired:
             victim = expired[0]
         else:
-            failed = [e for e in self._entries.values() if e.verification is Verification.FAILED]
-            pending = [e for e in self._entries.values() if e.verification is Verification.PENDING]
-            if failed:
-                victim = min(failed, key=lambda e: e.advert.expires_at).peer_id
-            elif pending:
-                soonest = min(pending, key=lambda e: e.advert.expires_at)
-                if soonest.advert.expires_at >= newcomer.expires_at:
-                    return None
-                victim = soonest.peer_id
-            else:
+            rank = _TRUST_RANK[newcomer]
+            lower = [e for e in self._entries.values() if _TRUST_RANK[e.verification] < rank]
+            if not lower:
                 return None
+            victim = min(
+                lower, key=lambda e: (_TRUST_RANK[e.verification], e.advert.expires_at)
+            ).peer_id
         del self._entries[victim]
         self.evictions += 1
         return victim

@@ -1,5 +1,8 @@
 """Client half of `/meshnode/job/1`: seal a prompt to the provider's job key, stream
-the tokens back, pay when asked, and check the provider's accounting on the way."""
+the tokens back, pay when asked, and check the provider's accounting on the way.
+
+A trio driver over `core.job_protocol.ClientJob` (the ordering and accounting rules)
+and `StallDetector` (how long to wait for the provider's next frame)."""
 
 from __future__ import annotations
 
@@ -13,39 +16,35 @@ import trio
 from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from nacl.public import PrivateKey
 
-from meshnode.core.crypto import Opener, Sealer, client_session
 from meshnode.core.errors import EXIT_JOB_FAILED, MeshnodeError
-from meshnode.core.messages import (
-    JOB_ID_BYTES,
-    JOB_PROTOCOL,
-    Accept,
-    Busy,
-    ErrorMsg,
-    NeedPayment,
-    Open,
-    SchemaError,
-    Sealed,
-    Usage,
-    VoucherMsg,
-    check_done_body,
-    check_tokens_body,
+from meshnode.core.job_protocol import (
+    TOKEN_COUNT_SLACK,
+    TOKEN_TIMEOUT_S,
+    Accepted,
+    ClientJob,
+    JobDone,
+    LocalProtocolError,
+    PaymentRequested,
+    ProtocolError,
+    ProviderFailed,
+    StallDetector,
+    TokensReceived,
 )
-from meshnode.jobs.payment_gate import NoPayer, Payer
+from meshnode.core.job_protocol import ProviderBusy as BusyEvent
+from meshnode.core.messages import JOB_ID_BYTES, JOB_PROTOCOL, Usage
+from meshnode.core.wire import WireError
+from meshnode.jobs.payment_gate import NoPayer, Payer, PaymentRejected
 from meshnode.p2p.framed import FramedStream, StreamClosed
 
 # Opening a stream to a connected peer is one round trip; 10 s means the peer is gone.
 STREAM_OPEN_TIMEOUT_S = 10.0
 # Accept or Busy follows the prompt within a round trip unless the provider is stuck.
 ACCEPT_TIMEOUT_S = 15.0
-# Between tokens: a queued job waits for a slot, and a CPU provider decodes a long
-# prompt before its first token; two minutes covers both without hanging forever.
-TOKEN_TIMEOUT_S = 120.0
-
-# Tokens billed beyond the text's byte count: none in practice; a little room for a
-# tokenizer that maps a token to an empty piece now and then.
-TOKEN_COUNT_SLACK = 8
+# Between tokens the wait follows the provider's own pace: core.job_protocol.StallDetector
+# (at most TOKEN_TIMEOUT_S, re-exported here with TOKEN_COUNT_SLACK for callers).
+__all__ = ["TOKEN_COUNT_SLACK", "TOKEN_TIMEOUT_S", "JobError", "JobRequest", "JobResult",
+           "ProviderBusy", "run_job", "run_job_on_stream"]
 
 OnText = Callable[[str], Awaitable[None]]
 
@@ -104,11 +103,28 @@ async def run_job(
     on_text: OnText | None = None,
     payer: Payer | None = None,
 ) -> JobResult:
-    payer = payer or NoPayer()
     start = time.perf_counter()
     with trio.fail_after(STREAM_OPEN_TIMEOUT_S):
         stream = await host.new_stream(peer, [TProtocol(JOB_PROTOCOL)])
-    fs = FramedStream(stream)
+    return await run_job_on_stream(
+        FramedStream(stream), peer, provider_job_pub, request, on_text=on_text,
+        payer=payer, start=start,
+    )
+
+
+async def run_job_on_stream(
+    fs: FramedStream,
+    peer: ID,
+    provider_job_pub: bytes,
+    request: JobRequest,
+    *,
+    on_text: OnText | None = None,
+    payer: Payer | None = None,
+    start: float | None = None,
+) -> JobResult:
+    """`run_job` on a job stream that is already open; closes (or resets) it."""
+    payer = payer or NoPayer()
+    start = time.perf_counter() if start is None else start
     text: list[str] = []
     received = [0]
     done = False
@@ -127,8 +143,11 @@ async def run_job(
     except JobError as exc:
         exc.received_tokens = received[0]
         raise
-    except Exception as exc:  # WireError, SealError: the provider broke the protocol
-        raise _failed(getattr(exc, "code", "protocol"), str(exc), received[0]) from exc
+    except LocalProtocolError:  # a bug here, not the provider's doing
+        raise
+    except (WireError, ProtocolError, PaymentRejected) as exc:  # the provider broke the
+        # protocol, or its bill or payment request is one this client cannot agree to
+        raise _failed(exc.code, str(exc), received[0]) from exc
     finally:
         if not done:
             # What was received is owed (and paid by a later voucher): on record first.
@@ -154,85 +173,62 @@ async def _exchange(
     text: list[str],
     counted: list[int],
 ) -> JobResult:
-    job_id = os.urandom(JOB_ID_BYTES)
-    ephemeral = PrivateKey.generate()
-    keys = client_session(ephemeral, provider_job_pub)
-    sealer = Sealer(keys.send, ad=job_id)
-    client_pub = bytes(ephemeral.public_key)
+    job = ClientJob(provider_job_pub, req.model_id, req.prompt, req.max_tokens, req.params,
+                    job_id=os.urandom(JOB_ID_BYTES))
     channel_id = req.channel_id if req.channel_id is not None else payer.channel_id
     payer.begin(req.prompt)
     # Naming a channel takes its key's proof, bound to this job and this provider.
-    auth = None if channel_id is None else payer.authorize(job_id, client_pub, peer.to_base58())
-    await fs.send(
-        Open(
-            job_id=job_id,
-            model_id=req.model_id,
-            params=req.params,
-            max_tokens=req.max_tokens,
-            channel_id=channel_id,
-            client_pub=client_pub,
-            header=sealer.header,
-            auth=auth,
-            channel_key=None if channel_id is None else payer.channel_key(),
-        )
-    )
-    await fs.send(Sealed(sealer.seal({"k": "prompt", "prompt": req.prompt})))
+    auth = (None if channel_id is None
+            else payer.authorize(job.job_id, job.client_pub, peer.to_base58()))
+    for frame in job.open(channel_id, auth,
+                          None if channel_id is None else payer.channel_key()):
+        await fs.send(frame)
     sent_at = time.perf_counter()
 
-    reply = await fs.recv(ACCEPT_TIMEOUT_S)
-    if isinstance(reply, Busy):
-        raise ProviderBusy(reply.retry_after)
-    if isinstance(reply, ErrorMsg):
-        raise JobError(reply.code, reply.msg, before_first_token=True)
-    if not isinstance(reply, Accept):
-        raise SchemaError(f"expected accept, got {type(reply).__name__}")
-    opener = Opener(keys.recv, reply.header, ad=job_id)
+    event = job.receive_frame(await fs.recv(ACCEPT_TIMEOUT_S))
+    if isinstance(event, BusyEvent):
+        raise ProviderBusy(event.retry_after)
+    if isinstance(event, ProviderFailed):
+        raise JobError(event.code, event.msg, before_first_token=True)
+    assert isinstance(event, Accepted)
     accept_s = time.perf_counter() - sent_at
-    payer.accepted(reply.prompt_tokens, reply.owed_before)
+    payer.accepted(event.prompt_tokens, event.owed_before)
 
-    received = 0
-    text_bytes = 0
+    stall = StallDetector.for_prompt(req.prompt)
     ttft = 0.0
     while True:
-        msg = await fs.recv(TOKEN_TIMEOUT_S)
-        if isinstance(msg, Sealed):
-            body, final = opener.open(msg.ciphertext)
-            if final:
-                usage = check_done_body(body)
-                if usage.completion_tokens != received:
-                    raise SchemaError(
-                        f"provider billed {usage.completion_tokens} tokens, delivered {received}"
-                    )
-                payer.check_usage(usage)
-                return JobResult(
-                    text="".join(text),
-                    usage=usage,
-                    ttft_s=ttft,
-                    elapsed_s=time.perf_counter() - start,
-                    provider=str(peer),
-                    accept_s=accept_s,
-                )
-            chunk, n, total = check_tokens_body(body)
-            if total != received + n or total > req.max_tokens:
-                raise SchemaError(f"token count jumped from {received} to {total}")
-            text_bytes += len(chunk.encode())
-            # Every billed token shows at least one byte of text (tokens that never do are
-            # not sent as chunks), so a provider cannot bill "ok" as 4000 tokens.
-            if n < 1 or not chunk or total > text_bytes + TOKEN_COUNT_SLACK:
-                raise SchemaError(
-                    f"provider claims {total} tokens for {text_bytes} bytes of text"
-                )
-            received = counted[0] = total
+        waited_from = trio.current_time()
+        try:
+            msg = await fs.recv(stall.timeout())
+        except trio.TooSlowError:
+            raise JobError(
+                "stalled",
+                f"provider sent nothing for {stall.timeout():.1f} s "
+                f"(its pace: {stall.gap_s if stall.gap_s is not None else 0:.3f} s a frame)",
+                before_first_token=job.received == 0,
+                received_tokens=job.received,
+            ) from None
+        event = job.receive_frame(msg)
+        if isinstance(event, TokensReceived):
+            stall.token_frame(trio.current_time() - waited_from, first=not text)
+            counted[0] = event.total
             if not text:
                 ttft = time.perf_counter() - start
-            text.append(chunk)
+            text.append(event.text)
             if on_text is not None:
-                await on_text(chunk)
-        elif isinstance(msg, NeedPayment):
-            if msg.delivered != received:
-                raise SchemaError(f"provider claims {msg.delivered} delivered, saw {received}")
-            await fs.send(VoucherMsg(boc=await payer.voucher_for(msg.owed, received)))
-        elif isinstance(msg, ErrorMsg):
-            raise JobError(msg.code, msg.msg, before_first_token=received == 0)
+                await on_text(event.text)
+        elif isinstance(event, PaymentRequested):
+            await fs.send(job.voucher(await payer.voucher_for(event.owed, event.delivered)))
+        elif isinstance(event, JobDone):
+            payer.check_usage(event.usage)
+            return JobResult(
+                text="".join(text),
+                usage=event.usage,
+                ttft_s=ttft,
+                elapsed_s=time.perf_counter() - start,
+                provider=str(peer),
+                accept_s=accept_s,
+            )
         else:
-            raise SchemaError(f"unexpected {type(msg).__name__} from provider")
+            assert isinstance(event, ProviderFailed)
+            raise JobError(event.code, event.msg, before_first_token=job.received == 0)

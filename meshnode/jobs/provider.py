@@ -1,9 +1,12 @@
 """Provider half of `/meshnode/job/1`: admit, decrypt, generate, stream sealed tokens.
 
-One job per stream. Any protocol error (bad frame, bad seal, unexpected message) ends
-that stream with a typed `Error` frame and a log line; it never reaches the node.
-A concurrent reader watches the client: vouchers go to the payment gate, and a closed
-or reset stream cancels generation, so a vanished client frees its slot at once.
+A trio driver over `core.job_protocol.ProviderJob`, which holds every ordering rule
+(what may be received or sent when, the credit window, settling before Done); this
+module does the I/O, runs the engine and calls the payment gate. One job per stream. Any
+protocol error (bad frame, bad seal, unexpected message) ends that stream with a typed
+`Error` frame and a log line; it never reaches the node. A concurrent reader watches the
+client: vouchers go to the payment gate, and a closed or reset stream cancels
+generation, so a vanished client frees its slot at once.
 """
 
 from __future__ import annotations
@@ -16,19 +19,16 @@ from dataclasses import dataclass, field
 import trio
 from libp2p.abc import INetStream
 
-from meshnode.core.crypto import Opener, Sealer, SealError, provider_session
-from meshnode.core.messages import (
-    Accept,
-    Busy,
-    ErrorMsg,
-    NeedPayment,
-    Open,
-    SchemaError,
-    Sealed,
-    Usage,
-    VoucherMsg,
-    check_prompt_body,
+from meshnode.core.job_protocol import (
+    ClientAborted,
+    JobRefused,
+    LocalProtocolError,
+    PromptReceived,
+    ProtocolError,
+    ProviderJob,
+    VoucherReceived,
 )
+from meshnode.core.messages import ErrorMsg, Open
 from meshnode.core.wire import WireError
 from meshnode.engine.base import (
     Engine,
@@ -36,7 +36,6 @@ from meshnode.engine.base import (
     InvalidRequest,
     PromptTooLong,
     SamplingParams,
-    TokenChunk,
 )
 from meshnode.jobs.payment_gate import FreeGate, PaymentGate, PaymentRejected
 from meshnode.p2p.framed import FramedStream, StreamClosed
@@ -60,16 +59,7 @@ GATE_FINISH_TIMEOUT_S = 10.0
 # Advertised speed follows the last ~5 jobs: steady against one odd prompt, quick to
 # reflect a change of load or hardware.
 SPEED_EWMA_ALPHA = 0.2
-# A batch of queued chunks stays well inside the client's per-chunk text limit
-# (messages.MAX_CHUNK_TEXT), so a long burst is split rather than refused.
-MAX_BATCH_CHARS = 16 * 1024
 MIN_DECODE_S = 1e-3  # guards the rate of a job whose tokens all arrived in one instant
-
-
-class JobRefused(Exception):
-    def __init__(self, code: str, msg: str) -> None:
-        super().__init__(msg)
-        self.code = code
 
 
 @dataclass
@@ -136,6 +126,8 @@ class JobProvider:
         self.stats = ProviderStats()
         self.live: set[LiveJob] = set()  # the jobs generating now
         self.on_load_change: Callable[[int, int], None] | None = None
+        self._streams = 0  # job streams being handled now
+        self._quiet = trio.Event()  # set (and replaced) when _streams drops to 0
 
     @property
     def active(self) -> int:
@@ -161,12 +153,23 @@ class JobProvider:
     async def handle_stream(self, stream: INetStream) -> None:
         fs = FramedStream(stream)
         peer = _remote_peer(stream)
+        self._streams += 1
         try:
             await self._serve(fs, peer)
         except Exception as raised:  # every failure ends this stream, never the node
             await self._report(fs, peer, _leaf(raised))
         finally:
             await fs.close()
+            self._streams -= 1
+            if not self._streams:
+                self._quiet.set()
+                self._quiet = trio.Event()
+
+    async def wait_quiet(self) -> None:
+        """Return once no job stream is being handled: every job that started has ended
+        and been counted (stats), its usage recorded and its stream closed."""
+        while self._streams:
+            await self._quiet.wait()
 
     async def _report(self, fs: FramedStream, peer: str, exc: BaseException) -> None:
         if isinstance(exc, StreamClosed):
@@ -179,7 +182,10 @@ class JobProvider:
             exc = JobRefused("prompt_too_long", str(exc))
         elif isinstance(exc, InvalidRequest):  # includes bad sampling params for this model
             exc = JobRefused("bad_request", str(exc))
-        if isinstance(exc, WireError | JobRefused | PaymentRejected):
+        if isinstance(exc, LocalProtocolError):
+            code, msg = "internal", "internal error"
+            log.error("job from %s broke the protocol on our side", peer, exc_info=exc)
+        elif isinstance(exc, WireError | ProtocolError | PaymentRejected):
             code = getattr(exc, "code", "protocol")
             log.warning("job stream from %s closed: %s: %s", peer, code, exc)
             msg = str(exc)
@@ -193,24 +199,17 @@ class JobProvider:
         await _try_send(fs, ErrorMsg(code=code, msg=msg))
 
     async def _serve(self, fs: FramedStream, peer: str) -> None:
-        first = await fs.recv(OPEN_TIMEOUT_S)
-        if not isinstance(first, Open):
-            raise SchemaError(f"expected open, got {type(first).__name__}")
-        if first.model_id != self.engine.info.model_id:
-            raise JobRefused("unknown_model", f"model {first.model_id} is not served here")
+        job = ProviderJob(self._job_key, self.engine.info.model_id)
+        job.receive_frame(await fs.recv(OPEN_TIMEOUT_S))
+        first = job.open
+        assert first is not None
         try:
             params = SamplingParams.from_dict(first.params)
         except ValueError as exc:
             raise JobRefused("bad_params", str(exc)) from exc
-        keys = provider_session(self._job_key, first.client_pub)
-        opener = Opener(keys.recv, first.header, ad=first.job_id)
-        sealed = await fs.recv(OPEN_TIMEOUT_S)
-        if not isinstance(sealed, Sealed):
-            raise SchemaError(f"expected the sealed prompt, got {type(sealed).__name__}")
-        body, final = opener.open(sealed.ciphertext)
-        prompt = check_prompt_body(body)
-        if final:
-            raise SealError("the prompt must not end the client's sealed stream")
+        got = job.receive_frame(await fs.recv(OPEN_TIMEOUT_S))
+        assert isinstance(got, PromptReceived)
+        prompt = got.prompt
 
         gate = self._gate_factory(first, self.peer_id)
         # The channel's own checks and places come before ours: one channel's flood of
@@ -219,27 +218,20 @@ class JobProvider:
         if self._admitted >= self.slots + self.max_queue:
             await gate.finish()
             self.stats.busy_refusals += 1
-            await fs.send(Busy(retry_after=self.retry_after()))
+            await fs.send(job.busy(self.retry_after()))
             return
         self._admitted += 1
         self._load_changed()
         try:
-            prompt_tokens = await self.engine.count_tokens(prompt)
+            prompt_tokens = await self._count_prompt_tokens(prompt)
             await gate.start(prompt_tokens)
-            sealer = Sealer(keys.send, ad=first.job_id)
-            owed_before = gate.owed_before
-            await fs.send(Accept(
-                header=sealer.header,
-                prompt_tokens=None if owed_before is None else prompt_tokens,
-                owed_before=owed_before,
-            ))
+            await fs.send(job.accept(gate, prompt_tokens, gate.owed_before))
             log.info("job %s from %s accepted", first.job_id.hex()[:8], peer)
             async with self._limiter:
                 self._load_changed()
                 started = trio.current_time()
                 try:
-                    await self._generate(fs, first, prompt, prompt_tokens, params, sealer,
-                                         peer, gate)
+                    await self._generate(fs, job, prompt, params, peer, gate)
                 finally:
                     self.stats.observe_job_time(trio.current_time() - started)
         finally:
@@ -249,40 +241,40 @@ class JobProvider:
             self._admitted -= 1
             self._load_changed()
 
+    async def _count_prompt_tokens(self, prompt: str) -> int:
+        """The prompt's token count, the basis of its bill (the one tokenizer call)."""
+        return await self.engine.count_tokens(prompt)
+
     async def _generate(
         self,
         fs: FramedStream,
-        job: Open,
+        job: ProviderJob,
         prompt: str,
-        prompt_tokens: int,
         params: SamplingParams,
-        sealer: Sealer,
         peer: str,
         gate: PaymentGate,
     ) -> None:
+        assert job.open is not None
         self.stats.jobs_started += 1
-        self.stats.tokens_in += prompt_tokens
-        live = LiveJob(job.job_id.hex(), peer, prompt_tokens, time.time())
+        self.stats.tokens_in += job.prompt_tokens
+        live = LiveJob(job.open.job_id.hex(), peer, job.prompt_tokens, time.time())
         self.live.add(live)
         try:
-            await self._generate_tokens(fs, job, prompt, prompt_tokens, params, sealer, peer,
-                                        gate, live)
+            await self._generate_tokens(fs, job, prompt, params, peer, gate, live)
         finally:
             self.live.discard(live)
 
     async def _generate_tokens(
         self,
         fs: FramedStream,
-        job: Open,
+        job: ProviderJob,
         prompt: str,
-        prompt_tokens: int,
         params: SamplingParams,
-        sealer: Sealer,
         peer: str,
         gate: PaymentGate,
         live: LiveJob,
     ) -> None:
-        delivered = 0
+        assert job.open is not None
         paid = trio.Event()
         client_gone: list[BaseException] = []
 
@@ -292,34 +284,24 @@ class JobProvider:
                 while True:
                     # No timeout of its own: this reader lives exactly as long as the
                     # generation, which is bounded by max_tokens and PAYMENT_TIMEOUT_S.
-                    msg = await fs.recv(float("inf"))
-                    if isinstance(msg, VoucherMsg):
-                        await gate.accept_voucher(msg.boc, delivered)
+                    event = job.receive_frame(await fs.recv(float("inf")))
+                    if isinstance(event, VoucherReceived):
+                        await gate.accept_voucher(event.boc, job.delivered)
+                        job.voucher_accepted()
                         paid.set()
                         paid = trio.Event()
-                    elif isinstance(msg, ErrorMsg):
-                        raise StreamClosed(f"client aborted: {msg.code}")
-                    else:
-                        raise SchemaError(f"unexpected {type(msg).__name__} during generation")
-            except (StreamClosed, WireError, PaymentRejected) as exc:
+                    elif isinstance(event, ClientAborted):
+                        raise StreamClosed(f"client aborted: {event.code}")
+            except (StreamClosed, WireError, PaymentRejected, ProtocolError) as exc:
                 client_gone.append(exc)
                 cancel.cancel()
 
-        async def until_paid(upto: int, *, settle: bool = False) -> None:
+        async def until_paid(upto: int | None) -> None:
             """Ask for payment and wait for vouchers until `upto` completion tokens may
-            be out (or, with `settle`, the delivered ones are fully paid)."""
-            while not (gate.settled(delivered) if settle else gate.may_produce(upto)):
-                if not settle and gate.exhausted(upto):
-                    # The deposit cannot pay for more: bill what went out, then stop.
-                    await until_paid(delivered, settle=True)
-                    raise JobRefused(
-                        "channel_exhausted",
-                        f"the channel's deposit pays for {delivered} tokens, no more: "
-                        "open a new channel",
-                    )
+            be out (None: until the delivered ones are fully paid)."""
+            while (ask := job.payment_due(upto)) is not None:
                 waiting = paid
-                owed = gate.ask(delivered, delivered if settle else upto)
-                await fs.send(NeedPayment(owed=owed, delivered=delivered))
+                await fs.send(ask)
                 with trio.fail_after(PAYMENT_TIMEOUT_S):
                     await waiting.wait()
 
@@ -332,64 +314,34 @@ class JobProvider:
                 # The prompt is the first thing the client owes: a prompt costing more than
                 # the credit window is paid for before llama.cpp spends time on it.
                 await until_paid(0)
-                async with self.engine.stream(prompt, params, job.max_tokens) as gen:
+                async with self.engine.stream(prompt, params, job.open.max_tokens) as gen:
                     async for chunk in gen:
                         # Chunks the engine produced while we were sending go out as one
                         # sealed frame: per-frame cost, not per-token, when decode is fast.
                         pending = [chunk, *gen.ready()]
                         while pending:
-                            await until_paid(delivered + pending[0].n_tokens)
-                            batch = _payable_batch(pending, delivered, gate)
-                            del pending[: len(batch)]
-                            n = sum(c.n_tokens for c in batch)
-                            if not delivered:
+                            await until_paid(job.delivered + pending[0].n_tokens)
+                            if not job.delivered:
                                 first_at = trio.current_time()
-                            delivered += n
-                            live.delivered = delivered
-                            await fs.send(
-                                Sealed(
-                                    sealer.seal(
-                                        {"k": "tokens", "text": "".join(c.text for c in batch),
-                                         "n": n, "total": delivered}
-                                    )
-                                )
-                            )
+                            frame, taken = job.tokens(pending)
+                            del pending[:taken]
+                            live.delivered = job.delivered
+                            await fs.send(frame)
                 finish = gen.finish_reason or "stop"
                 # The last tokens went out on credit: settle them before Done.
-                await until_paid(delivered, settle=True)
+                await until_paid(None)
+            delivered = job.delivered
             self.stats.tokens_out += delivered
             if delivered > 1:
                 self.stats.observe_speed((delivered - 1) / max(trio.current_time() - first_at,
                                                                MIN_DECODE_S))
             if client_gone:
                 raise client_gone[0]
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=delivered,
-                finish_reason=finish,
-                cost_nanoton=gate.cost(prompt_tokens, delivered),
-            )
-            await fs.send(Sealed(sealer.seal(usage.to_body(), final=True)))
+            await fs.send(job.done(finish, gate.cost(job.prompt_tokens, delivered)))
             self.stats.jobs_completed += 1
-            log.info("job %s for %s: %d+%d tokens", job.job_id.hex()[:8], peer,
-                     prompt_tokens, delivered)
+            log.info("job %s for %s: %d+%d tokens", job.open.job_id.hex()[:8], peer,
+                     job.prompt_tokens, delivered)
             nursery.cancel_scope.cancel()
-
-
-def _payable_batch(
-    pending: list[TokenChunk], delivered: int, gate: PaymentGate
-) -> list[TokenChunk]:
-    """The longest prefix of `pending` (at least one chunk, already paid for) that the
-    credit window allows and that fits one token frame."""
-    batch = [pending[0]]
-    tokens, chars = delivered + pending[0].n_tokens, len(pending[0].text)
-    for chunk in pending[1:]:
-        tokens += chunk.n_tokens
-        chars += len(chunk.text)
-        if chars > MAX_BATCH_CHARS or not gate.may_produce(tokens):
-            break
-        batch.append(chunk)
-    return batch
 
 
 def _leaf(exc: BaseException) -> BaseException:

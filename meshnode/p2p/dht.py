@@ -15,9 +15,17 @@ py-libp2p 0.8 behaviours handled here (see DESIGN.md):
 - ``find_providers`` returns duplicates: ``find_provider_ids`` dedupes by peer id;
 - ``find_providers`` and ``get_value`` answer from a local cache first, so a client
   would keep re-reading its first answer; client lookups drop that cache before asking;
-- values without a validator for their namespace are accepted unchecked; we register
-  ``AdvertRecordValidator`` so every DHT node of ours checks adverts before storing or
-  returning them.
+- values without a validator for their namespace are accepted unchecked (1 MiB each,
+  up to 50,000 of them) unless strict validation is on; ``make_dht`` turns it on with
+  ``AdvertRecordValidator`` as the only namespace (py-libp2p's ``pk``/``ipns`` defaults
+  are left out: we never use them), so a server stores adverts and nothing else;
+- the value store keeps records for 24 h whatever they say; ``BoundedValueStore`` caps
+  the count, drops records whose advert no longer validates (expired) when full, and
+  then refuses new ones rather than evicting live ones.
+
+Not covered here: py-libp2p reads a whole DHT message (up to 4 MiB) before any check;
+that memory is per stream and freed with it. Provider records (ADD_PROVIDER) are left to
+py-libp2p's own per-peer rate limit.
 """
 
 from __future__ import annotations
@@ -31,11 +39,14 @@ import trio
 from libp2p.abc import IHost
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Record
+from libp2p.kad_dht.value_store import ValueStore
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.records.validator import Validator
+from libp2p.records.utils import InvalidRecordType
+from libp2p.records.validator import NamespacedValidator, Validator
 
-from meshnode.core.advert import AdvertRejected, decode_and_verify
+from meshnode.core.advert import MAX_ADVERT_BYTES, AdvertRejected, decode_and_verify
 from meshnode.core.peerid import MAX_PEER_ID_TEXT_LEN
 
 log = logging.getLogger(__name__)
@@ -61,6 +72,10 @@ REFRESH_TIMEOUT_S = 30.0
 # Identify normally answers within a round trip after connect; prune checks run this
 # often so a client that slipped into a server's table is gone within seconds.
 PRUNE_INTERVAL_S = 5.0
+# Value records a node keeps: one advert per provider, four times the directory's
+# 1024 entries, so a node can hold the records of a large mesh; at MAX_ADVERT_BYTES
+# each that is at most 256 MiB, but real adverts are ~1-4 KiB (~16 MiB).
+MAX_VALUE_RECORDS = 4096
 # A provider record lists at most this many peers per model (py-libp2p's per-key cap
 # is k = 20 per server); the router needs a handful, gossip fills in the rest.
 MAX_PROVIDERS_PER_LOOKUP = 20
@@ -99,6 +114,8 @@ class AdvertRecordValidator(Validator):
         self._clock = clock
 
     def validate(self, key: str, value: bytes) -> None:
+        if len(value) > MAX_ADVERT_BYTES:  # before decoding anything
+            raise ValueError(f"advert record of {len(value)} bytes > {MAX_ADVERT_BYTES}")
         try:
             advert = decode_and_verify(value, self._clock())
         except AdvertRejected as exc:
@@ -119,13 +136,76 @@ class AdvertRecordValidator(Validator):
         return best
 
 
+class ValueStoreFull(ValueError):
+    """The value store holds MAX_VALUE_RECORDS live records; a new key is refused."""
+
+
+class BoundedValueStore(ValueStore):
+    """py-libp2p's value store with a count cap. When full, records that no longer
+    validate (expired adverts) are dropped first; if none is, a server refuses a record
+    under a new key with ``ValueStoreFull`` (the PUT_VALUE handler then resets the
+    stream), so a flood cannot evict the records of live providers. A client's store is
+    only a cache of what it fetched: there the oldest record makes room instead, so a
+    lookup never fails for want of space."""
+
+    def __init__(
+        self,
+        inner: ValueStore,
+        validator: NamespacedValidator,
+        max_records: int,
+        *,
+        refuse_when_full: bool = True,
+    ) -> None:
+        super().__init__(inner.host, inner.local_peer_id)
+        self.validator = validator
+        self.max_records = max_records
+        self.refuse_when_full = refuse_when_full
+        self.refused = 0
+
+    def _make_room(self, key: bytes, *, refuse: bool) -> None:
+        if key in self.store or len(self.store) < self.max_records:
+            return
+        for k, (record, _) in list(self.store.items()):
+            try:
+                self.validator.validate(k.decode("utf-8"), record.value)
+            except (ValueError, UnicodeDecodeError, InvalidRecordType):
+                del self.store[k]
+        if len(self.store) >= self.max_records:
+            if refuse:
+                self.refused += 1
+                raise ValueStoreFull(f"value store holds {self.max_records} live records")
+            del self.store[next(iter(self.store))]  # dicts keep insertion order: oldest
+
+    def put_record(self, key: bytes, record: Record) -> None:
+        """A record from the network (a PUT_VALUE, or a lookup's answer cached)."""
+        self._make_room(key, refuse=self.refuse_when_full)
+        super().put_record(key, record)
+
+    def put(self, key: bytes, value: bytes, validity: float = 0.0) -> None:
+        """Our own record: always stored (the oldest other record makes room)."""
+        self._make_room(key, refuse=False)
+        super().put(key, value, validity)
+
+
 class MeshKadDHT(KadDHT):
-    """KadDHT that keeps client-mode peers out of its routing table.
+    """KadDHT that stores only adverts, in a bounded store, and keeps client-mode peers
+    out of its routing table.
 
     py-libp2p adds every peer that opens a KAD stream with the server-mode check
     skipped; we always check, and prune peers once identify shows they lack KAD (the
     check passes while identify has not answered yet).
     """
+
+    def __init__(self, host: IHost, mode: DHTMode, *, max_records: int = MAX_VALUE_RECORDS) -> None:
+        validator = NamespacedValidator(
+            {ADVERT_NAMESPACE: AdvertRecordValidator()}, strict_validation=True
+        )
+        super().__init__(
+            host, mode, validator=validator, validator_changed=True, strict_validation=True
+        )
+        self.value_store = BoundedValueStore(
+            self.value_store, validator, max_records, refuse_when_full=mode is DHTMode.SERVER
+        )
 
     async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
         return await super().add_peer(peer_id, skip_server_mode_check=False)
@@ -151,11 +231,9 @@ class MeshKadDHT(KadDHT):
 
 
 def make_dht(host: IHost, *, server: bool) -> MeshKadDHT:
-    """A DHT node with the advert validator registered; run it under
+    """A DHT node that stores validated adverts only; run it under
     ``background_trio_service``."""
-    dht = MeshKadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT)
-    dht.register_validator(ADVERT_NAMESPACE, AdvertRecordValidator())
-    return dht
+    return MeshKadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT)
 
 
 async def join(dht: KadDHT, host: IHost, bootstrap: Sequence[PeerInfo]) -> int:

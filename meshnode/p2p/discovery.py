@@ -13,7 +13,7 @@ lives in that task and ends with it.
   its advert.
 - ``ClientDiscovery``: a light client's view. Feeds every advert heard on the topic
   into its ``Directory``; ``find`` answers from the directory and falls back to a DHT
-  lookup when it holds no fresh advert for the model.
+  lookup when it holds no fresh *verified* advert for the model.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from typing import Protocol
 
 import trio
 from libp2p.abc import IHost
@@ -30,8 +31,9 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 from trio_typing import TaskStatus
 
+from meshnode.attest.advert_check import policy_advert_check
 from meshnode.core.advert import AdvertRejected, decode_and_verify
-from meshnode.core.directory import Directory, InsertResult, Provider
+from meshnode.core.directory import AttestCheck, Directory, InsertResult, Provider
 from meshnode.p2p.dht import (
     BOOTSTRAP_DIAL_TIMEOUT_S,
     DhtError,
@@ -43,7 +45,7 @@ from meshnode.p2p.dht import (
     make_dht,
 )
 from meshnode.p2p.directory_sync import fetch_snapshot, install_snapshot_server
-from meshnode.p2p.gossip import ADVERT_TOPIC, AdvertGossip
+from meshnode.p2p.gossip import AdvertGossip
 from meshnode.p2p.host import parse_peer_addr
 from meshnode.p2p.relay import RelayClient, RelayError, running_relay_server
 
@@ -76,6 +78,14 @@ FIND_TIMEOUT_S = 20.0
 OnInsert = Callable[[InsertResult], None]
 
 
+class AdvertPublisher(Protocol):
+    """What the announcer's gossip loop needs of ``AdvertGossip``."""
+
+    async def publish(self, signed_advert: bytes) -> None: ...
+
+    def has_topic_peers(self) -> bool: ...
+
+
 def _parse_bootstrap(addrs: Sequence[str]) -> list[PeerInfo]:
     return [parse_peer_addr(a) for a in addrs]
 
@@ -94,12 +104,17 @@ class BootstrapNode:
         *,
         relay: bool = True,
         directory: Directory | None = None,
+        attest: AttestCheck | None = None,
     ) -> None:
         self.host = host
         self.peers = _parse_bootstrap(peers)
         self.relay = relay
-        # Bootstrap nodes keep a directory too: cheap, and it makes them observable.
-        self.directory = directory if directory is not None else Directory()
+        # Bootstrap nodes keep a directory too: clients load it as their first snapshot.
+        # Its entries are checked against the attestation policy before they are stored,
+        # so a flood of fresh keys cannot evict a verified provider (core/directory.py).
+        if directory is None:
+            directory = Directory(attest=attest if attest is not None else policy_advert_check())
+        self.directory = directory
         self.dht: MeshKadDHT | None = None
         self.gossip: AdvertGossip | None = None
 
@@ -233,18 +248,20 @@ class ProviderAnnouncer:
             await trio.sleep(delay)
             delay = await self._announce_dht()
 
-    async def _gossip_loop(self, gossip: AdvertGossip) -> None:
+    async def _gossip_loop(self, gossip: AdvertPublisher) -> None:
         with trio.move_on_after(FIRST_PUBLISH_WAIT_S):
-            while not gossip.pubsub.peer_topics.get(ADVERT_TOPIC):
+            while not gossip.has_topic_peers():
                 await trio.sleep(_TOPIC_POLL_S)
-        last = -float("inf")
         while True:
+            # A fresh event *before* signing and publishing: a load change that lands
+            # while this advert is built or sent sets the new event and is published
+            # next (replacing it after the await would lose that wake-up).
+            self._load_changed = trio.Event()
             try:
                 await gossip.publish(self.node_advert_fn())
             except (trio.TooSlowError, AdvertRejected) as exc:
                 log.warning("gossip publish failed: %s", exc)
             last = trio.current_time()
-            self._load_changed = trio.Event()
             with trio.move_on_after(self.republish_s):
                 await self._load_changed.wait()
                 await trio.sleep_until(last + self.load_interval_s)
@@ -320,10 +337,12 @@ class ClientDiscovery:
         return accepted
 
     async def find(self, model: str, timeout: float = FIND_TIMEOUT_S) -> list[Provider]:
-        """Live providers of ``model`` (id or name): the directory's if it has any, else
-        those a DHT lookup turns up (by model id only: the DHT is keyed by id)."""
+        """Live providers of ``model`` (id or name): the directory's if it holds a verified
+        one, else also those a DHT lookup turns up (by model id only: the DHT is keyed by
+        id). Unverified entries do not stop the lookup: a flood of fresh keys offering
+        the model must not hide the real providers that the DHT still knows."""
         found = self.directory.providers_for(model, self.clock())
-        if found or not _is_model_id(model):
+        if any(p.listing.verified for p in found) or not _is_model_id(model):
             return found
         if self.dht is None:
             raise RuntimeError("ClientDiscovery.find called before run() started")

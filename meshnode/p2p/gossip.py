@@ -6,6 +6,11 @@ A topic validator drops anything that is not a valid advert published by the pee
 describes, so junk is neither delivered nor forwarded; receivers still put every
 message through ``Directory.insert`` (seq, rate and size rules live there).
 
+Before any of that, ``MeshPubsub`` admits each new message against token buckets per
+forwarding peer and for the node (``core/ratelimit.py``), so a junk flood costs bounded
+signature checks. Not covered: py-libp2p checks the signed peer record an RPC may carry
+before we see its messages (one check per RPC, not per message).
+
 py-libp2p's gossipsub defaults do not suit this topic (DESIGN.md, "Known py-libp2p
 behaviours"); each parameter below is set on purpose, with its reason.
 """
@@ -30,6 +35,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from meshnode.core.advert import AdvertRejected, decode_and_verify
 from meshnode.core.directory import Directory, InsertResult
+from meshnode.core.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,19 @@ SUBSCRIPTION_QUEUE_SIZE = 1024
 # Seen-message cache: longer than a heartbeat-driven IHAVE/IWANT round trip so a
 # message is not re-delivered, shorter than the 60 s republish so memory stays small.
 GOSSIP_SEEN_TTL_S = 120
+# Admission before any signature check, per forwarding peer: a neighbour forwarding
+# every provider's adverts (a bootstrap node) carries ~17 msg/s for 1000 providers
+# plus load changes; 100/s with a burst of 200 leaves room for a joining node's
+# catch-up and caps what one junk sender costs at 100 verifications per second.
+GOSSIP_PEER_RATE_PER_S = 100.0
+GOSSIP_PEER_BURST = 200.0
+# Admission for the whole node: all forwarders together. Four busy neighbours' worth;
+# the burst matches SUBSCRIPTION_QUEUE_SIZE, which is what the node can buffer anyway.
+GOSSIP_GLOBAL_RATE_PER_S = 400.0
+GOSSIP_GLOBAL_BURST = 1024.0
+# Per-forwarder buckets kept; above py-libp2p's 300-connection cap, so a live
+# neighbour's bucket is never dropped for a newcomer's.
+GOSSIP_RATE_MAX_PEERS = 1024
 # Publishing is queueing to mesh peers; it only blocks when the router is wedged.
 PUBLISH_TIMEOUT_S = 5.0
 # Pubsub starts its per-peer queue handler right away; if it has not within this
@@ -89,6 +108,52 @@ def widen_subscription_queue() -> None:
     setattr(pubsub_module, _SUBSCRIPTION_SIZE_NAME, SUBSCRIPTION_QUEUE_SIZE)
 
 
+class MeshPubsub(Pubsub):
+    """Pubsub that drops messages over the rate limit before py-libp2p checks their
+    signature, runs the topic validator or delivers them. Duplicates of messages
+    already seen are let through uncharged: py-libp2p drops them without any check."""
+
+    def __init__(
+        self,
+        host: IHost,
+        router: GossipSub,
+        limiter: RateLimiter,
+        on_dropped: Callable[[], None],
+    ) -> None:
+        if not callable(getattr(Pubsub, "_is_msg_seen", None)):
+            raise GossipCompatError(
+                "Pubsub._is_msg_seen is gone (py-libp2p changed); update MeshPubsub.push_msg"
+            )
+        super().__init__(host, router, seen_ttl=GOSSIP_SEEN_TTL_S)
+        self.limiter = limiter
+        self._on_dropped = on_dropped
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        if msg_forwarder != self.my_id and not self._is_msg_seen(msg):
+            if not self.limiter.admit(msg_forwarder, trio.current_time()):
+                self._on_dropped()
+                return
+        await super().push_msg(msg_forwarder, msg)
+
+
+def gossip_rate_limiter(
+    *,
+    peer_rate: float = GOSSIP_PEER_RATE_PER_S,
+    peer_burst: float = GOSSIP_PEER_BURST,
+    global_rate: float = GOSSIP_GLOBAL_RATE_PER_S,
+    global_burst: float = GOSSIP_GLOBAL_BURST,
+) -> RateLimiter:
+    """The admission limiter of one node's advert gossip (on trio's clock)."""
+    return RateLimiter(
+        key_rate=peer_rate,
+        key_burst=peer_burst,
+        global_rate=global_rate,
+        global_burst=global_burst,
+        max_keys=GOSSIP_RATE_MAX_PEERS,
+        now=trio.current_time(),
+    )
+
+
 def make_router() -> GossipSub:
     return GossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
@@ -107,17 +172,27 @@ class AdvertGossip:
     the Directory's own counters cover what reached ``feed``.
     """
 
-    def __init__(self, host: IHost, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        host: IHost,
+        *,
+        clock: Callable[[], float] = time.time,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         widen_subscription_queue()
         self.host = host
         self.clock = clock
         self.router = make_router()
-        self.pubsub = Pubsub(host, self.router, seen_ttl=GOSSIP_SEEN_TTL_S)
+        self.limiter = limiter if limiter is not None else gossip_rate_limiter()
+        self.pubsub = MeshPubsub(host, self.router, self.limiter, self._rate_limited)
         self.pubsub.set_topic_validator(ADVERT_TOPIC, self._validate, False)
         self.rejected: Counter[str] = Counter()
         self.received = 0
         self.published = 0
         self._messages: trio.MemoryReceiveChannel[rpc_pb2.Message] | None = None
+
+    def _rate_limited(self) -> None:
+        self.rejected["rate_limited"] += 1
 
     def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
         try:
@@ -149,6 +224,10 @@ class AdvertGossip:
         with trio.fail_after(PUBLISH_TIMEOUT_S):
             await self.pubsub.publish(ADVERT_TOPIC, signed_advert)
         self.published += 1
+
+    def has_topic_peers(self) -> bool:
+        """Whether any connected peer is subscribed to the topic (a publish reaches it)."""
+        return bool(self.pubsub.peer_topics.get(ADVERT_TOPIC))
 
     def mesh_peers(self) -> set[ID]:
         return set(self.router.mesh.get(ADVERT_TOPIC, set()))

@@ -206,6 +206,15 @@ class Ledger:
             os.chmod(self.path, 0o600)
             _fsync_dir(data_dir)  # make the new file's directory entry durable too
 
+    def durability(self) -> tuple[str, int]:
+        """(journal_mode, synchronous) of this ledger's own connection, as sqlite reports
+        them: ("wal", 2) is WAL with synchronous=FULL. Both are per connection, so only
+        this connection can show what the ledger's commits do."""
+        with self._lock:
+            mode = self._db.execute("PRAGMA journal_mode").fetchone()[0]
+            sync = self._db.execute("PRAGMA synchronous").fetchone()[0]
+        return str(mode), int(sync)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
