@@ -48,6 +48,7 @@ from libp2p.records.validator import NamespacedValidator, Validator
 
 from meshnode.core.advert import MAX_ADVERT_BYTES, AdvertRejected, decode_and_verify
 from meshnode.core.peerid import MAX_PEER_ID_TEXT_LEN
+from meshnode.core.text import shown
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,9 @@ class AdvertRecordValidator(Validator):
         try:
             advert = decode_and_verify(value, self._clock())
         except AdvertRejected as exc:
-            raise ValueError(f"advert record for {key[:100]!r} rejected: {exc}") from exc
+            raise ValueError(f"advert record for {shown(key)} rejected: {exc}") from exc
         if key != advert_key(advert.peer_id):
-            raise ValueError(f"advert of {advert.peer_id} stored under foreign key {key!r}")
+            raise ValueError(f"advert of {advert.peer_id} stored under foreign key {shown(key)}")
 
     def select(self, key: str, values: list[bytes]) -> int:
         best, best_seq = 0, -1
