@@ -526,3 +526,11 @@ async def test_the_drivers_keep_tokens_within_the_window_and_settle_before_done(
     # Never more than two tokens on credit, and the last one paid for before the bill.
     assert log == ["token 1", "token 2", "paid 2", "token 3", "token 4", "paid 4", "token 5",
                    "token 6", "paid 6", "token 7", "paid 7", "done 7"]
+
+
+def test_a_provider_body_larger_than_any_token_chunk_is_refused_before_it_is_unpacked() -> None:
+    client, provider = handshake()
+    huge = {"k": "tokens", "text": "a" * 400_000, "n": 1, "total": 1}
+    with pytest.raises(RemoteProtocolError) as info:
+        client.receive_frame(Sealed(provider._sealer.seal(huge)))
+    assert info.value.code == "malformed_body"

@@ -37,6 +37,7 @@ from meshnode.core.crypto import Opener, Sealer, SealError, client_session, prov
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.messages import (
     JOB_ID_BYTES,
+    MAX_CHUNK_TEXT,
     Accept,
     Busy,
     ErrorMsg,
@@ -58,6 +59,10 @@ MAX_BATCH_CHARS = 16 * 1024
 # Tokens billed beyond the text's byte count: none in practice; a little room for a
 # tokenizer that maps a token to an empty piece now and then.
 TOKEN_COUNT_SLACK = 8
+# The largest body a provider may send the client: one token chunk of MAX_CHUNK_TEXT
+# characters at 4 UTF-8 bytes each, plus its few small fields. A tighter bound than the
+# generic sealed-body limit, so a hostile provider cannot make the client inflate 1 MiB.
+MAX_PROVIDER_BODY_BYTES = MAX_CHUNK_TEXT * 4 + 1024
 
 
 class ProtocolError(MeshnodeError):
@@ -556,7 +561,7 @@ class ClientJob:
     def _sealed(self, msg: Sealed) -> ClientEvent:
         assert self._opener is not None
         with _from_peer():
-            body, final = self._opener.open(msg.ciphertext)
+            body, final = self._opener.open(msg.ciphertext, MAX_PROVIDER_BODY_BYTES)
             if final:
                 usage = check_done_body(body)
                 if usage.completion_tokens != self.received:
