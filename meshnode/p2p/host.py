@@ -28,9 +28,9 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from meshnode.identity import NodeIdentity
+from meshnode.p2p import yamux_guard
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def dial_delay() -> float:
 
 def make_host(identity: NodeIdentity) -> IHost:
     remove_dial_delay()
+    yamux_guard.install()
     key_pair = create_new_key_pair(identity.peer_seed)
     # The Noise static key is separate from the peer key and may be ephemeral: the
     # handshake signs it with the peer key, which is what authenticates the peer.
@@ -74,7 +75,7 @@ def make_host(identity: NodeIdentity) -> IHost:
     return new_host(
         key_pair=key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): yamux_guard.WindowedYamux},
         connection_config=connection_config(),
     )
 
