@@ -9,15 +9,22 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify.pb.identify_pb2 import Identify
+from libp2p.identity.identify_push.identify_push import ID_PUSH
+from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
+from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.utils.varint import encode_uvarint
 
 from meshnode.identity import NodeIdentity
 from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
+from meshnode.p2p.limits import HANDSHAKE_TIMEOUT_S, MAX_IDENTIFY_BYTES, HandshakeSlots
 from meshnode.p2p.yamux_guard import (
     MAX_BUFFERED_PER_CONNECTION,
     MAX_STREAM_WINDOW,
@@ -128,3 +135,159 @@ async def test_a_peer_that_keeps_overrunning_windows_is_disconnected() -> None:
                 await trio.sleep(0.05)
         async with running_host(NodeIdentity.generate()) as client:
             assert await _echo_roundtrip(client, node) == b"echo:hi"
+
+
+# ── idle sockets ─────────────────────────────────────────────────────────────────────
+
+# Raw sockets that never handshake: more than py-libp2p's own cap of 300 slots.
+IDLE_SOCKETS = 320
+# Attacker source addresses (any 127.0.0.0/8 address works on loopback); the legitimate
+# client dials from 127.0.0.1.
+ATTACKER_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+# A legitimate peer gets in within this, attack or not (it takes ~50 ms when idle).
+LEGIT_CONNECT_BOUND_S = 5.0
+
+
+async def _hold_idle_socket(ip: str, port: int, opened: list[int]) -> None:
+    """Open a TCP socket from ``ip`` that never speaks; re-open it whenever it is dropped."""
+    while True:
+        sock = trio.socket.socket()
+        try:
+            await sock.bind((ip, 0))
+            await sock.connect(("127.0.0.1", port))
+            opened[0] += 1
+            while await sock.recv(4096):  # multistream greeting, then EOF when dropped
+                pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        await trio.sleep(0.01)
+
+
+def _tcp_port(host: IHost) -> int:
+    return int(str(host.get_addrs()[0]).split("/tcp/")[1].split("/")[0])
+
+
+@pytest.mark.slow
+async def test_idle_sockets_that_never_handshake_do_not_lock_out_a_real_peer() -> None:
+    async with _node() as node, running_host(NodeIdentity.generate()) as client:
+        opened = [0]
+        async with trio.open_nursery() as attack:
+            for i in range(IDLE_SOCKETS):
+                attack.start_soon(
+                    _hold_idle_socket, ATTACKER_IPS[i % len(ATTACKER_IPS)], _tcp_port(node), opened
+                )
+            with trio.fail_after(WAIT_S):
+                while opened[0] < IDLE_SOCKETS:
+                    await trio.sleep(0.05)
+            started = trio.current_time()
+            with trio.fail_after(LEGIT_CONNECT_BOUND_S):
+                reply = await _echo_roundtrip(client, node)
+            took = trio.current_time() - started
+            attack.cancel_scope.cancel()
+    assert reply == b"echo:hi"
+    assert took < LEGIT_CONNECT_BOUND_S
+
+
+@pytest.mark.slow
+async def test_a_handshake_that_stalls_is_dropped_after_the_handshake_timeout() -> None:
+    async with _node() as node:
+        sock = trio.socket.socket()
+        with sock:
+            await sock.connect(("127.0.0.1", _tcp_port(node)))
+            started = trio.current_time()
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S + WAIT_S):
+                while await sock.recv(4096):
+                    pass
+            took = trio.current_time() - started
+    assert HANDSHAKE_TIMEOUT_S - 0.5 <= took < HANDSHAKE_TIMEOUT_S + 2.0
+
+
+def test_a_new_handshake_always_finds_room() -> None:
+    slots = HandshakeSlots(total=4, per_ip=2)
+    dropped: list[str] = []
+    for name, ip in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("c1", "c")]:
+        slots.admit(ip, lambda name=name: dropped.append(name))  # type: ignore[misc]
+    slots.admit("a", lambda: dropped.append("a3"))  # per-IP budget full: oldest of "a" goes
+    slots.admit("d", lambda: dropped.append("d1"))  # global budget full: oldest goes
+    assert dropped == ["a1", "a2"]
+    assert [p.ip for p in slots.pending] == ["b", "c", "a", "d"]
+
+
+# ── redials ──────────────────────────────────────────────────────────────────────────
+
+DEPARTED_CLIENTS = 5
+# py-libp2p's auto-connector fires within ~1 s of a disconnect, then every 30 s.
+REDIAL_WINDOW_S = 3.0
+
+
+@pytest.mark.slow
+async def test_a_node_never_redials_clients_that_connected_and_left() -> None:
+    async with _node() as node:
+        network = node.get_network()
+        dials: list[ID] = []
+        real_dial_peer = network.dial_peer
+
+        async def counting_dial_peer(peer_id: ID) -> list[Any]:
+            dials.append(peer_id)
+            return await real_dial_peer(peer_id)
+
+        network.dial_peer = counting_dial_peer  # type: ignore[method-assign]
+        for _ in range(DEPARTED_CLIENTS):
+            async with running_host(NodeIdentity.generate()) as client:
+                assert await _echo_roundtrip(client, node) == b"echo:hi"
+                await trio.sleep(0.2)  # let identify run, as in a real session
+        await trio.sleep(REDIAL_WINDOW_S)
+        async with running_host(NodeIdentity.generate()) as client:
+            assert await _echo_roundtrip(client, node) == b"echo:hi"
+    assert dials == []
+
+
+# ── identify ─────────────────────────────────────────────────────────────────────────
+
+
+async def _push_identify(attacker: IHost, peer: ID, protocols: list[str]) -> None:
+    message = Identify(protocols=protocols)
+    body = message.SerializeToString()
+    with trio.fail_after(WAIT_S):
+        stream = await attacker.new_stream(peer, [ID_PUSH])
+        try:
+            await stream.write(encode_uvarint(len(body)) + body)
+            await stream.close()
+        except (MuxedStreamError, StreamError):  # the node reset the stream: refused
+            pass
+
+
+def _stored_protocol_bytes(node: IHost, peer: ID) -> int:
+    try:
+        return sum(len(p) for p in node.get_peerstore().get_protocols(peer))
+    except Exception:  # the peerstore forgot the peer altogether
+        return 0
+
+
+@pytest.mark.slow
+async def test_an_oversized_identify_push_is_refused_and_nothing_is_kept_after_leaving() -> None:
+    bulky = [f"/junk/{i:06d}/" + "x" * 1000 for i in range(900)]  # ~0.9 MiB
+    async with _node() as node:
+        async with running_host(NodeIdentity.generate()) as attacker:
+            peer = await _connect(attacker, node)
+            await _push_identify(attacker, peer, ["/meshnode-test/small/1"])
+            with trio.fail_after(WAIT_S):  # a normal push is still applied
+                while "/meshnode-test/small/1" not in node.get_peerstore().get_protocols(
+                    attacker.get_id()
+                ):
+                    await trio.sleep(0.05)
+            await _push_identify(attacker, peer, bulky)
+            await trio.sleep(0.5)
+            while_connected = _stored_protocol_bytes(node, attacker.get_id())
+            attacker_id = attacker.get_id()
+        with trio.fail_after(WAIT_S):
+            while node.get_network().connections.get(attacker_id):
+                await trio.sleep(0.05)
+        await trio.sleep(0.2)
+        after_leaving = _stored_protocol_bytes(node, attacker_id)
+        async with running_host(NodeIdentity.generate()) as client:
+            assert await _echo_roundtrip(client, node) == b"echo:hi"
+    assert while_connected < MAX_IDENTIFY_BYTES
+    assert after_leaving == 0

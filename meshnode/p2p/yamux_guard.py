@@ -37,7 +37,7 @@ from typing import Any
 
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux import yamux as yamux_module
-from libp2p.stream_muxer.yamux.yamux import GO_AWAY_PROTOCOL_ERROR, Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ def check_compatible() -> None:
             "YamuxStream auto-tuning no longer reads MAX_WINDOW_SIZE: "
             "update meshnode.p2p.yamux_guard.MAX_STREAM_WINDOW"
         )
+    if not inspect.iscoroutinefunction(getattr(Yamux, "_cleanup_on_error", None)):
+        raise Libp2pYamuxCompatError("Yamux._cleanup_on_error is gone: update yamux_guard")
     init = inspect.getsource(Yamux.__init__)
     if "self.stream_buffers" not in init or "self._nursery" not in init:
         raise Libp2pYamuxCompatError(
@@ -183,4 +185,8 @@ class WindowedYamux(Yamux):
         self._closing_for_abuse = True
         for buffer in self.stream_buffers.values():
             buffer.clear()
-        self._nursery.start_soon(self.close, GO_AWAY_PROTOCOL_ERROR)
+        # py-libp2p's own path for a protocol violation (an oversized frame): mark the
+        # connection as shutting down and close it under handle_incoming's feet, whose
+        # next read fails and runs the same cleanup.
+        self.event_shutting_down.set()
+        self._nursery.start_soon(self._cleanup_on_error)
