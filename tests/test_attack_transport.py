@@ -139,11 +139,14 @@ async def test_a_peer_that_keeps_overrunning_windows_is_disconnected() -> None:
 
 # ── idle sockets ─────────────────────────────────────────────────────────────────────
 
-# Raw sockets that never handshake: more than py-libp2p's own cap of 300 slots.
-IDLE_SOCKETS = 320
+# Raw sockets that never handshake: more than py-libp2p's own cap of 300 slots, as measured.
+IDLE_SOCKETS = 400
 # Attacker source addresses (any 127.0.0.0/8 address works on loopback); the legitimate
 # client dials from 127.0.0.1.
 ATTACKER_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+# An attacker re-opens a dropped socket after this (a tight loop only burns the CPU this
+# test shares with the node it attacks).
+REOPEN_DELAY_S = 0.25
 # A legitimate peer gets in within this, attack or not (it takes ~50 ms when idle).
 LEGIT_CONNECT_BOUND_S = 5.0
 
@@ -162,7 +165,7 @@ async def _hold_idle_socket(ip: str, port: int, opened: list[int]) -> None:
             pass
         finally:
             sock.close()
-        await trio.sleep(0.01)
+        await trio.sleep(REOPEN_DELAY_S)
 
 
 def _tcp_port(host: IHost) -> int:
@@ -204,22 +207,20 @@ async def test_a_handshake_that_stalls_is_dropped_after_the_handshake_timeout() 
     assert HANDSHAKE_TIMEOUT_S - 0.5 <= took < HANDSHAKE_TIMEOUT_S + 2.0
 
 
-def test_a_new_handshake_always_finds_room() -> None:
+def test_a_new_handshake_from_another_address_always_finds_room() -> None:
     slots = HandshakeSlots(total=4, per_ip=2)
     dropped: list[str] = []
     for name, ip in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("c1", "c")]:
-        slots.admit(ip, lambda name=name: dropped.append(name))  # type: ignore[misc]
-    slots.admit("a", lambda: dropped.append("a3"))  # per-IP budget full: oldest of "a" goes
-    slots.admit("d", lambda: dropped.append("d1"))  # global budget full: oldest goes
-    assert dropped == ["a1", "a2"]
-    assert [p.ip for p in slots.pending] == ["b", "c", "a", "d"]
+        assert slots.admit(ip, lambda name=name: dropped.append(name)) is not None  # type: ignore[misc]
+    assert slots.admit("a", lambda: dropped.append("a3")) is None  # "a" used its budget
+    assert slots.admit("d", lambda: dropped.append("d1")) is not None  # full: oldest goes
+    assert dropped == ["a1"]
+    assert [p.ip for p in slots.pending] == ["a", "b", "c", "d"]
 
 
 # ── redials ──────────────────────────────────────────────────────────────────────────
 
 DEPARTED_CLIENTS = 5
-# py-libp2p's auto-connector fires within ~1 s of a disconnect, then every 30 s.
-REDIAL_WINDOW_S = 3.0
 
 
 @pytest.mark.slow
@@ -238,7 +239,12 @@ async def test_a_node_never_redials_clients_that_connected_and_left() -> None:
             async with running_host(NodeIdentity.generate()) as client:
                 assert await _echo_roundtrip(client, node) == b"echo:hi"
                 await trio.sleep(0.2)  # let identify run, as in a real session
-        await trio.sleep(REDIAL_WINDOW_S)
+        # py-libp2p's auto-connector backs off a departed peer for 60 s, then dials it on
+        # its next 30 s tick. Compress that: no back-off, and run the tick now.
+        connector: Any = network.auto_connector
+        connector._disconnect_backoff = 0.0
+        with trio.fail_after(WAIT_S):
+            await connector.maybe_connect()
         async with running_host(NodeIdentity.generate()) as client:
             assert await _echo_roundtrip(client, node) == b"echo:hi"
     assert dials == []

@@ -6,11 +6,14 @@ py-libp2p 0.8.1 left these open (each measured against a live node, issue 13):
   the Noise handshake and keep it for as long as the swarm runs, even after the
   connection closed; there is no per-IP limit. 400 raw TCP sockets that never handshake
   locked every legitimate peer out. Here, un-upgraded sockets have their own budget
-  (``MAX_PENDING_HANDSHAKES``, ``MAX_PENDING_HANDSHAKES_PER_IP``); when it is full the
-  *oldest* pending handshake is dropped, so a new one always gets room; a handshake gets
-  ``HANDSHAKE_TIMEOUT_S``. Authenticated connections are capped per IP
-  (``MAX_CONNECTIONS_PER_IP``), per peer (``MAX_CONNECTIONS_PER_PEER``) and in all
-  (``MAX_CONNECTIONS``), and their slot is freed when the connection closes.
+  (``MAX_PENDING_HANDSHAKES_PER_IP``: one address past it is refused at accept, before
+  any handshake work; ``MAX_PENDING_HANDSHAKES`` in all: when full, the *oldest* pending
+  handshake is dropped, so a newcomer from another address always gets room); a
+  handshake gets ``HANDSHAKE_TIMEOUT_S``. A legitimate peer behind the same address as
+  an attacker can still be refused while the attacker holds that address's budget.
+  Authenticated connections are capped per IP (``MAX_CONNECTIONS_PER_IP``), per peer
+  (``MAX_CONNECTIONS_PER_PEER``) and in all (``MAX_CONNECTIONS``), and their slot is
+  freed when the connection closes.
 - **Redials.** The auto-connector dials every peer in the peerstore, including clients
   that connected once and left, about once a minute, for ever. meshnode decides whom
   to dial (bootstrap, DHT, chosen providers), so the auto-connector is switched off.
@@ -42,6 +45,7 @@ from libp2p.host import basic_host
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.identity.identify_push.identify_push import ID_PUSH
 from libp2p.identity.update import update_peerstore_from_identify
+from libp2p.io.trio import TrioTCPStream
 from libp2p.metrics.swarm import SwarmEvent
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.exceptions import SwarmException
@@ -69,7 +73,7 @@ MAX_CONNECTIONS_PER_PEER = 3
 # real peers finishes in milliseconds, so 64 in flight is a flood, not a crowd.
 MAX_PENDING_HANDSHAKES = 64
 # Pending handshakes from one IP: a restart of a few nodes behind one NAT reconnects at
-# once; beyond 8 the oldest pending one from that IP is dropped to make room.
+# once; a 9th socket from that IP while 8 are still handshaking is refused at accept.
 MAX_PENDING_HANDSHAKES_PER_IP = 8
 # From accept to an upgraded connection: about four round trips (multistream, Noise XX,
 # multistream, yamux), under 1.5 s at an intercontinental 300 ms RTT on a loaded 2-core
@@ -97,6 +101,11 @@ def check_compatible() -> None:
             f"meshnode.p2p.limits was written for py-libp2p {PINNED_LIBP2P_VERSION}, found "
             f"{installed}: re-check connection admission, auto-connect and identify, then "
             "update this module"
+        )
+    if "self.stream = stream" not in inspect.getsource(TrioTCPStream.__init__):
+        raise Libp2pLimitsCompatError(
+            "TrioTCPStream no longer keeps its trio SocketStream as .stream: "
+            "update meshnode.p2p.limits._Inbound.drop"
         )
     handle = inspect.getsource(Swarm._handle_inbound_connection)
     do_handle = inspect.getsource(Swarm._do_handle_inbound_connection)
@@ -130,19 +139,26 @@ class _Pending:
 
 @dataclass
 class HandshakeSlots:
-    """Pending inbound handshakes, oldest first; admitting a new one may drop old ones."""
+    """Pending inbound handshakes, oldest first.
+
+    A socket from an IP that already has ``per_ip`` pending is refused (cheaply, before
+    any handshake work); when all ``total`` slots are taken, the oldest pending
+    handshake is dropped, so a newcomer from another address always gets room."""
 
     total: int = MAX_PENDING_HANDSHAKES
     per_ip: int = MAX_PENDING_HANDSHAKES_PER_IP
     pending: list[_Pending] = field(default_factory=list)
     dropped: int = 0
+    refused: int = 0
 
-    def admit(self, ip: str | None, drop: Callable[[], None]) -> _Pending:
-        same_ip = [p for p in self.pending if ip is not None and p.ip == ip]
-        if len(same_ip) >= self.per_ip:
-            self._drop(same_ip[0])
+    def admit(self, ip: str | None, drop: Callable[[], None]) -> _Pending | None:
+        if ip is not None and sum(1 for p in self.pending if p.ip == ip) >= self.per_ip:
+            self.refused += 1
+            return None
         if len(self.pending) >= self.total:
-            self._drop(self.pending[0])
+            oldest = self.pending.pop(0)
+            self.dropped += 1
+            oldest.drop()
         entry = _Pending(ip, drop)
         self.pending.append(entry)
         return entry
@@ -151,11 +167,6 @@ class HandshakeSlots:
         if entry in self.pending:
             self.pending.remove(entry)
 
-    def _drop(self, entry: _Pending) -> None:
-        self.pending.remove(entry)
-        self.dropped += 1
-        entry.drop()
-
 
 # ── inbound admission wired into one Swarm ───────────────────────────────────────────
 
@@ -163,9 +174,17 @@ class HandshakeSlots:
 @dataclass(eq=False)
 class _Inbound:
     ip: str | None
-    handshake: trio.CancelScope = field(default_factory=trio.CancelScope)
+    socket: Any
     upgraded: trio.Event = field(default_factory=trio.Event)
     closed: trio.Event | None = None
+    slot: _Pending | None = None
+
+    def drop(self) -> None:
+        """Close the socket under the handshake: py-libp2p's own failure path then runs
+        (and releases what it holds, which cancelling the handshake task would not)."""
+        sock = getattr(getattr(self.socket, "stream", None), "socket", None)
+        if sock is not None:
+            sock.close()
 
 
 _inbound: contextvars.ContextVar[_Inbound | None] = contextvars.ContextVar(
@@ -214,7 +233,13 @@ class InboundGuard:
             with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
                 await read_write_closer.close()
             return
-        state = _Inbound(ip)
+        state = _Inbound(ip, read_write_closer)
+        entry = self.slots.admit(ip, state.drop)
+        if entry is None:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                await read_write_closer.close()
+            return
+        state.slot = entry
         token = _inbound.set(state)
         try:
             async with trio.open_nursery() as nursery:
@@ -226,6 +251,7 @@ class InboundGuard:
                 )
                 nursery.cancel_scope.cancel()
         finally:
+            self.slots.finish(entry)
             _inbound.reset(token)
 
     @staticmethod
@@ -239,19 +265,13 @@ class InboundGuard:
         state = _inbound.get()
         if state is None:  # not reached through ``handle`` (e.g. a relay's circuit)
             return await self._upgrade(raw_conn, maddr)
-        entry = self.slots.admit(state.ip, state.handshake.cancel)
-        muxed = None
         try:
-            with state.handshake:
-                state.handshake.deadline = trio.current_time() + HANDSHAKE_TIMEOUT_S
-                muxed = await self._upgrade(raw_conn, maddr)
+            # py-libp2p applies HANDSHAKE_TIMEOUT_S (connection_config's
+            # inbound_upgrade_timeout) inside this call.
+            muxed = await self._upgrade(raw_conn, maddr)
         finally:
-            self.slots.finish(entry)
-        if muxed is None:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as cleanup:
-                cleanup.shield = True
-                await raw_conn.close()
-            raise SwarmException("inbound handshake dropped: too slow, or its slot was needed")
+            if state.slot is not None:
+                self.slots.finish(state.slot)
         if state.ip is not None and connections_from(self.swarm, state.ip) > (
             MAX_CONNECTIONS_PER_IP
         ):
