@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -19,12 +19,20 @@ from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.identity.identify_push.identify_push import ID_PUSH
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.utils.varint import encode_uvarint
 
 from meshnode.identity import NodeIdentity
 from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
 from meshnode.p2p.limits import HANDSHAKE_TIMEOUT_S, MAX_IDENTIFY_BYTES, HandshakeSlots
+from meshnode.p2p.relay import (
+    RELAY_LIMITS,
+    RELAY_MAX_RESERVATIONS_PER_IP,
+    RelayClient,
+    RelayError,
+    running_relay_server,
+)
 from meshnode.p2p.yamux_guard import (
     MAX_BUFFERED_PER_CONNECTION,
     MAX_STREAM_WINDOW,
@@ -297,3 +305,69 @@ async def test_an_oversized_identify_push_is_refused_and_nothing_is_kept_after_l
             assert await _echo_roundtrip(client, node) == b"echo:hi"
     assert while_connected < MAX_IDENTIFY_BYTES
     assert after_leaving == 0
+
+
+# ── relay slots ──────────────────────────────────────────────────────────────────────
+
+# A relay scaled down for the test: same code, 4 slots instead of 128.
+SMALL_RELAY = RelayLimits(
+    duration=RELAY_LIMITS.duration,
+    data=RELAY_LIMITS.data,
+    max_circuit_conns=RELAY_LIMITS.max_circuit_conns,
+    max_reservations=4,
+    reservation_ttl=RELAY_LIMITS.reservation_ttl,
+)
+
+
+async def _reserve_once(host: IHost, relay_addr: str) -> str:
+    refused: RelayError | None = None
+    async with RelayClient(host).running() as relay_client, trio.open_nursery() as nursery:
+        try:
+            addr = await relay_client.reserve(relay_addr, nursery)
+        except RelayError as exc:  # raised below, outside the nurseries
+            refused = exc
+        nursery.cancel_scope.cancel()  # no refresh: a throwaway peer does not bother
+    if refused is not None:
+        raise refused
+    return addr
+
+
+@pytest.mark.slow
+async def test_relay_slots_of_peers_that_left_go_to_a_real_provider() -> None:
+    async with running_host(NodeIdentity.generate()) as relay_host:
+        async with running_relay_server(relay_host, SMALL_RELAY):
+            relay_addr = full_addrs(relay_host)[0]
+            for _ in range(SMALL_RELAY.max_reservations + 2):  # reserve, then leave
+                async with running_host(NodeIdentity.generate(), listen=None) as throwaway:
+                    await _reserve_once(throwaway, relay_addr)
+            async with (
+                running_host(NodeIdentity.generate(), listen=None) as provider,
+                RelayClient(provider).running() as provider_relay,
+                trio.open_nursery() as refresher,
+            ):
+                provider.set_stream_handler(ECHO, _echo)
+                circuit = await provider_relay.reserve(relay_addr, refresher)
+                async with running_host(NodeIdentity.generate()) as client:
+                    async with RelayClient(client).running() as dialer:
+                        peer = await dialer.dial(circuit)
+                        with trio.fail_after(WAIT_S):
+                            stream = await client.new_stream(peer, [ECHO])
+                            await stream.write(b"hi")
+                            reply = await stream.read(64)
+                refresher.cancel_scope.cancel()
+    assert reply == b"echo:hi"
+
+
+@pytest.mark.slow
+async def test_one_address_cannot_hold_more_than_its_share_of_relay_slots() -> None:
+    async with running_host(NodeIdentity.generate()) as relay_host:
+        async with running_relay_server(relay_host), AsyncExitStack() as stack:
+            relay_addr = full_addrs(relay_host)[0]
+            for _ in range(RELAY_MAX_RESERVATIONS_PER_IP):  # these stay connected
+                peer = await stack.enter_async_context(
+                    running_host(NodeIdentity.generate(), listen=None)
+                )
+                await _reserve_once(peer, relay_addr)
+            async with running_host(NodeIdentity.generate(), listen=None) as one_too_many:
+                with pytest.raises(RelayError, match="refused"):
+                    await _reserve_once(one_too_many, relay_addr)

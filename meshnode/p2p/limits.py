@@ -202,6 +202,16 @@ def _remote_ip(conn: Any) -> str | None:
     return str(address[0])
 
 
+def peer_ips(host: IHost, peer: ID) -> set[str]:
+    """The IP addresses ``peer`` is connected to us from (empty when unknown)."""
+    ips = set()
+    for conn in host.get_network().connections.get(peer) or []:
+        ip = _remote_ip(conn.muxed_conn)
+        if ip is not None:
+            ips.add(ip)
+    return ips
+
+
 def connections_from(network: INetwork, ip: str) -> int:
     return sum(
         1
