@@ -25,7 +25,13 @@ from libp2p.utils.varint import encode_uvarint
 
 from meshnode.identity import NodeIdentity
 from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
-from meshnode.p2p.limits import HANDSHAKE_TIMEOUT_S, MAX_IDENTIFY_BYTES, HandshakeSlots
+from meshnode.p2p.limits import (
+    HANDSHAKE_TIMEOUT_S,
+    MAX_CONNECTIONS_PER_IP,
+    MAX_IDENTIFY_BYTES,
+    HandshakeSlots,
+    connections_from,
+)
 from meshnode.p2p.relay import (
     RELAY_LIMITS,
     RELAY_MAX_RESERVATIONS_PER_IP,
@@ -224,6 +230,20 @@ def test_a_new_handshake_from_another_address_always_finds_room() -> None:
     assert slots.admit("d", lambda: dropped.append("d1")) is not None  # full: oldest goes
     assert dropped == ["a1"]
     assert [p.ip for p in slots.pending] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.slow
+async def test_one_address_cannot_hold_more_than_its_share_of_connections() -> None:
+    async with _node() as node, AsyncExitStack() as stack:
+        admitted = 0
+        for _ in range(MAX_CONNECTIONS_PER_IP + 2):  # fresh peer ids, all from 127.0.0.1
+            peer = await stack.enter_async_context(running_host(NodeIdentity.generate()))
+            try:
+                admitted += await _echo_roundtrip(peer, node) == b"echo:hi"
+            except Exception:  # refused at accept: the dial or the stream fails
+                pass
+        from_loopback = connections_from(node.get_network(), "127.0.0.1")
+    assert admitted == from_loopback == MAX_CONNECTIONS_PER_IP
 
 
 # ── redials ──────────────────────────────────────────────────────────────────────────
