@@ -246,6 +246,32 @@ async def test_one_address_cannot_hold_more_than_its_share_of_connections() -> N
     assert admitted == from_loopback == MAX_CONNECTIONS_PER_IP
 
 
+def _live_tasks() -> int:
+    count, stack = 0, [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+@pytest.mark.slow
+async def test_clients_that_come_and_go_leave_no_task_behind() -> None:
+    # py-libp2p 0.8.1 kept each inbound connection's handler task (and its slot of the
+    # 300-slot inbound limiter) until the node stopped: after 300 visits, no one got in.
+    async with _node() as node:
+        async with running_host(NodeIdentity.generate()) as client:
+            assert await _echo_roundtrip(client, node) == b"echo:hi"
+        await trio.sleep(0.5)
+        baseline = _live_tasks()
+        for _ in range(10):
+            async with running_host(NodeIdentity.generate()) as client:
+                assert await _echo_roundtrip(client, node) == b"echo:hi"
+        await trio.sleep(0.5)
+        assert _live_tasks() <= baseline
+
+
 # ── redials ──────────────────────────────────────────────────────────────────────────
 
 DEPARTED_CLIENTS = 5
