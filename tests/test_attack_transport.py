@@ -27,6 +27,7 @@ from meshnode.identity import NodeIdentity
 from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
 from meshnode.p2p.limits import (
     HANDSHAKE_TIMEOUT_S,
+    IDLE_GRACE_S,
     MAX_CONNECTIONS_PER_IP,
     MAX_IDENTIFY_BYTES,
     HandshakeSlots,
@@ -233,17 +234,36 @@ def test_a_new_handshake_from_another_address_always_finds_room() -> None:
 
 
 @pytest.mark.slow
-async def test_one_address_cannot_hold_more_than_its_share_of_connections() -> None:
+async def test_one_address_cannot_hold_more_than_its_share_of_busy_connections() -> None:
     async with _node() as node, AsyncExitStack() as stack:
         admitted = 0
         for _ in range(MAX_CONNECTIONS_PER_IP + 2):  # fresh peer ids, all from 127.0.0.1
             peer = await stack.enter_async_context(running_host(NodeIdentity.generate()))
             try:
+                node_id = await _connect(peer, node)
+                with trio.fail_after(WAIT_S):
+                    await peer.new_stream(node_id, [SINK])  # held open: not idle
                 admitted += await _echo_roundtrip(peer, node) == b"echo:hi"
             except Exception:  # refused at accept: the dial or the stream fails
                 pass
         from_loopback = connections_from(node.get_network(), "127.0.0.1")
     assert admitted == from_loopback == MAX_CONNECTIONS_PER_IP
+
+
+@pytest.mark.slow
+async def test_idle_connections_from_one_address_make_room_for_a_newcomer() -> None:
+    async with _node() as node, AsyncExitStack() as stack:
+        for _ in range(MAX_CONNECTIONS_PER_IP):  # idle peers, all from 127.0.0.1
+            idler = await stack.enter_async_context(running_host(NodeIdentity.generate()))
+            await _connect(idler, node)
+        full = connections_from(node.get_network(), "127.0.0.1")
+        await trio.sleep(IDLE_GRACE_S)
+        async with running_host(NodeIdentity.generate()) as newcomer:
+            reply = await _echo_roundtrip(newcomer, node)
+            after = connections_from(node.get_network(), "127.0.0.1")
+    assert full == MAX_CONNECTIONS_PER_IP
+    assert reply == b"echo:hi"
+    assert after == MAX_CONNECTIONS_PER_IP  # one idle connection made room
 
 
 def _live_tasks() -> int:

@@ -13,7 +13,9 @@ py-libp2p 0.8.1 left these open (each measured against a live node, issue 13):
   an attacker can still be refused while the attacker holds that address's budget.
   Authenticated connections are capped per IP (``MAX_CONNECTIONS_PER_IP``), per peer
   (``MAX_CONNECTIONS_PER_PEER``) and in all (``MAX_CONNECTIONS``), and their slot is
-  freed when the connection closes.
+  freed when the connection closes. At a cap, the oldest inbound connection that has
+  stayed idle (no open stream, ``IDLE_GRACE_S``) is closed to make room; a peer that
+  holds a stream open on each connection still keeps its connections.
 - **Redials.** The auto-connector dials every peer in the peerstore, including clients
   that connected once and left, about once a minute, for ever. meshnode decides whom
   to dial (bootstrap, DHT, chosen providers), so the auto-connector is switched off.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +51,7 @@ from libp2p.identity.update import update_peerstore_from_identify
 from libp2p.io.trio import TrioTCPStream
 from libp2p.metrics.swarm import SwarmEvent
 from libp2p.network.auto_connector import AutoConnector
+from libp2p.network.connection.swarm_connection import SwarmConn
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
@@ -69,6 +73,10 @@ MAX_CONNECTIONS_PER_IP = 16
 # Connections to one peer id: two peers dialing each other at once make two; py-libp2p's
 # default of 3 leaves one spare for a reconnect racing the close of the old one.
 MAX_CONNECTIONS_PER_PEER = 3
+# A connection with no open stream for this long after it was set up may be closed to
+# make room when a cap above is reached (as go-libp2p's connection manager trims idle
+# connections): a real peer opens its first stream (identify, a job) within a second.
+IDLE_GRACE_S = 5.0
 # Sockets still in the TCP → multistream → Noise → yamux handshake, in all: a burst of
 # real peers finishes in milliseconds, so 64 in flight is a flood, not a crowd.
 MAX_PENDING_HANDSHAKES = 64
@@ -107,6 +115,8 @@ def check_compatible() -> None:
             "TrioTCPStream no longer keeps its trio SocketStream as .stream: "
             "update meshnode.p2p.limits._Inbound.drop"
         )
+    if "self._created_at" not in inspect.getsource(SwarmConn.__init__):
+        raise Libp2pLimitsCompatError("SwarmConn no longer records _created_at")
     handle = inspect.getsource(Swarm._handle_inbound_connection)
     do_handle = inspect.getsource(Swarm._do_handle_inbound_connection)
     if "_do_handle_inbound_connection" not in handle or (
@@ -228,6 +238,7 @@ class InboundGuard:
         self.swarm = swarm
         self.slots = HandshakeSlots()
         self.refused = 0
+        self.trimmed = 0
         self._upgrade = swarm.upgrade_inbound_raw_conn
 
     def install(self) -> None:
@@ -236,9 +247,15 @@ class InboundGuard:
 
     async def handle(self, read_write_closer: Any, maddr: Multiaddr) -> None:
         ip = _remote_ip(read_write_closer)
-        if len(self.swarm.get_connections()) >= MAX_CONNECTIONS or (
-            ip is not None and connections_from(self.swarm, ip) >= MAX_CONNECTIONS_PER_IP
-        ):
+        full = (
+            ip is not None
+            and connections_from(self.swarm, ip) >= MAX_CONNECTIONS_PER_IP
+            and not await self._close_oldest_idle(ip)
+        ) or (
+            len(self.swarm.get_connections()) >= MAX_CONNECTIONS
+            and not await self._close_oldest_idle(None)
+        )
+        if full:
             self.refused += 1
             with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
                 await read_write_closer.close()
@@ -263,6 +280,27 @@ class InboundGuard:
         finally:
             self.slots.finish(entry)
             _inbound.reset(token)
+
+    async def _close_oldest_idle(self, ip: str | None) -> bool:
+        """Close the oldest inbound connection (from ``ip``, if given) that has had no
+        open stream since ``IDLE_GRACE_S`` after it was set up; False if there is none."""
+        now = time.time()
+        idle = [
+            conn
+            for conn in self.swarm.get_connections()
+            if getattr(conn, "direction", None) == Direction.INBOUND
+            and not conn.get_streams()
+            and now - getattr(conn, "_created_at", now) >= IDLE_GRACE_S
+            and (ip is None or _remote_ip(conn.muxed_conn) == ip)
+        ]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda conn: getattr(conn, "_created_at", now))
+        self.trimmed += 1
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as cleanup:
+            cleanup.shield = True
+            await oldest.close()
+        return True
 
     @staticmethod
     async def _release_when_closed(state: _Inbound, scope: trio.CancelScope) -> None:
