@@ -24,6 +24,7 @@ from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.utils.varint import encode_uvarint
 
 from meshnode.identity import NodeIdentity
+from meshnode.p2p import limits
 from meshnode.p2p.host import full_addrs, parse_peer_addr, running_host
 from meshnode.p2p.limits import (
     HANDSHAKE_TIMEOUT_S,
@@ -61,6 +62,13 @@ async def _echo(stream: INetStream) -> None:
 
 async def _never_read(stream: INetStream) -> None:
     await trio.sleep_forever()
+
+
+@pytest.fixture
+def loopback_is_a_stranger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-IP limits exempt the node's own machine; these tests need them on 127.0.0.1,
+    the only source address a libp2p host can dial from here."""
+    monkeypatch.setattr(limits, "EXEMPT_IPS", frozenset())
 
 
 @asynccontextmanager
@@ -234,6 +242,7 @@ def test_a_new_handshake_from_another_address_always_finds_room() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("loopback_is_a_stranger")
 async def test_one_address_cannot_hold_more_than_its_share_of_busy_connections() -> None:
     async with _node() as node, AsyncExitStack() as stack:
         admitted = 0
@@ -251,6 +260,7 @@ async def test_one_address_cannot_hold_more_than_its_share_of_busy_connections()
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("loopback_is_a_stranger")
 async def test_idle_connections_from_one_address_make_room_for_a_newcomer() -> None:
     async with _node() as node, AsyncExitStack() as stack:
         for _ in range(MAX_CONNECTIONS_PER_IP):  # idle peers, all from 127.0.0.1
@@ -425,6 +435,7 @@ async def test_relay_slots_of_peers_that_left_go_to_a_real_provider() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("loopback_is_a_stranger")
 async def test_one_address_cannot_hold_more_than_its_share_of_relay_slots() -> None:
     async with running_host(NodeIdentity.generate()) as relay_host:
         async with running_relay_server(relay_host), AsyncExitStack() as stack:

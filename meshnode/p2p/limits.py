@@ -63,6 +63,10 @@ from meshnode.p2p.yamux_guard import PINNED_LIBP2P_VERSION
 
 log = logging.getLogger(__name__)
 
+# Addresses the per-IP limits below do not apply to: the node's own machine. Local
+# testnets and benches run every node on 127.0.0.1, and a stranger who can connect from
+# there already has the machine. The global limits still apply to them.
+EXEMPT_IPS = frozenset({"127.0.0.1", "::1"})
 # All authenticated connections: a provider serves a handful of concurrent jobs plus DHT
 # and gossip neighbours; a bootstrap node hundreds of light clients. 512 file
 # descriptors and ~8 MiB of yamux buffers each (worst case) stay within a small VM.
@@ -162,7 +166,7 @@ class HandshakeSlots:
     refused: int = 0
 
     def admit(self, ip: str | None, drop: Callable[[], None]) -> _Pending | None:
-        if ip is not None and sum(1 for p in self.pending if p.ip == ip) >= self.per_ip:
+        if limited_ip(ip) and sum(1 for p in self.pending if p.ip == ip) >= self.per_ip:
             self.refused += 1
             return None
         if len(self.pending) >= self.total:
@@ -212,6 +216,11 @@ def _remote_ip(conn: Any) -> str | None:
     return str(address[0])
 
 
+def limited_ip(ip: str | None) -> bool:
+    """Whether per-IP limits apply to connections from ``ip`` (see ``EXEMPT_IPS``)."""
+    return ip is not None and ip not in EXEMPT_IPS
+
+
 def peer_ips(host: IHost, peer: ID) -> set[str]:
     """The IP addresses ``peer`` is connected to us from (empty when unknown)."""
     ips = set()
@@ -222,7 +231,9 @@ def peer_ips(host: IHost, peer: ID) -> set[str]:
     return ips
 
 
-def connections_from(network: INetwork, ip: str) -> int:
+def connections_from(network: INetwork, ip: str | None) -> int:
+    if ip is None:
+        return 0
     return sum(
         1
         for conns in network.connections.values()
@@ -248,7 +259,7 @@ class InboundGuard:
     async def handle(self, read_write_closer: Any, maddr: Multiaddr) -> None:
         ip = _remote_ip(read_write_closer)
         full = (
-            ip is not None
+            limited_ip(ip)
             and connections_from(self.swarm, ip) >= MAX_CONNECTIONS_PER_IP
             and not await self._close_oldest_idle(ip)
         ) or (
@@ -320,7 +331,7 @@ class InboundGuard:
         finally:
             if state.slot is not None:
                 self.slots.finish(state.slot)
-        if state.ip is not None and connections_from(self.swarm, state.ip) > (
+        if limited_ip(state.ip) and connections_from(self.swarm, state.ip) > (
             MAX_CONNECTIONS_PER_IP
         ):
             self.refused += 1

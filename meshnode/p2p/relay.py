@@ -39,7 +39,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from meshnode.p2p.host import parse_peer_addr
-from meshnode.p2p.limits import peer_ips
+from meshnode.p2p.limits import limited_ip, peer_ips
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ class BoundedRelayResources(RelayResourceManager):
       already says it is valid only then): one that left frees its slot at once.
     - A reservation is granted only to a peer connected to us, so a request naming
       another peer id cannot take a slot for it.
-    - At most ``per_ip`` reservations belong to peers behind one IP address.
+    - At most ``per_ip`` reservations belong to peers behind one IP address (not counting
+      ``limits.EXEMPT_IPS``, the relay's own machine).
     - One reservation per peer id (py-libp2p keys them by peer id).
     """
 
@@ -123,7 +124,7 @@ class BoundedRelayResources(RelayResourceManager):
         if len(self._reservations) >= self.limits.max_reservations:
             return False
         assert self.host is not None
-        ips = peer_ips(self.host, peer_id)
+        ips = {ip for ip in peer_ips(self.host, peer_id) if limited_ip(ip)}
         same_ip = sum(1 for p in self._reservations if peer_ips(self.host, p) & ips)
         return same_ip < self.per_ip
 
