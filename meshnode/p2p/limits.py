@@ -3,8 +3,9 @@
 py-libp2p 0.8.1 left these open (each measured against a live node, issue 13):
 
 - **Handshake slots.** Inbound sockets take a slot of one global limiter (300) *before*
-  the Noise handshake and keep it for as long as the swarm runs, even after the
-  connection closed; there is no per-IP limit. 400 raw TCP sockets that never handshake
+  the Noise handshake and keep it (and a task) for as long as the swarm runs, even after
+  the connection closed, so a node took at most 300 inbound connections in its life;
+  there is no per-IP limit. 400 raw TCP sockets that never handshake
   locked every legitimate peer out. Here, un-upgraded sockets have their own budget
   (``MAX_PENDING_HANDSHAKES_PER_IP``: one address past it is refused at accept, before
   any handshake work; ``MAX_PENDING_HANDSHAKES`` in all: when full, the *oldest* pending
@@ -15,7 +16,8 @@ py-libp2p 0.8.1 left these open (each measured against a live node, issue 13):
   (``MAX_CONNECTIONS_PER_PEER``) and in all (``MAX_CONNECTIONS``), and their slot is
   freed when the connection closes. At a cap, the oldest inbound connection that has
   stayed idle (no open stream, ``IDLE_GRACE_S``) is closed to make room; a peer that
-  holds a stream open on each connection still keeps its connections.
+  holds a stream open on each connection still keeps its connections. Per-IP limits
+  skip ``EXEMPT_IPS`` (the node's own machine, where local testnets run).
 - **Redials.** The auto-connector dials every peer in the peerstore, including clients
   that connected once and left, about once a minute, for ever. meshnode decides whom
   to dial (bootstrap, DHT, chosen providers), so the auto-connector is switched off.
