@@ -1,4 +1,4 @@
-"""libp2p host factory: TCP + Noise only + yamux, with py-libp2p's dial delay removed.
+"""libp2p host factory: TCP + Noise only + yamux (window enforced), limits on, no dial delay.
 
 py-libp2p offers plaintext, secio and TLS next to Noise by default; a host built here
 negotiates Noise or nothing. Its swarm waits 250 ms ("happy eyeballs") after starting each
@@ -28,9 +28,9 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from meshnode.identity import NodeIdentity
+from meshnode.p2p import limits, yamux_guard
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +67,35 @@ def dial_delay() -> float:
 
 def make_host(identity: NodeIdentity) -> IHost:
     remove_dial_delay()
+    yamux_guard.install()
     key_pair = create_new_key_pair(identity.peer_seed)
     # The Noise static key is separate from the peer key and may be ephemeral: the
     # handshake signs it with the peer key, which is what authenticates the peer.
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): yamux_guard.WindowedYamux},
         connection_config=connection_config(),
     )
+    limits.install(host)
+    return host
 
 
 def connection_config() -> ConnectionConfig:
     # py-libp2p's auto-connector keeps >= 50 connections by dialing every peer in the
     # peerstore, including clients long gone; meshnode decides whom to dial (bootstrap,
-    # DHT, chosen providers), so the floor is zero.
-    return ConnectionConfig(min_connections=0, low_watermark=0)
+    # DHT, chosen providers), so the floor is zero. With low=0 and high=300 it still aimed
+    # for 150 and redialed departed clients for ever: ``limits.install`` switches it off.
+    # The pruner trims back to 0 only above ``high_watermark``, i.e. above our own cap.
+    return ConnectionConfig(
+        min_connections=0,
+        low_watermark=0,
+        high_watermark=limits.MAX_CONNECTIONS,
+        max_connections=limits.MAX_CONNECTIONS,
+        max_connections_per_peer=limits.MAX_CONNECTIONS_PER_PEER,
+        inbound_upgrade_timeout=limits.HANDSHAKE_TIMEOUT_S,
+    )
 
 
 @asynccontextmanager

@@ -16,6 +16,9 @@ py-libp2p 0.8.1 constraints handled here:
   signed advert (``RelayClient.circuit_addrs``), not in identify or DHT provider records.
 - the circuit transport reserves a slot on *every* dial when the CLIENT role is on;
   dialers here run with the STOP role only, and reserve explicitly.
+- ``RelayResourceManager`` counts reservations of peers that disconnected until they
+  expire, and takes the reserving peer id from the request (a peer may name another);
+  ``BoundedRelayResources`` replaces it on our relay servers (see its docstring).
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
-from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.resources import RelayLimits, RelayResourceManager
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from meshnode.p2p.host import parse_peer_addr
+from meshnode.p2p.limits import limited_ip, peer_ips
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +54,14 @@ RELAY_CIRCUIT_BYTES = 64 * 1024 * 1024
 RELAY_MAX_CIRCUITS_PER_PEER = 16
 # Providers one bootstrap relay holds slots for; beyond this they must use another relay.
 RELAY_MAX_RESERVATIONS = 128
-# Reservations lapse after 15 min unless refreshed (py-libp2p refreshes 30 s before
-# expiry), so a provider that vanished frees its slot soon.
-RELAY_RESERVATION_TTL_S = 15 * 60
+# Reservations lapse after 2 min unless refreshed (py-libp2p refreshes 30 s before
+# expiry: one small round trip every 90 s per provider). A provider that vanished frees
+# its slot at once anyway (``BoundedRelayResources``); this bounds a slot whose holder
+# is still connected but gone quiet. It was 15 min: 128 throwaway peers held every slot.
+RELAY_RESERVATION_TTL_S = 2 * 60
+# Reservations held by peers behind one IP address: a few providers behind one NAT;
+# beyond that one machine is collecting slots with throwaway peer ids.
+RELAY_MAX_RESERVATIONS_PER_IP = 4
 # Connecting to the relay and one HOP round trip.
 RESERVE_TIMEOUT_S = 15.0
 # Relay dial + CONNECT round trip + STOP round trip + Noise and yamux over the circuit.
@@ -83,10 +92,51 @@ def is_circuit_addr(addr: str) -> bool:
     return "/p2p-circuit" in addr
 
 
+class BoundedRelayResources(RelayResourceManager):
+    """py-libp2p's relay bookkeeping, with slots that follow the peers holding them.
+
+    - A reservation counts only while its peer is connected to us (the circuit v2 spec
+      already says it is valid only then): one that left frees its slot at once.
+    - A reservation is granted only to a peer connected to us, so a request naming
+      another peer id cannot take a slot for it.
+    - At most ``per_ip`` reservations belong to peers behind one IP address (not counting
+      ``limits.EXEMPT_IPS``, the relay's own machine).
+    - One reservation per peer id (py-libp2p keys them by peer id).
+    """
+
+    def __init__(
+        self, limits: RelayLimits, host: IHost, per_ip: int = RELAY_MAX_RESERVATIONS_PER_IP
+    ) -> None:
+        super().__init__(limits, host)
+        self.per_ip = per_ip
+
+    def _clean_expired(self) -> None:
+        super()._clean_expired()
+        for peer_id in [p for p in self._reservations if not self._is_peer_connected(p)]:
+            del self._reservations[peer_id]
+
+    def can_accept_reservation(self, peer_id: ID) -> bool:
+        self._clean_expired()
+        if not self._is_peer_connected(peer_id):
+            return False
+        if peer_id in self._reservations:
+            return True
+        if len(self._reservations) >= self.limits.max_reservations:
+            return False
+        assert self.host is not None
+        ips = {ip for ip in peer_ips(self.host, peer_id) if limited_ip(ip)}
+        same_ip = sum(1 for p in self._reservations if peer_ips(self.host, p) & ips)
+        return same_ip < self.per_ip
+
+
 @asynccontextmanager
-async def running_relay_server(host: IHost) -> AsyncIterator[CircuitV2Protocol]:
-    """Serve as a relay (HOP) for the block."""
-    protocol = CircuitV2Protocol(host, limits=RELAY_LIMITS, allow_hop=True)
+async def running_relay_server(
+    host: IHost, limits: RelayLimits = RELAY_LIMITS
+) -> AsyncIterator[CircuitV2Protocol]:
+    """Serve as a relay (HOP) for the block; ``limits`` other than the default are for
+    tests that need a small relay."""
+    protocol = CircuitV2Protocol(host, limits=limits, allow_hop=True)
+    protocol.resource_manager = BoundedRelayResources(limits, host)
     async with background_trio_service(protocol):
         with trio.fail_after(START_TIMEOUT_S):
             await protocol.event_started.wait()
