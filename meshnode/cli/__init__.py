@@ -1,49 +1,95 @@
 """`meshnode` command line: one module per group of commands.
 
-A command group is a module with `register(app)`; adding one is the module plus one
-entry in `GROUPS`. Shared options, logging and the trio runner live in `common.py`.
+A command group is a module with `register(app)`; adding one is the module plus its
+entry in `GROUPS` (command name -> module). Shared options, logging and the trio runner
+live in `common.py`.
+
+Groups are imported lazily: `meshnode ask` imports `cli.ask` only, not the eleven other
+groups (with their llama.cpp, payment and lab imports), because its first token waits on
+every import. Help, a mistyped command and `app` (for tests) build the full app.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
-from types import FrameType
+from functools import cache
+from types import FrameType, ModuleType
+from typing import Any
 
 import typer
 
-from meshnode.cli import (
-    ask,
-    attest,
-    channel,
-    common,
-    demo,
-    directory,
-    doctor,
-    earnings,
-    identity,
-    lab,
-    mesh,
-    serve,
-    status,
-)
+# Command (or sub-group) name -> the module under meshnode.cli that registers it, in the
+# order `meshnode --help` lists them. tests/test_cli_ask_paths.py checks it against what
+# each module really registers.
+GROUPS: dict[str, str] = {
+    "serve": "serve",
+    "doctor": "doctor",
+    "ask": "ask",
+    "client": "ask",
+    "peers": "directory",
+    "models": "directory",
+    "status": "status",
+    "bootstrap": "mesh",
+    "testnet": "mesh",
+    "demo": "demo",
+    "id": "identity",
+    "attest": "attest",
+    "verify-quote": "attest",
+    "channel": "channel",
+    "earnings": "earnings",
+    "lab": "lab",
+}
 
-GROUPS = (
-    serve, doctor, ask, directory, status, mesh, demo, identity, attest, channel, earnings, lab,
-)
 
-app = typer.Typer(
-    help="meshnode: a peer-to-peer mesh for confidential LLM inference.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-for group in GROUPS:
-    group.register(app)
+def group_module(name: str) -> ModuleType:
+    return importlib.import_module(f"meshnode.cli.{name}")
+
+
+def _group() -> None:
+    """meshnode: a peer-to-peer mesh for confidential LLM inference."""
+
+
+def build_app(only: str | None = None) -> typer.Typer:
+    """The typer app with every group, or with only the module that owns command `only`.
+
+    The explicit callback keeps it a group of commands even when it holds one command
+    (typer would otherwise run a lone command without its name)."""
+    app = typer.Typer(
+        help="meshnode: a peer-to-peer mesh for confidential LLM inference.",
+        no_args_is_help=True,
+        add_completion=False,
+    )
+    app.callback()(_group)
+    modules = [GROUPS[only]] if only in GROUPS else list(dict.fromkeys(GROUPS.values()))
+    for module in modules:
+        group_module(module).register(app)
+    return app
+
+
+def command_in(argv: list[str]) -> str | None:
+    """The command `argv` (without the program name) runs, if it names a known one: the
+    first word, since the top level takes no options other than --help."""
+    return argv[0] if argv and argv[0] in GROUPS else None
+
+
+@cache
+def _full_app() -> typer.Typer:
+    return build_app()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # `from meshnode.cli import app`: every group, built once
+        return _full_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise common.Interrupted(signum)
+    from meshnode.cli.common import Interrupted
+
+    raise Interrupted(signum)
 
 
 def main() -> None:
@@ -53,8 +99,10 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
+    from meshnode.cli import common
+
     try:
-        app()
+        build_app(command_in(sys.argv[1:]))()
     except common.Interrupted as exc:
         try:
             common.exit_on_signal(exc.signum)

@@ -1,14 +1,19 @@
-"""`meshnode ask` and `meshnode client`: the light client's commands."""
+"""`meshnode ask` and `meshnode client`: the light client's commands.
+
+`ask` has two paths. Warm: a `meshnode client` is running on this --home
+(cli/local_client.py), so `ask --model` streams from its API, importing no libp2p. Cold:
+`ask` runs its own light client node for this one answer. Module-level imports stay light:
+everything the cold path or `client` needs is imported inside them.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import trio
 import typer
 from rich.markup import escape as markup_escape
 
@@ -50,6 +55,8 @@ DEV_REFUSED_CHECK_S = 5.0
 async def warn_dev_refused(node: Any) -> None:
     """Say once, when it happens, that dev providers exist but are refused: otherwise
     the API just lists no models and the user cannot tell why."""
+    import trio
+
     while True:
         refused = node.dev_refused()
         if refused:
@@ -75,12 +82,111 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def print_summary(text: str, used: list[str], insecure_run: bool, *, finish_reason: str,
+                  prompt_tokens: int, completion_tokens: int, cost_nanoton: int,
+                  ttft: float, elapsed: float, json_out: bool) -> None:
+    """What follows the answer: the --json object, or a newline and the stderr summary."""
+    if json_out:
+        print_json({
+            "text": text, "providers": used, "insecure": insecure_run,
+            "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cost_nanoton": cost_nanoton, "ttft_s": ttft, "elapsed_s": elapsed,
+        })
+        sys.stdout.flush()
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if insecure_run:
+        err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
+                  "could read the prompt[/]")
+    err.print(
+        f"[dim]{completion_tokens} tokens from {', '.join(used)}, "
+        f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
+        f"finish: {shown_text(finish_reason)}[/]"
+    )
+
+
+def ask_through_client(state: Any, model: str, prompt: str, *, max_tokens: int,
+                       params: dict[str, Any], json_out: bool, verbose: int) -> int | None:
+    """The warm path: one answer streamed from the running client's API. Returns the
+    exit code, or None when the client could not take the job before any output (the
+    caller then runs its own node)."""
+    from meshnode.cli.local_client import ClientJobError, ClientUnavailable, stream_completion
+
+    if verbose:
+        err.print(f"[dim]path: running client (pid {state.pid}, "
+                  f"{markup_escape(state.url)})[/]")
+
+    def on_text(text: str) -> None:
+        if json_out:
+            return  # the whole text goes out once, unescaped, inside the JSON
+        sys.stdout.write(for_terminal(text))
+        sys.stdout.flush()
+
+    try:
+        answer = stream_completion(state, model, prompt, max_tokens=max_tokens,
+                                   params=params, on_text=on_text)
+    except ClientUnavailable as exc:
+        if verbose:
+            err.print(f"[dim]the running client is unavailable: {shown_text(exc)}[/]")
+        return None
+    except ClientJobError as exc:
+        if exc.no_provider:
+            err.print(f"[red]no provider:[/] {shown_text(exc)}")
+            return 6
+        err.print(f"\n[red]job failed:[/] {shown_text(exc)}")
+        return 4
+    if answer.cost_nanoton:
+        from meshnode.channel_ops import format_ton
+
+        err.print(f"[dim]paid {format_ton(answer.cost_nanoton)} by voucher[/]")
+    print_summary(answer.text, [answer.provider], answer.insecure,
+                  finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
+                  completion_tokens=answer.completion_tokens,
+                  cost_nanoton=answer.cost_nanoton, ttft=answer.ttft_s,
+                  elapsed=answer.elapsed_s, json_out=json_out)
+    return 0
+
+
 def register(app: typer.Typer) -> None:
     app.command()(ask)
     app.command()(client)
 
 
+# ask's options that configure a node of its own: given on the command line, they rule out
+# the warm path (the running client has its own peers, bootstrap list and payments).
+OWN_NODE_OPTIONS = ("peer", "channel", "bootstrap", "chain", "network_config", "deposit",
+                    "budget")
+# Where an option's value may come from and still leave the warm path open: the client
+# started from the same shell reads the same MESHNODE_DEPOSIT / MESHNODE_BUDGET.
+SHARED_SOURCES = frozenset({"DEFAULT", "ENVIRONMENT"})
+
+
+def warm_client(ctx: typer.Context, *, model: str | None, insecure: bool, own_node: bool,
+                home: Path | None) -> Any:
+    """The running client (`local_client.ClientState`) this ask can use, or why not."""
+    from meshnode.cli.local_client import find_client
+
+    if own_node:
+        return "--own-node"
+    if model is None:
+        return "--peer asks one provider: its own node dials it"
+    for name in OWN_NODE_OPTIONS:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in SHARED_SOURCES:
+            return f"--{name.replace('_', '-')} configures its own node"
+    state = find_client(data_dir(home))
+    if isinstance(state, str):
+        return state
+    if state.insecure != insecure:
+        return ("the running client " + ("admits" if state.insecure else "refuses")
+                + " providers without a TEE, unlike this ask")
+    return state
+
+
 def ask(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="The prompt to send (raw completion text).")],
     peer: Annotated[
         str | None, typer.Option("--peer", help="Provider multiaddr with /p2p/ID.")
@@ -104,28 +210,46 @@ def ask(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the answer and its usage as one JSON object.")
     ] = False,
+    own_node: Annotated[
+        bool, typer.Option("--own-node", help="Run a node of its own even when a "
+                           "`meshnode client` is running on this --home.")
+    ] = False,
     home: HomeOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Send one prompt to a provider (--peer) or to the best provider of --model, and
     print the tokens as they arrive (with --json: one JSON object at the end). With
     --model, priced providers are paid through channels opened on first use (within
-    --deposit and --budget) and reused.
+    --deposit and --budget) and reused. With --model and a `meshnode client` running on
+    this --home, the prompt goes through that client (fast: no node to start).
 
     The provider's text is shown with its terminal control characters escaped (an
     untrusted provider must not drive the user's terminal); --json and the API keep them
     as sent (JSON escapes them, so the JSON itself is still safe to print).
     """
-    # Only what every ask needs is imported up front: the first token is waiting on it.
+    setup_logging(verbose)
+    if (peer is None) == (model is None):
+        err.print("[red]give exactly one of --peer MULTIADDR or --model NAME[/]")
+        raise typer.Exit(2)
+    params: dict[str, Any] = {"temperature": temperature}
+    if seed is not None:
+        params["seed"] = seed
+    state = warm_client(ctx, model=model, insecure=insecure, own_node=own_node, home=home)
+    if not isinstance(state, str):
+        assert model is not None
+        code = ask_through_client(state, model, prompt, max_tokens=max_tokens, params=params,
+                                  json_out=json_out, verbose=verbose)
+        if code is not None:
+            exit_now(code)
+        state = "the running client could not take it"
+    if verbose:
+        err.print(f"[dim]path: own node ({markup_escape(state)})[/]")
+    # Only what every cold ask needs is imported here: the first token is waiting on it.
     # Payments (TON cells, the channel ledger) load only when a channel or --model asks.
     from meshnode.jobs.client import JobError
     from meshnode.jobs.routed import NoProvider
     from meshnode.node import client_node
 
-    setup_logging(verbose)
-    if (peer is None) == (model is None):
-        err.print("[red]give exactly one of --peer MULTIADDR or --model NAME[/]")
-        raise typer.Exit(2)
     channel_id, choice = None, None
     if channel is not None:
         if peer is None:
@@ -143,10 +267,6 @@ def ask(
 
         limits = routed_budget(deposit, budget, DEFAULT_IDLE_CLOSE_S)
         choice = chain_choice(chain, network_config)
-    params: dict[str, Any] = {"temperature": temperature}
-    if seed is not None:
-        params["seed"] = seed
-
     async def on_text(text: str) -> None:
         if json_out:
             return  # the whole text goes out once, unescaped, inside the JSON
@@ -155,25 +275,11 @@ def ask(
 
     def summary(text: str, used: list[str], usage: Any, insecure_run: bool, ttft: float,
                 elapsed: float) -> None:
-        if json_out:
-            print_json({
-                "text": text, "providers": used, "insecure": insecure_run,
-                "finish_reason": usage.finish_reason, "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cost_nanoton": usage.cost_nanoton, "ttft_s": ttft, "elapsed_s": elapsed,
-            })
-            sys.stdout.flush()
-            return
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if insecure_run:
-            err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
-                      "could read the prompt[/]")
-        err.print(
-            f"[dim]{usage.completion_tokens} tokens from {', '.join(used)}, "
-            f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
-            f"finish: {shown_text(usage.finish_reason)}[/]"
-        )
+        print_summary(text, used, insecure_run, finish_reason=usage.finish_reason,
+                      prompt_tokens=usage.prompt_tokens,
+                      completion_tokens=usage.completion_tokens,
+                      cost_nanoton=usage.cost_nanoton, ttft=ttft, elapsed=elapsed,
+                      json_out=json_out)
 
     async def main() -> int:
         channels = None
@@ -281,9 +387,14 @@ def client(
     """Run a light client with an OpenAI-compatible endpoint on loopback. Priced
     providers are paid through channels opened on first use, within --deposit and
     --budget, reused across restarts and closed after --idle-close seconds unused."""
+    from functools import partial
+
+    import trio
+
     from meshnode.api.backend import RoutedBackend
     from meshnode.api.server import BindRefused, check_bind, parse_listen, serve_api
     from meshnode.channel_ops import format_ton, routed_payments
+    from meshnode.cli.local_client import ClientState, remove_state, write_state
     from meshnode.core.router import Strategy
     from meshnode.node import client_node
     from meshnode.ops.service import start_ops
@@ -302,6 +413,12 @@ def client(
     choice = chain_choice(chain, network_config)
 
     async def main() -> None:
+        try:
+            await serve_client()
+        finally:
+            remove_state(data_dir(home), os.getpid())  # only if it is still ours
+
+    async def serve_client() -> None:
         stats = data_dir(home) / "client" / "peer-stats.json"
         async with client_node(
             allow_insecure=insecure, strategy=chosen, stats_path=stats,
@@ -319,6 +436,9 @@ def client(
                 partial(serve_api, RoutedBackend(node), api_host, api_port,
                         api_key=api_key, allow_remote=allow_remote)
             )
+            # Lets `ask` on this --home stream through us (the warm path); removed on exit.
+            write_state(data_dir(home), ClientState(
+                url=url, pid=os.getpid(), insecure=insecure, api_key=api_key))
             out.print(f"[bold green]OpenAI-compatible API[/] at {url}/v1")
             out.print(f"payments  channels of {format_ton(limits.deposit)} each, budget "
                       f"{format_ton(limits.total)} on the {choice.kind} chain")

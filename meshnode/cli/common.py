@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
 
-import trio
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -162,6 +161,8 @@ class Interrupted(BaseException):
 async def _until_signal(fn: Callable[[], Awaitable[T]], got: list[int]) -> T | None:
     """Run `fn`; the first SIGINT/SIGTERM cancels it (every task unwinds and hosts close
     cleanly), a second one exits at once for an operator who will not wait."""
+    import trio  # here, not at the top: `ask` through a running client never needs it
+
     result: list[T] = []
     body = trio.CancelScope()
 
@@ -206,6 +207,8 @@ def exit_on_signal(signum: int) -> NoReturn:
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:
     """Run a command's async body under trio with clean signal and error handling."""
+    import trio
+
     got: list[int] = []
     try:
         result = trio.run(_until_signal, fn, got)
