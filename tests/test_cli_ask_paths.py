@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 import typer
+import typer.main
 
 import meshnode.cli
-from meshnode.cli import GROUPS, group_module
+from meshnode.cli import GROUPS, build_app, group_module
+from meshnode.cli.ask_warm import parser
 from meshnode.cli.local_client import (
     ClientState,
     find_client,
@@ -78,6 +80,30 @@ def test_the_ask_command_loads_no_libp2p_trio_or_numpy_until_it_needs_its_own_no
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True, timeout=COMMAND_TIMEOUT_S)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_pre_typer_ask_path_loads_no_typer_rich_or_pydantic() -> None:
+    probe = ("import sys; import meshnode.cli, meshnode.cli.ask_warm; "
+             "print([m for m in ('typer', 'rich', 'pydantic', *" + repr(HEAVY_MODULES)
+             + ") if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True, timeout=COMMAND_TIMEOUT_S)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_pre_typer_parser_has_exactly_the_options_of_typers_ask() -> None:
+    group = typer.main.get_command(build_app("ask"))
+    typer_ask = group.commands["ask"]  # type: ignore[attr-defined]
+    typer_opts = {(tuple(sorted(p.opts)), p.nargs, bool(getattr(p, "multiple", False)),
+                   bool(getattr(p, "count", False)), bool(getattr(p, "is_flag", False)))
+                  for p in typer_ask.params}
+    ours = set()
+    for action in parser()._actions:
+        names = tuple(sorted(action.option_strings or [action.dest]))
+        kind = type(action).__name__
+        ours.add((names, 1, kind == "_AppendAction", kind == "_CountAction",
+                  kind == "_StoreTrueAction"))
+    assert ours == typer_opts
 
 
 def test_the_state_file_is_private_and_removed_only_by_the_client_that_wrote_it(

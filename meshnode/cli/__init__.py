@@ -6,7 +6,8 @@ live in `common.py`.
 
 Groups are imported lazily: `meshnode ask` imports `cli.ask` only, not the eleven other
 groups (with their llama.cpp, payment and lab imports), because its first token waits on
-every import. Help, a mistyped command and `app` (for tests) build the full app.
+every import. Help, a mistyped command and `app` (for tests) build the full app. And
+`ask` through a running client is tried before typer loads at all (cli/ask_warm.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import signal
 import sys
 from functools import cache
 from types import FrameType, ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import typer
+if TYPE_CHECKING:
+    import typer
 
 # Command (or sub-group) name -> the module under meshnode.cli that registers it, in the
 # order `meshnode --help` lists them. tests/test_cli_ask_paths.py checks it against what
@@ -57,6 +59,8 @@ def build_app(only: str | None = None) -> typer.Typer:
 
     The explicit callback keeps it a group of commands even when it holds one command
     (typer would otherwise run a lone command without its name)."""
+    import typer
+
     app = typer.Typer(
         help="meshnode: a peer-to-peer mesh for confidential LLM inference.",
         no_args_is_help=True,
@@ -99,10 +103,17 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
+    command = command_in(sys.argv[1:])
+    if command == "ask":  # the warm path answers before typer and rich are imported
+        from meshnode.cli.ask_warm import try_before_typer
+
+        try_before_typer(sys.argv[2:])
+    import typer
+
     from meshnode.cli import common
 
     try:
-        build_app(command_in(sys.argv[1:]))()
+        build_app(command)()
     except common.Interrupted as exc:
         try:
             common.exit_on_signal(exc.signum)

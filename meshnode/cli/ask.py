@@ -1,9 +1,10 @@
 """`meshnode ask` and `meshnode client`: the light client's commands.
 
-`ask` has two paths. Warm: a `meshnode client` is running on this --home
-(cli/local_client.py), so `ask --model` streams from its API, importing no libp2p. Cold:
-`ask` runs its own light client node for this one answer. Module-level imports stay light:
-everything the cold path or `client` needs is imported inside them.
+`ask` has two paths. Warm (cli/ask_warm.py, mostly answered before typer even loads): a
+`meshnode client` is running on this --home (cli/local_client.py), so `ask --model`
+streams from its API, importing no libp2p. Cold: `ask` runs its own light client node for
+this one answer. Module-level imports stay light: everything the cold path or `client`
+needs is imported inside them.
 """
 
 from __future__ import annotations
@@ -11,12 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape as markup_escape
 
+from meshnode.cli import ask_warm
+from meshnode.cli.ask_warm import (
+    OWN_NODE_OPTIONS,
+    ask_through_client,
+    note,
+    print_summary,
+    shown_text,
+    warm_choice,
+)
 from meshnode.cli.common import (
     INSECURE_HINT,
     BootstrapOpt,
@@ -36,7 +45,6 @@ from meshnode.cli.common import (
     metrics_bind,
     out,
     parse_channel_arg,
-    print_json,
     print_ops,
     routed_budget,
     run,
@@ -66,12 +74,6 @@ async def warn_dev_refused(node: Any) -> None:
         await trio.sleep(DEV_REFUSED_CHECK_S)
 
 
-def shown_text(value: object) -> str:
-    """Text that may come from a provider, made inert for the terminal and for rich's
-    markup (a provider's "[red]" or escape sequence is shown, not obeyed)."""
-    return markup_escape(for_terminal(str(value)))
-
-
 def exit_now(code: int) -> None:
     """End the process at once, after flushing what the user is owed: the output and
     the log. Only for a client with no state to persist (no channels, no peer stats):
@@ -82,107 +84,24 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def print_summary(text: str, used: list[str], insecure_run: bool, *, finish_reason: str,
-                  prompt_tokens: int, completion_tokens: int, cost_nanoton: int,
-                  ttft: float, elapsed: float, json_out: bool) -> None:
-    """What follows the answer: the --json object, or a newline and the stderr summary."""
-    if json_out:
-        print_json({
-            "text": text, "providers": used, "insecure": insecure_run,
-            "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "cost_nanoton": cost_nanoton, "ttft_s": ttft, "elapsed_s": elapsed,
-        })
-        sys.stdout.flush()
-        return
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if insecure_run:
-        err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
-                  "could read the prompt[/]")
-    err.print(
-        f"[dim]{completion_tokens} tokens from {', '.join(used)}, "
-        f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
-        f"finish: {shown_text(finish_reason)}[/]"
-    )
-
-
-def ask_through_client(state: Any, model: str, prompt: str, *, max_tokens: int,
-                       params: dict[str, Any], json_out: bool, verbose: int) -> int | None:
-    """The warm path: one answer streamed from the running client's API. Returns the
-    exit code, or None when the client could not take the job before any output (the
-    caller then runs its own node)."""
-    from meshnode.cli.local_client import ClientJobError, ClientUnavailable, stream_completion
-
-    if verbose:
-        err.print(f"[dim]path: running client (pid {state.pid}, "
-                  f"{markup_escape(state.url)})[/]")
-
-    def on_text(text: str) -> None:
-        if json_out:
-            return  # the whole text goes out once, unescaped, inside the JSON
-        sys.stdout.write(for_terminal(text))
-        sys.stdout.flush()
-
-    try:
-        answer = stream_completion(state, model, prompt, max_tokens=max_tokens,
-                                   params=params, on_text=on_text)
-    except ClientUnavailable as exc:
-        if verbose:
-            err.print(f"[dim]the running client is unavailable: {shown_text(exc)}[/]")
-        return None
-    except ClientJobError as exc:
-        if exc.no_provider:
-            err.print(f"[red]no provider:[/] {shown_text(exc)}")
-            return 6
-        err.print(f"\n[red]job failed:[/] {shown_text(exc)}")
-        return 4
-    if answer.cost_nanoton:
-        from meshnode.channel_ops import format_ton
-
-        err.print(f"[dim]paid {format_ton(answer.cost_nanoton)} by voucher[/]")
-    print_summary(answer.text, [answer.provider], answer.insecure,
-                  finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
-                  completion_tokens=answer.completion_tokens,
-                  cost_nanoton=answer.cost_nanoton, ttft=answer.ttft_s,
-                  elapsed=answer.elapsed_s, json_out=json_out)
-    return 0
-
-
 def register(app: typer.Typer) -> None:
     app.command()(ask)
     app.command()(client)
 
 
-# ask's options that configure a node of its own: given on the command line, they rule out
-# the warm path (the running client has its own peers, bootstrap list and payments).
-OWN_NODE_OPTIONS = ("peer", "channel", "bootstrap", "chain", "network_config", "deposit",
-                    "budget")
 # Where an option's value may come from and still leave the warm path open: the client
 # started from the same shell reads the same MESHNODE_DEPOSIT / MESHNODE_BUDGET.
 SHARED_SOURCES = frozenset({"DEFAULT", "ENVIRONMENT"})
 
 
-def warm_client(ctx: typer.Context, *, model: str | None, insecure: bool, own_node: bool,
-                home: Path | None) -> Any:
-    """The running client (`local_client.ClientState`) this ask can use, or why not."""
-    from meshnode.cli.local_client import find_client
-
-    if own_node:
-        return "--own-node"
-    if model is None:
-        return "--peer asks one provider: its own node dials it"
+def given_options(ctx: typer.Context) -> set[str]:
+    """The node-configuring options set on the command line (see ask_warm)."""
+    given = set()
     for name in OWN_NODE_OPTIONS:
         source = ctx.get_parameter_source(name)
         if source is not None and source.name not in SHARED_SOURCES:
-            return f"--{name.replace('_', '-')} configures its own node"
-    state = find_client(data_dir(home))
-    if isinstance(state, str):
-        return state
-    if state.insecure != insecure:
-        return ("the running client " + ("admits" if state.insecure else "refuses")
-                + " providers without a TEE, unlike this ask")
-    return state
+            given.add(name)
+    return given
 
 
 def ask(
@@ -234,16 +153,16 @@ def ask(
     params: dict[str, Any] = {"temperature": temperature}
     if seed is not None:
         params["seed"] = seed
-    state = warm_client(ctx, model=model, insecure=insecure, own_node=own_node, home=home)
-    if not isinstance(state, str):
+    state = warm_choice(model=model, insecure=insecure, own_node=own_node,
+                        given=given_options(ctx), home=home)
+    if not isinstance(state, str):  # a client appeared after the pre-typer look
         assert model is not None
         code = ask_through_client(state, model, prompt, max_tokens=max_tokens, params=params,
                                   json_out=json_out, verbose=verbose)
         if code is not None:
             exit_now(code)
-        state = "the running client could not take it"
-    if verbose:
-        err.print(f"[dim]path: own node ({markup_escape(state)})[/]")
+        state = ask_warm.declined or "the running client could not take it"
+    note(verbose, f"path: own node ({state})")
     # Only what every cold ask needs is imported here: the first token is waiting on it.
     # Payments (TON cells, the channel ledger) load only when a channel or --model asks.
     from meshnode.jobs.client import JobError
