@@ -166,7 +166,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ask-latency-") as tmp:
         env = {**os.environ, "MESHNODE_HOME": str(Path(tmp) / "home"), "PYTHONUNBUFFERED": "1"}
         model = tiny_model_path(Path(tmp) / "models")
-        provider, addr = start_provider(model, env)
+        # Its own home: one node per home (the client takes the home's control socket).
+        provider, addr = start_provider(model, {**env, "MESHNODE_HOME": str(Path(tmp) / "p")})
         try:
             one_ask("cold", addr, args.tokens, env)  # warm the page cache and .pyc files
             runs["cold"] = [one_ask("cold", addr, args.tokens, env) for _ in range(args.runs)]
