@@ -11,6 +11,8 @@ import json
 import os
 import pkgutil
 import re
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -136,6 +138,43 @@ def test_a_state_file_naming_a_remote_url_or_readable_by_others_is_not_used(
                                       insecure=False))
     state_path(tmp_path).chmod(0o644)
     assert "private" in str(find_client(tmp_path))
+
+
+def test_a_client_that_refuses_the_connection_sends_ask_to_its_own_node(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as closed:  # a port nobody listens on once this is closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    write_state(tmp_path, ClientState(url=f"http://127.0.0.1:{port}", pid=os.getpid(),
+                                      insecure=False))
+    done = run_cli(cli_env(tmp_path), "ask", "--model", "m", "-v", "hello")
+    assert "path: own node (the running client is unavailable: cannot reach it" in \
+        done.stderr, done.stderr
+    assert done.returncode == 2 and "needs a bootstrap peer" in done.stderr
+
+
+def test_ctrl_c_while_ask_waits_on_the_client_exits_130_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as silent:  # accepts the request, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        write_state(tmp_path, ClientState(
+            url=f"http://127.0.0.1:{silent.getsockname()[1]}", pid=os.getpid(),
+            insecure=False))
+        asking = subprocess.Popen(cli("ask", "--model", "m", "hello"), env=cli_env(tmp_path),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  stdin=subprocess.DEVNULL)
+        silent.settimeout(COMMAND_TIMEOUT_S)
+        conn, _ = silent.accept()
+        with conn:
+            conn.settimeout(COMMAND_TIMEOUT_S)
+            assert conn.recv(65536).startswith(b"POST /v1/completions")
+            asking.send_signal(signal.SIGINT)
+            _, err = asking.communicate(timeout=COMMAND_TIMEOUT_S)
+    assert asking.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
 
 
 # --- slow: a real provider, a real client, ask as a process -------------------------------

@@ -90,9 +90,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _interrupted(signum: int, _frame: FrameType | None) -> None:
-    from meshnode.cli.common import Interrupted
+class Interrupted(BaseException):
+    """A SIGINT/SIGTERM outside trio: raised by `main`'s handlers, so Click and Typer,
+    which turn KeyboardInterrupt into "Aborted!" and exit 1, let it through. Defined here,
+    not in common.py, so the handlers need no import (the warm `ask` has not loaded it)."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupted(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
@@ -104,17 +112,17 @@ def main() -> None:
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     command = command_in(sys.argv[1:])
-    if command == "ask":  # the warm path answers before typer and rich are imported
-        from meshnode.cli.ask_warm import try_before_typer
-
-        try_before_typer(sys.argv[2:])
-    import typer
-
-    from meshnode.cli import common
-
     try:
+        if command == "ask":  # the warm path answers before typer and rich are imported
+            from meshnode.cli.ask_warm import try_before_typer
+
+            try_before_typer(sys.argv[2:])
         build_app(command)()
-    except common.Interrupted as exc:
+    except Interrupted as exc:
+        import typer
+
+        from meshnode.cli import common
+
         try:
             common.exit_on_signal(exc.signum)
         except typer.Exit as done:

@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+# Interrupted lives in cli/__init__.py: its signal handlers raise it before this loads.
+from meshnode.cli import Interrupted
 from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 
 if TYPE_CHECKING:
@@ -147,15 +149,6 @@ def setup_logging(verbose: int) -> None:
 # --- running a command's trio code ----------------------------------------------------
 
 SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
-
-
-class Interrupted(BaseException):
-    """A SIGINT/SIGTERM outside trio: raised by `main`'s handlers, so Click and Typer,
-    which turn KeyboardInterrupt into "Aborted!" and exit 1, let it through."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 async def _until_signal(fn: Callable[[], Awaitable[T]], got: list[int]) -> T | None:
