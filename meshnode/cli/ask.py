@@ -186,6 +186,7 @@ def ask(
 
         limits = routed_budget(deposit, budget, DEFAULT_IDLE_CLOSE_S)
         choice = chain_choice(chain, network_config)
+
     async def on_text(text: str) -> None:
         if json_out:
             return  # the whole text goes out once, unescaped, inside the JSON
