@@ -1,8 +1,9 @@
 """The warm path of `meshnode ask`: the answer streamed from a running `meshnode client`.
 
 `main` (cli/__init__.py) calls `try_before_typer` before it imports typer: typer 0.29
-builds a pydantic TypeAdapter per option, and with typer and rich that is most of a
-warm ask's start (0.45 s of 0.69 s on a loaded 2-core box). So this module reads `ask`'s
+imports pydantic and builds a TypeAdapter per option, which with typer and rich was most
+of a warm ask's start (first byte 0.69 s through typer, 0.35 s without it, medians of 6
+on a 2-core box at load 4.5). So this module reads `ask`'s
 command line with a stdlib parser of the same options (`parser`; a test keeps the two
 in step) and, when the warm path applies, answers without typer. Anything it does not
 handle plainly (--help, an error, an option that needs a node of its own, no client)
