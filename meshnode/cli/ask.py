@@ -1,17 +1,31 @@
-"""`meshnode ask` and `meshnode client`: the light client's commands."""
+"""`meshnode ask` and `meshnode client`: the light client's commands.
+
+`ask` has two paths. Warm (cli/ask_warm.py, mostly answered before typer even loads): a
+`meshnode client` is running on this --home (cli/local_client.py), so `ask --model`
+streams from its API, importing no libp2p. Cold: `ask` runs its own light client node for
+this one answer. Module-level imports stay light: everything the cold path or `client`
+needs is imported inside them.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any
 
-import trio
 import typer
 from rich.markup import escape as markup_escape
 
+from meshnode.cli import ask_warm
+from meshnode.cli.ask_warm import (
+    OWN_NODE_OPTIONS,
+    ask_through_client,
+    note,
+    print_summary,
+    shown_text,
+    warm_choice,
+)
 from meshnode.cli.common import (
     INSECURE_HINT,
     BootstrapOpt,
@@ -31,7 +45,6 @@ from meshnode.cli.common import (
     metrics_bind,
     out,
     parse_channel_arg,
-    print_json,
     print_ops,
     routed_budget,
     run,
@@ -50,6 +63,8 @@ DEV_REFUSED_CHECK_S = 5.0
 async def warn_dev_refused(node: Any) -> None:
     """Say once, when it happens, that dev providers exist but are refused: otherwise
     the API just lists no models and the user cannot tell why."""
+    import trio
+
     while True:
         refused = node.dev_refused()
         if refused:
@@ -57,12 +72,6 @@ async def warn_dev_refused(node: Any) -> None:
                       f"are refused: the API does not list their models; {INSECURE_HINT}[/]")
             return
         await trio.sleep(DEV_REFUSED_CHECK_S)
-
-
-def shown_text(value: object) -> str:
-    """Text that may come from a provider, made inert for the terminal and for rich's
-    markup (a provider's "[red]" or escape sequence is shown, not obeyed)."""
-    return markup_escape(for_terminal(str(value)))
 
 
 def exit_now(code: int) -> None:
@@ -80,7 +89,23 @@ def register(app: typer.Typer) -> None:
     app.command()(client)
 
 
+# Where an option's value may come from and still leave the warm path open: the client
+# started from the same shell reads the same MESHNODE_DEPOSIT / MESHNODE_BUDGET.
+SHARED_SOURCES = frozenset({"DEFAULT", "ENVIRONMENT"})
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """The node-configuring options set on the command line (see ask_warm)."""
+    given = set()
+    for name in OWN_NODE_OPTIONS:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in SHARED_SOURCES:
+            given.add(name)
+    return given
+
+
 def ask(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="The prompt to send (raw completion text).")],
     peer: Annotated[
         str | None, typer.Option("--peer", help="Provider multiaddr with /p2p/ID.")
@@ -104,28 +129,46 @@ def ask(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the answer and its usage as one JSON object.")
     ] = False,
+    own_node: Annotated[
+        bool, typer.Option("--own-node", help="Run a node of its own even when a "
+                           "`meshnode client` is running on this --home.")
+    ] = False,
     home: HomeOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Send one prompt to a provider (--peer) or to the best provider of --model, and
     print the tokens as they arrive (with --json: one JSON object at the end). With
     --model, priced providers are paid through channels opened on first use (within
-    --deposit and --budget) and reused.
+    --deposit and --budget) and reused. With --model and a `meshnode client` running on
+    this --home, the prompt goes through that client (fast: no node to start).
 
     The provider's text is shown with its terminal control characters escaped (an
     untrusted provider must not drive the user's terminal); --json and the API keep them
     as sent (JSON escapes them, so the JSON itself is still safe to print).
     """
-    # Only what every ask needs is imported up front: the first token is waiting on it.
+    setup_logging(verbose)
+    if (peer is None) == (model is None):
+        err.print("[red]give exactly one of --peer MULTIADDR or --model NAME[/]")
+        raise typer.Exit(2)
+    params: dict[str, Any] = {"temperature": temperature}
+    if seed is not None:
+        params["seed"] = seed
+    state = warm_choice(model=model, insecure=insecure, own_node=own_node,
+                        given=given_options(ctx), home=home)
+    if not isinstance(state, str):  # a client appeared after the pre-typer look
+        assert model is not None
+        code = ask_through_client(state, model, prompt, max_tokens=max_tokens, params=params,
+                                  json_out=json_out, verbose=verbose)
+        if code is not None:
+            exit_now(code)
+        state = ask_warm.declined or "the running client could not take it"
+    note(verbose, f"path: own node ({state})")
+    # Only what every cold ask needs is imported here: the first token is waiting on it.
     # Payments (TON cells, the channel ledger) load only when a channel or --model asks.
     from meshnode.jobs.client import JobError
     from meshnode.jobs.routed import NoProvider
     from meshnode.node import client_node
 
-    setup_logging(verbose)
-    if (peer is None) == (model is None):
-        err.print("[red]give exactly one of --peer MULTIADDR or --model NAME[/]")
-        raise typer.Exit(2)
     channel_id, choice = None, None
     if channel is not None:
         if peer is None:
@@ -143,9 +186,6 @@ def ask(
 
         limits = routed_budget(deposit, budget, DEFAULT_IDLE_CLOSE_S)
         choice = chain_choice(chain, network_config)
-    params: dict[str, Any] = {"temperature": temperature}
-    if seed is not None:
-        params["seed"] = seed
 
     async def on_text(text: str) -> None:
         if json_out:
@@ -155,25 +195,11 @@ def ask(
 
     def summary(text: str, used: list[str], usage: Any, insecure_run: bool, ttft: float,
                 elapsed: float) -> None:
-        if json_out:
-            print_json({
-                "text": text, "providers": used, "insecure": insecure_run,
-                "finish_reason": usage.finish_reason, "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cost_nanoton": usage.cost_nanoton, "ttft_s": ttft, "elapsed_s": elapsed,
-            })
-            sys.stdout.flush()
-            return
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if insecure_run:
-            err.print("[yellow]this answer ran WITHOUT a TEE (dev provider): the provider "
-                      "could read the prompt[/]")
-        err.print(
-            f"[dim]{usage.completion_tokens} tokens from {', '.join(used)}, "
-            f"first after {ttft * 1000:.0f} ms, {elapsed:.2f} s total, "
-            f"finish: {shown_text(usage.finish_reason)}[/]"
-        )
+        print_summary(text, used, insecure_run, finish_reason=usage.finish_reason,
+                      prompt_tokens=usage.prompt_tokens,
+                      completion_tokens=usage.completion_tokens,
+                      cost_nanoton=usage.cost_nanoton, ttft=ttft, elapsed=elapsed,
+                      json_out=json_out)
 
     async def main() -> int:
         channels = None
@@ -281,9 +307,14 @@ def client(
     """Run a light client with an OpenAI-compatible endpoint on loopback. Priced
     providers are paid through channels opened on first use, within --deposit and
     --budget, reused across restarts and closed after --idle-close seconds unused."""
+    from functools import partial
+
+    import trio
+
     from meshnode.api.backend import RoutedBackend
     from meshnode.api.server import BindRefused, check_bind, parse_listen, serve_api
     from meshnode.channel_ops import format_ton, routed_payments
+    from meshnode.cli.local_client import ClientState, remove_state, write_state
     from meshnode.core.router import Strategy
     from meshnode.node import client_node
     from meshnode.ops.service import start_ops
@@ -302,6 +333,12 @@ def client(
     choice = chain_choice(chain, network_config)
 
     async def main() -> None:
+        try:
+            await serve_client()
+        finally:
+            remove_state(data_dir(home), os.getpid())  # only if it is still ours
+
+    async def serve_client() -> None:
         stats = data_dir(home) / "client" / "peer-stats.json"
         async with client_node(
             allow_insecure=insecure, strategy=chosen, stats_path=stats,
@@ -319,6 +356,9 @@ def client(
                 partial(serve_api, RoutedBackend(node), api_host, api_port,
                         api_key=api_key, allow_remote=allow_remote)
             )
+            # Lets `ask` on this --home stream through us (the warm path); removed on exit.
+            write_state(data_dir(home), ClientState(
+                url=url, pid=os.getpid(), insecure=insecure, api_key=api_key))
             out.print(f"[bold green]OpenAI-compatible API[/] at {url}/v1")
             out.print(f"payments  channels of {format_ton(limits.deposit)} each, budget "
                       f"{format_ton(limits.total)} on the {choice.kind} chain")

@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
 
-import trio
 import typer
 from rich.console import Console
 from rich.highlighter import NullHighlighter
 from rich.logging import RichHandler
 from rich.markup import escape
 
+# Interrupted lives in cli/__init__.py: its signal handlers raise it before this loads.
+from meshnode.cli import Interrupted
 from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 from meshnode.core.text import for_terminal
 
@@ -185,18 +186,11 @@ def setup_logging(verbose: int) -> None:
 SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
 
 
-class Interrupted(BaseException):
-    """A SIGINT/SIGTERM outside trio: raised by `main`'s handlers, so Click and Typer,
-    which turn KeyboardInterrupt into "Aborted!" and exit 1, let it through."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 async def _until_signal(fn: Callable[[], Awaitable[T]], got: list[int]) -> T | None:
     """Run `fn`; the first SIGINT/SIGTERM cancels it (every task unwinds and hosts close
     cleanly), a second one exits at once for an operator who will not wait."""
+    import trio  # here, not at the top: `ask` through a running client never needs it
+
     result: list[T] = []
     body = trio.CancelScope()
 
@@ -241,6 +235,8 @@ def exit_on_signal(signum: int) -> NoReturn:
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:
     """Run a command's async body under trio with clean signal and error handling."""
+    import trio
+
     got: list[int] = []
     try:
         result = trio.run(_until_signal, fn, got)
