@@ -14,7 +14,6 @@ from typing import Any
 
 import trio
 from libp2p.abc import IHost
-from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from meshnode.core.errors import EXIT_JOB_FAILED, MeshnodeError
@@ -36,6 +35,7 @@ from meshnode.core.messages import JOB_ID_BYTES, JOB_PROTOCOL, Usage
 from meshnode.core.wire import WireError
 from meshnode.jobs.payment_gate import NoPayer, Payer, PaymentRejected
 from meshnode.p2p.framed import FramedStream, StreamClosed
+from meshnode.p2p.stream_open import open_stream
 
 # Opening a stream to a connected peer is one round trip; 10 s means the peer is gone.
 STREAM_OPEN_TIMEOUT_S = 10.0
@@ -104,8 +104,7 @@ async def run_job(
     payer: Payer | None = None,
 ) -> JobResult:
     start = time.perf_counter()
-    with trio.fail_after(STREAM_OPEN_TIMEOUT_S):
-        stream = await host.new_stream(peer, [TProtocol(JOB_PROTOCOL)])
+    stream = await open_stream(host, peer, JOB_PROTOCOL, STREAM_OPEN_TIMEOUT_S)
     return await run_job_on_stream(
         FramedStream(stream), peer, provider_job_pub, request, on_text=on_text,
         payer=payer, start=start,

@@ -1,0 +1,64 @@
+"""Opening a stream for one known protocol in one round trip.
+
+py-libp2p's ``host.new_stream`` runs multistream-select as two round trips: it sends the
+``/multistream/1.0.0`` header and waits for the echo, then proposes the protocol and waits
+again. multistream-select 1.0 lets the initiator send both lines at once when it proposes
+a single protocol (rust-libp2p's ``V1Lazy``, js-libp2p's optimistic select do this), and a
+py-libp2p listener reads them from its buffer as usual. For a job, whose time to first
+token counts, that is one loopback round trip (~3 ms on a small loaded CPU) less.
+
+What is not done here: proposing several protocols (use ``host.new_stream``), QUIC's
+negotiation semaphore (meshnode dials TCP), and the ``ls`` command.
+"""
+
+from __future__ import annotations
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.utils.varint import encode_delim, read_varint_prefixed_bytes_limited
+
+MULTISTREAM_HEADER = "/multistream/1.0.0"
+# A multistream line is a protocol id; longer replies are not a listener we talk to.
+MAX_SELECT_REPLY_BYTES = 1024
+
+
+class StreamOpenError(ConnectionError):
+    """The peer did not agree to the protocol (or broke multistream-select)."""
+
+
+async def open_stream(host: IHost, peer: ID, protocol: str, timeout_s: float) -> INetStream:
+    """A stream to ``peer`` speaking ``protocol``, negotiated in one round trip."""
+    stream = await host.get_network().new_stream(peer)
+    ok = False
+    try:
+        with trio.fail_after(timeout_s):
+            await stream.write(encode_delim(MULTISTREAM_HEADER.encode())
+                               + encode_delim(protocol.encode()))
+            header = await _reply(stream)
+            if header != MULTISTREAM_HEADER:
+                raise StreamOpenError("the peer does not speak multistream-select 1.0")
+            agreed = await _reply(stream)
+            if agreed != protocol:
+                raise StreamOpenError(f"the peer does not serve {protocol}")
+        stream.set_protocol(TProtocol(protocol))
+        ok = True
+        return stream
+    finally:
+        if not ok:
+            with trio.CancelScope(shield=True):
+                try:
+                    await stream.reset()
+                except Exception:  # already gone; the raised error says why
+                    pass
+
+
+async def _reply(stream: INetStream) -> str:
+    try:  # the length is checked before the body is read
+        line = await read_varint_prefixed_bytes_limited(stream, MAX_SELECT_REPLY_BYTES)
+    except Exception as exc:  # EOF, reset, a bad or huge varint: a failed negotiation
+        raise StreamOpenError(f"multistream-select failed: {type(exc).__name__}") from exc
+    if not line.endswith(b"\n"):
+        raise StreamOpenError("multistream-select reply without its newline")
+    return line[:-1].decode("utf-8", "replace")
