@@ -88,6 +88,8 @@ def test_text_parts_are_joined_into_one_content() -> None:
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
          "messages[0].content[0]"),
         ([{"role": "user", "content": "x"}, "not an object"], "messages[1]"),
+        ([{"role": {}, "content": "x"}], "messages[0].role"),  # unhashable: was a 500
+        ([{"role": ["user"], "content": "x"}], "messages[0].role"),
         ([{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}],
          "messages[0].tool_calls"),
     ],

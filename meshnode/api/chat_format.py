@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from meshnode.api.errors import bad_request
 from meshnode.core.messages import MAX_PROMPT_CHARS
+from meshnode.core.text import shown
 
 # Long agent transcripts reach a few hundred turns; more is a runaway client.
 MAX_MESSAGES = 512
@@ -80,9 +81,9 @@ def parse_messages(raw: object) -> list[ChatMessage]:
         if not isinstance(item, Mapping):
             raise bad_request(f"{where} must be an object", param=where)
         role = item.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a dict or list is unhashable
             raise bad_request(
-                f"{where}.role must be one of {sorted(ROLES)}, got {role!r} "
+                f"{where}.role must be one of {sorted(ROLES)}, got {shown(role)} "
                 "(tools and function calls are not supported)",
                 param=f"{where}.role",
             )
