@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.max_tokens,
         faults=tuple(f for f in args.faults.split(",") if f),
         seed=args.seed,
+        progress=True,
     )
     with tempfile.TemporaryDirectory(prefix="meshnode-chaos-") as tmp:
         report = trio.run(_main, cfg, Path(tmp))

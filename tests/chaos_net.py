@@ -8,6 +8,11 @@ chain lives in this process; the provider's ledger is given the channel record, 
 test_pay_crash does). A killed provider is restarted on the same ledger with a new peer
 id, and the same channel pays it: its ledger must carry on from the vouchers it kept.
 
+The client learns adverts only by dialling providers (no bootstrap), and py-libp2p's
+pinned client never refreshes them (issue 13: adverts expire after ADVERT_LIFETIME_S),
+so the harness re-fetches them every ADVERT_REFRESH_S; without that, every job after
+300 s ends in NoProvider.
+
 What a run checks, per job: it completes (text arriving with no gap over the stall
 bound) or ends with a typed error (JobError, NoProvider, ProvidersBusy) within the stall
 bound of its last progress. Per channel: the provider holds no voucher the client did
@@ -40,7 +45,7 @@ from meshnode.core.errors import MeshnodeError
 from meshnode.jobs import client as job_client
 from meshnode.jobs.payment_gate import Payer
 from meshnode.jobs.routed import NoProvider, ProvidersBusy
-from meshnode.node import ClientNode, client_node
+from meshnode.node import ADVERT_LIFETIME_S, ClientNode, client_node
 from meshnode.pay.channel.ledger import ChannelRecord, Ledger
 from meshnode.pay.channel.lifecycle import ClientChannel
 from meshnode.pay.metering.payer import prompt_token_bound
@@ -57,6 +62,9 @@ FAULT_COOLDOWN_S = 2.0
 MAX_TOKEN_BYTES = 16
 # Extra time over the stall bound for a failover to redial, re-open and re-prefill.
 RECOVERY_ALLOWANCE_S = 15.0
+# Re-fetch adverts well inside their lifetime (a stand-in for the missing refresh).
+ADVERT_REFRESH_S = ADVERT_LIFETIME_S / 3
+DIAL_TIMEOUT_S = 10.0  # one re-fetch of an advert from a live provider on loopback
 TYPED_ERRORS = (MeshnodeError, ProvidersBusy)  # JobError and NoProvider are MeshnodeErrors
 
 FAULTS = ("kill", "cut", "stop")
@@ -83,6 +91,7 @@ class ChaosConfig:
     fault_interval_s: float = 1.5
     restart_after_s: float = 1.0
     seed: int = 1
+    progress: bool = False  # print one line per finished job and fault (bench runs)
 
 
 @dataclass
@@ -327,6 +336,10 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, code: Cell, gguf: Path,
                     rec.end_after_progress_s = end - last[0]
                     progress.last_text.pop(rec.index, None)
                     progress.task_of.pop(rec.index, None)
+                    if cfg.progress:
+                        print(f"{end - start:7.1f} s job {rec.index}: "
+                              f"{'ok' if rec.ok else rec.error_type} after {rec.elapsed_s:.1f} s, "
+                              f"{len(rec.providers)} provider(s)", flush=True)
                     remaining[0] -= 1
                     if not remaining[0]:
                         done.set()
@@ -358,6 +371,9 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, code: Cell, gguf: Path,
                     kind = rng.choice(cfg.faults)
                     fault = FaultRecord(kind, p.index, now - start)
                     faults.append(fault)
+                    if cfg.progress:
+                        print(f"{now - start:7.1f} s fault {kind} on provider {p.index}",
+                              flush=True)
                     cooldown[p.index] = now
                     progress.pending.append((fault, streaming[p.index]))
                     if kind == "kill":
@@ -372,6 +388,17 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, code: Cell, gguf: Path,
                     else:
                         await client.host.get_network().close_peer(ID.from_base58(p.peer_id))
 
+            async def refresh_adverts() -> None:
+                while True:
+                    await trio.sleep(ADVERT_REFRESH_S)
+                    for p in providers:
+                        if p.alive() and not p.stopped and p.peer_id in payments.slot_of:
+                            with trio.move_on_after(DIAL_TIMEOUT_S):
+                                try:
+                                    await client.connect(p.addr)
+                                except Exception:  # libp2p raises assorted types when a
+                                    pass  # peer was faulted meanwhile; next round retries
+
             async def resume(p: Provider, after: float) -> None:
                 await trio.sleep(after)
                 p.signal(signal.SIGCONT)
@@ -381,6 +408,7 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, code: Cell, gguf: Path,
                 for rec in jobs:
                     nursery.start_soon(one_job, rec)
                 nursery.start_soon(chaos)
+                nursery.start_soon(refresh_adverts)
                 await done.wait()
                 nursery.cancel_scope.cancel()
     finally:

@@ -9,6 +9,7 @@ inputs per target is `python bench/fuzz.py`.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import pytest
@@ -28,8 +29,8 @@ from fuzz_targets import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-# Per target and strategy; three strategies give ~300 inputs per target, ~30 s in all.
-EXAMPLES = 100
+# Per target and strategy: three strategies give ~210 inputs per target, 15-30 s in all.
+EXAMPLES = 70
 # Large enough for every seed (a TDX quote is 5 KiB, its collateral 16 KiB) plus edits.
 MAX_RAW_BYTES = 4096
 
@@ -111,8 +112,21 @@ def test_the_mutational_loop_of_bench_fuzz_runs_clean_on_every_target() -> None:
             _run(target, generate(target, seeds, rng))
 
 
-def test_the_job_state_machine_target_is_waiting_for_core_job_protocol() -> None:
-    """Placeholder: when core/job_protocol.py lands, job_state_machine_target() returns a
-    Target and this test must be turned into a fuzz test like the ones above."""
-    if job_state_machine_target() is None:
-        pytest.skip("core/job_protocol.py has no fuzz target yet (see fuzz_targets.py)")
+def test_the_job_state_machine_takes_any_frame_sequence() -> None:
+    """The place for the job-protocol state machines (core/job_protocol.py, being written):
+    once fuzz_targets.job_state_machine_target() returns a Target, this fuzzes it."""
+    target = job_state_machine_target()
+    if target is None:
+        exists = importlib.util.find_spec("meshnode.core.job_protocol") is not None
+        pytest.skip("core/job_protocol.py exists: add its target in fuzz_targets."
+                    "job_state_machine_target" if exists else
+                    "core/job_protocol.py not written yet; job ordering is fuzzed through "
+                    "the decoders (job_stream)")
+    seeds = target.seeds()
+
+    @FUZZ
+    @given(st.sampled_from(seeds), st.randoms(use_true_random=False))
+    def run(seed: bytes, rng: random.Random) -> None:
+        _run(target, generate(target, seeds, rng))
+
+    run()
