@@ -427,7 +427,8 @@ def check_billing(
     per start). Money moves only by vouchers, so the checks are on them:
 
     - the provider holds no voucher beyond what the client signed;
-    - every nanoton the client signed is attributed to exactly one job of its ledger;
+    - every nanoton the client signed is attributed to exactly one job of its ledger
+      (the jobs may owe one credit window more: a cut job's debt, paid by the next);
     - each segment of a completed job cost at most its prompt (the user's prompt plus
       the text delivered before it, re-read after a failover) and the tokens it showed,
       and the segments together cost at most what the channel carries.
@@ -446,7 +447,11 @@ def check_billing(
     problems: list[str] = []
     if provider_sent > client_sent:
         problems.append(f"provider holds {provider_sent}, client signed {client_sent}")
-    if client_usage_cost != client_sent:
+    # A job cut off inside its credit window owes those tokens; the client records the
+    # debt and pays it with the channel's next voucher. So the jobs may carry more than
+    # is signed, by at most one window (the debt left by the last job), never less.
+    debt = client_usage_cost - client_sent
+    if not 0 <= debt <= PRICE.cost(0, CHAOS_WINDOW_TOKENS):
         problems.append(f"client signed {client_sent}, attributes {client_usage_cost} to jobs")
     segments_cost = 0
     for job in jobs:
@@ -461,8 +466,9 @@ def check_billing(
                     problems.append(f"job {job.index}: {tokens} tokens cost {cost} > {bound}")
                 segments_cost += cost
             before += tokens
-    if segments_cost > client_sent:
-        problems.append(f"completed jobs' segments cost {segments_cost}, signed {client_sent}")
+    if segments_cost > client_usage_cost:
+        problems.append(f"completed jobs' segments cost {segments_cost}, the ledger "
+                        f"{client_usage_cost}")
     by_id = {u.job_id: u for u in client_usage}
     overcount = max(
         (u.completion_tokens - (by_id[u.job_id].completion_tokens if u.job_id in by_id else 0)
@@ -476,6 +482,7 @@ def check_billing(
         "client_jobs": len(client_usage),
         "provider_jobs": len(provider_jobs),
         "provider_billed": sum(u.cost for u in provider_jobs),
+        "client_debt": debt,
         "provider_overcount_tokens_max": overcount,
         "ok": not problems,
         "problems": problems,

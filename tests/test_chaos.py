@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 CI_JOBS = 15
+# Long enough streams and frequent enough faults that several land mid-stream even when
+# the box is idle and 15 jobs take ~15 s (the test asks for at least two).
+CI_MAX_TOKENS = 240
+CI_FAULT_INTERVAL_S = 1.0
 # A SIGSTOP scenario waits out the stall bound once per hit; in CI only when that is short.
 CI_MAX_STALL_S = 10.0
 
@@ -42,7 +46,8 @@ async def test_jobs_survive_killed_and_cut_off_providers_and_nobody_is_billed_tw
 
     faults = ("kill", "cut") + (("stop",) if stall_bound_s() <= CI_MAX_STALL_S else ())
     params = {"temperature": 0.0, "seed": 7, "logit_bias": steady_logit_bias(tiny_engine)}
-    cfg = ChaosConfig(jobs=CI_JOBS, faults=faults)
+    cfg = ChaosConfig(jobs=CI_JOBS, faults=faults, max_tokens=CI_MAX_TOKENS,
+                      fault_interval_s=CI_FAULT_INTERVAL_S)
     report = await run_chaos(cfg, tmp_path, code, tiny_gguf_path, params)
     summary = report.summary()
     print(summary)  # shown with -s: the numbers bench/chaos.py records at scale
@@ -56,6 +61,9 @@ async def test_jobs_survive_killed_and_cut_off_providers_and_nobody_is_billed_tw
             assert job.max_gap_s <= bound, job
         else:
             assert job.end_after_progress_s <= bound, job
-    assert report.completed >= CI_JOBS - 2, summary
+    # A job that has tried every live provider while another restarts ends in NoProvider
+    # (typed, at once); most jobs complete, and some of them across a failover.
+    assert report.completed >= CI_JOBS // 2, summary
+    assert any(j.ok and len(j.providers) > 1 for j in report.jobs), summary
     for channel in report.billing:
-        assert channel["ok"], channel
+        assert channel["ok"], (channel["problems"], channel)
