@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=50)
     ap.add_argument("--providers", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=240)
+    ap.add_argument("--fault-interval", type=float, default=1.0, help="mean seconds between faults")
     ap.add_argument("--faults", default=",".join(FAULTS), help=f"subset of {FAULTS}")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chaos.json")
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         providers=args.providers,
         concurrency=args.concurrency,
         max_tokens=args.max_tokens,
+        fault_interval_s=args.fault_interval,
         faults=tuple(f for f in args.faults.split(",") if f),
         seed=args.seed,
         progress=True,
