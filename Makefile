@@ -7,7 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meshnode-installed
 
-.PHONY: demo test lint install contract clean llama-build test-deps browser-deps
+.PHONY: demo test lint install contract clean llama-build test-deps browser-deps \
+	interop-deps fuzz chaos
 
 # llama.cpp build profile: auto (= cpu-native-safe: this CPU's ISA without AMX),
 # cpu-portable, or cuda (with CUDA_ARCH=90 etc.). See kernels/README.md.
@@ -59,13 +60,34 @@ browser-deps:
 	  npm install --prefix $(BROWSER_DIR) --no-audit --no-fund --ignore-scripts \
 	    --loglevel=error playwright-core@$(PLAYWRIGHT_CORE)
 
-test-deps: browser-deps
+# js-libp2p for tests/test_interop_js.py, at the versions pinned in tests/interop/package.json,
+# installed outside the repository; reinstalled when that file changes.
+INTEROP_DIR := $(HOME)/.cache/meshnode/interop
+
+interop-deps:
+	@mkdir -p $(INTEROP_DIR)
+	@cmp -s tests/interop/package.json $(INTEROP_DIR)/package.json && \
+	  test -d $(INTEROP_DIR)/node_modules/libp2p || { \
+	  cp tests/interop/package.json $(INTEROP_DIR)/package.json && \
+	  npm install --prefix $(INTEROP_DIR) --no-audit --no-fund --ignore-scripts \
+	    --loglevel=error; }
+
+test-deps: browser-deps interop-deps
 	$(call apt_need,systemd-analyze,systemd)
 
 # pytest exits 5 when it collects nothing; for us that is a failure, not a pass.
 test: lint contract test-deps
 	$(BIN)/pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# Long runs (not part of `make test`): 10^6 inputs per decoder target, and 50 jobs under
+# SIGKILL / SIGSTOP / cut providers; each writes its JSON under bench/results/.
+FUZZ_INPUTS ?= 1000000
+fuzz: $(STAMP)
+	$(BIN)/python bench/fuzz.py --inputs $(FUZZ_INPUTS)
+
+chaos: $(STAMP) contract
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
