@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import typer
 import typer.main
+from cli_proc import COMMAND_TIMEOUT_S, MULTIADDR, Running, cli, cli_env, run_cli
 
 import meshnode.cli
 from meshnode.cli import GROUPS, build_app, group_module
@@ -33,7 +34,6 @@ from meshnode.cli.local_client import (
     state_path,
     write_state,
 )
-from tests.cli_proc import COMMAND_TIMEOUT_S, MULTIADDR, Running, cli, cli_env, run_cli
 
 # The warm path must not load these: each costs a large share of the cold start.
 HEAVY_MODULES = ("libp2p", "trio", "numpy", "llama_cpp", "meshnode.node")
