@@ -6,6 +6,11 @@ plus what the job costs converted to seconds, plus a failure penalty that decays
     score = rtt + ahead × mean_job_time / slots + generation_time
           + price_weight × cost + failure_penalty(now)
 
+A provider that could not be reached (``record_unreachable``: dial failed, or the
+connection dropped before the first token) also *cools down*: for UNREACHABLE_COOLDOWN_S,
+doubling on repeats, it is ranked after every other eligible candidate whatever its
+score; a success or a newer advert (``note_advert``) ends that.
+
 ``Router.choose`` returns every eligible candidate, best first: the shell tries the
 first and falls back down the list (before the first token, or to continue a stream
 that broke). ``Router.rank`` does the same over a ``CandidateTable`` and can stop after
