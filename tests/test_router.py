@@ -498,3 +498,70 @@ def test_exploration_over_a_table_probes_first_and_keeps_the_limited_prefix() ->
             table, JOB, NOW, limit=limit) == full[:limit]
     listed = explored_router(Strategy.POWER_OF_TWO, 4).choose(pool, JOB, NOW)
     assert [c.peer_id for c in listed] == [table.peer_id(r) for r in full]
+
+
+# ---------------------------------------------------------------- unreachable cooldown
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_a_provider_whose_dial_failed_is_not_chosen_while_another_is_eligible(
+    strategy: Strategy,
+) -> None:
+    # "a" is far faster and cheaper: the failure penalty alone would not outweigh that.
+    pool = [cand("a", tokens_per_s=1000.0, price_completion_per_1k=1), cand("b")]
+    router = Router(strategy=strategy, seed=1)
+    router.record_start("a", NOW)
+    router.record_unreachable("a", NOW)
+    for _ in range(20):
+        assert [c.peer_id for c in router.choose(pool, JOB, NOW + 1)] == ["b", "a"]
+    table = CandidateTable(pool)
+    assert [table.candidate(r).peer_id for r in router.rank(table, JOB, NOW + 1, limit=1)] \
+        == ["b"]
+
+
+def test_a_cooling_provider_is_still_tried_when_it_is_the_only_one() -> None:
+    router = Router()
+    router.record_unreachable("a", NOW)
+    assert [c.peer_id for c in router.choose([cand("a")], JOB, NOW + 1)] == ["a"]
+    router.record_unreachable("b", NOW + 2)  # the sooner to recover comes first
+    pool = [cand("a"), cand("b")]
+    assert [c.peer_id for c in router.choose(pool, JOB, NOW + 3)] == ["a", "b"]
+
+
+def test_the_cooldown_doubles_on_repeated_failures_and_ends() -> None:
+    from meshnode.core.router import MAX_UNREACHABLE_COOLDOWN_S, UNREACHABLE_COOLDOWN_S
+
+    router = Router()
+    router.record_unreachable("a", NOW)
+    assert router.cooling_down("a", NOW + UNREACHABLE_COOLDOWN_S - 1)
+    assert not router.cooling_down("a", NOW + UNREACHABLE_COOLDOWN_S)
+    later = NOW + UNREACHABLE_COOLDOWN_S
+    router.record_unreachable("a", later)
+    assert router.cooling_down("a", later + 2 * UNREACHABLE_COOLDOWN_S - 1)
+    assert not router.cooling_down("a", later + 2 * UNREACHABLE_COOLDOWN_S)
+    for _ in range(20):
+        router.record_unreachable("a", later)
+    assert router.stats("a").cooldown_s == MAX_UNREACHABLE_COOLDOWN_S
+
+
+def test_a_success_or_a_newer_advert_ends_the_cooldown() -> None:
+    router = Router()
+    router.note_advert("a", 5)
+    router.record_unreachable("a", NOW)
+    router.note_advert("a", 5)  # the same advert again says nothing new
+    assert router.cooling_down("a", NOW + 1)
+    router.note_advert("a", 6)
+    assert not router.cooling_down("a", NOW + 1)
+    router.record_unreachable("a", NOW + 2)
+    router.record_unreachable("a", NOW + 3)
+    router.record_start("a", NOW + 4)
+    router.record_success("a", NOW + 5, duration_s=1.0, completion_tokens=3)
+    assert not router.cooling_down("a", NOW + 6)
+    router.record_unreachable("a", NOW + 7)  # the doubling starts over
+    assert not router.cooling_down("a", NOW + 7 + 30.0)
+
+
+def test_a_provider_that_answered_and_failed_mid_stream_does_not_cool_down() -> None:
+    router = Router()
+    router.record_failure("a", NOW)
+    assert not router.cooling_down("a", NOW + 1)

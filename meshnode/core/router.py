@@ -6,6 +6,11 @@ plus what the job costs converted to seconds, plus a failure penalty that decays
     score = rtt + ahead × mean_job_time / slots + generation_time
           + price_weight × cost + failure_penalty(now)
 
+A provider that could not be reached (``record_unreachable``: dial failed, or the
+connection dropped before the first token) also *cools down*: for UNREACHABLE_COOLDOWN_S,
+doubling on repeats, it is ranked after every other eligible candidate whatever its
+score; a success or a newer advert (``note_advert``) ends that.
+
 ``Router.choose`` returns every eligible candidate, best first: the shell tries the
 first and falls back down the list (before the first token, or to continue a stream
 that broke). ``Router.rank`` does the same over a ``CandidateTable`` and can stop after
@@ -63,6 +68,14 @@ FAILURE_PENALTY_S = 30.0
 # back within about ten minutes.
 PENALTY_HALF_LIFE_S = 120.0
 MAX_PENALTY_S = 600.0  # repeated failures saturate here, so recovery time stays bounded
+# A provider that could not be dialled, or dropped a job before its first token, is most
+# likely down: skip it for 30 s (a restart takes seconds; an advert lives minutes), so each
+# job does not burn an attempt on it until its advert expires. The penalty alone does not
+# do this: 30 s of score loses to nothing when the others are busy or slower.
+UNREACHABLE_COOLDOWN_S = 30.0
+# Repeated unreachability doubles the cooldown up to this: a provider gone for good costs
+# one attempt per 8 minutes, and a returning one is tried again within that.
+MAX_UNREACHABLE_COOLDOWN_S = 480.0
 # A client trades one second of waiting for 0.01 TON saved: price matters only between
 # providers of similar speed unless the caller raises the weight.
 DEFAULT_PRICE_WEIGHT_S_PER_NANOTON = 1.0 / 10_000_000
@@ -119,6 +132,11 @@ class PeerStats:
     failures: int = 0
     last_seen: float = 0.0
     inflight: int = 0  # jobs this client has running there; not persisted
+    # Skipped while others are eligible until cooling_until (not persisted: a restarted
+    # client tries again); cooldown_s is the length of the last one, doubled on repeats.
+    cooling_until: float = 0.0
+    cooldown_s: float = 0.0
+    advert_seq: int = -1  # highest advert seq seen; a higher one ends the cooldown
 
     @property
     def explored(self) -> bool:
@@ -503,7 +521,31 @@ class Router:
     ) -> list[int]:
         """Rows of ``table`` eligible for ``job``, first choice then fallbacks, leaving
         out the peers in ``exclude``; only the first ``limit`` when given (the order of
-        that prefix is the same as without a limit)."""
+        that prefix is the same as without a limit). Peers cooling down after being
+        unreachable (``record_unreachable``) come last, soonest to recover first, unless
+        no other peer is eligible."""
+        cooling = {pid: s.cooling_until for pid, s in self._stats.items()
+                   if s.cooling_until > now and pid not in exclude}
+        cold = [(until, pid, row) for pid, until in cooling.items()
+                if (row := table.row_of(pid)) is not None]
+        if cold:
+            warm = self._rank(table, job, now, exclude=[*exclude, *cooling], limit=limit)
+            if warm:
+                eligible = set(self._eligible_rows(table, job, now, exclude).tolist())
+                tail = [row for _, _, row in sorted(cold) if row in eligible]
+                out = warm + tail
+                return out if limit is None else out[: max(0, limit)]
+        return self._rank(table, job, now, exclude=exclude, limit=limit)
+
+    def _rank(
+        self,
+        table: CandidateTable,
+        job: JobEstimate,
+        now: float,
+        *,
+        exclude: Collection[str],
+        limit: int | None,
+    ) -> list[int]:
         rows = self._eligible_rows(table, job, now, exclude)
         k = len(rows)
         if k == 0:
@@ -613,6 +655,7 @@ class Router:
         stats = self._peer(peer_id, now)
         stats.inflight = max(0, stats.inflight - 1)
         stats.successes += 1
+        stats.cooling_until = stats.cooldown_s = 0.0
         stats.job_time_s = _ewma(stats.job_time_s, duration_s, JOB_EWMA_ALPHA)
         if first_token_s is not None and completion_tokens > 1:
             decode_s = duration_s - first_token_s
@@ -636,6 +679,33 @@ class Router:
         stats.failures += 1
         stats.penalty_s = min(MAX_PENALTY_S, stats.penalty(now) + FAILURE_PENALTY_S)
         stats.penalty_at = now
+
+    def record_unreachable(self, peer_id: str, now: float) -> None:
+        """A job failed before its first token because the provider could not be
+        reached (dial failed, connection dropped, silence): a failure, and the peer is
+        skipped while others are eligible for UNREACHABLE_COOLDOWN_S, doubling each time
+        in a row (up to MAX_UNREACHABLE_COOLDOWN_S). A success or a newer advert
+        (``note_advert``) ends it."""
+        self.record_failure(peer_id, now)
+        stats = self._peer(peer_id, now)
+        stats.cooldown_s = (UNREACHABLE_COOLDOWN_S if stats.cooldown_s == 0.0 else
+                            min(MAX_UNREACHABLE_COOLDOWN_S, 2 * stats.cooldown_s))
+        stats.cooling_until = now + stats.cooldown_s
+
+    def cooling_down(self, peer_id: str, now: float) -> bool:
+        stats = self._stats.get(peer_id)
+        return stats is not None and stats.cooling_until > now
+
+    def note_advert(self, peer_id: str, seq: int) -> None:
+        """An advert of ``peer_id`` is listed: a higher seq than seen before means the
+        provider is alive and re-announced itself, which ends its cooldown."""
+        stats = self._stats.get(peer_id)
+        if stats is None:
+            return
+        if seq > stats.advert_seq:
+            if stats.advert_seq >= 0:
+                stats.cooling_until = stats.cooldown_s = 0.0
+            stats.advert_seq = seq
 
     # ------------------------------------------------------------------- persistence
 

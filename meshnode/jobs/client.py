@@ -103,6 +103,8 @@ async def run_job(
     on_text: OnText | None = None,
     payer: Payer | None = None,
 ) -> JobResult:
+    if request.max_tokens < 1:  # every provider refuses it (schema): never send it
+        raise ValueError(f"a job must ask for at least 1 token, got {request.max_tokens}")
     start = time.perf_counter()
     stream = await open_stream(host, peer, JOB_PROTOCOL, STREAM_OPEN_TIMEOUT_S)
     return await run_job_on_stream(

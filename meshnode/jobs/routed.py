@@ -37,6 +37,9 @@ DEFAULT_MAX_ATTEMPTS = 4
 DEFAULT_DEADLINE_S = 600.0
 # Errors that are the request's fault: every provider would refuse it the same way.
 NON_RETRYABLE = frozenset({"bad_params", "bad_request", "prompt_too_long", "overbilled"})
+# Failures before the first token that say the provider cannot be reached (rather than
+# that it refused this job): the router skips it for a while (Router.record_unreachable).
+UNREACHABLE_CODES = frozenset({"disconnected", "timeout", "stalled"})
 # Rough characters per token, only for the router's estimate before any tokenizer runs.
 CHARS_PER_TOKEN = 4
 # When every provider is busy, wait for the soonest free place if it is this close;
@@ -119,6 +122,8 @@ class RoutedJobs:
         params: dict[str, Any],
         on_text: OnText | None = None,
     ) -> RoutedResult:
+        if max_tokens < 1:  # a provider refuses an Open for nothing (schema)
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         start = time.perf_counter()
         pieces: list[str] = []
         delivered = 0
@@ -150,6 +155,8 @@ class RoutedJobs:
                           if p.listing.verified or self.router.allow_unverified]
                 model_id = pick_model_id(usable or providers)
                 by_peer = {p.peer_id: p for p in providers if p.offer.id == model_id}
+                for p in by_peer.values():
+                    self.router.note_advert(p.peer_id, p.advert.seq)
                 estimate = JobEstimate(
                     model_id=model_id,
                     prompt_tokens=len(prompt) // CHARS_PER_TOKEN + delivered,
@@ -227,15 +234,26 @@ class RoutedJobs:
                         raise
                     got = exc.received_tokens if isinstance(exc, JobError) else 0
                     code = exc.code if isinstance(exc, JobError) else type(exc).__name__
-                    self.router.record_failure(choice.peer_id, self.clock())
+                    if got == 0 and (not isinstance(exc, JobError) or code in UNREACHABLE_CODES):
+                        self.router.record_unreachable(choice.peer_id, self.clock())
+                    else:
+                        self.router.record_failure(choice.peer_id, self.clock())
                     delivered += got
                     segments.append(Segment(choice.peer_id, got, charged[0], error=code,
                                             chars=seg_chars))
+                    if delivered >= max_tokens:
+                        # Cut after the last token but before Done: the answer is whole
+                        # and there is nothing left to generate (an Open for 0 tokens
+                        # would be refused everywhere), so the job has succeeded.
+                        log.info("provider %s failed (%s) after the last token; the "
+                                 "answer is complete", choice.peer_id, code)
+                        return self._result(prompt, pieces, delivered, "length", segments,
+                                            ttft, start)
                     log.info("provider %s failed (%s) after %d tokens; failing over",
                              choice.peer_id, code, got)
                     continue
                 except Exception as exc:  # a dial error from libp2p: try the next one
-                    self.router.record_failure(choice.peer_id, self.clock())
+                    self.router.record_unreachable(choice.peer_id, self.clock())
                     segments.append(Segment(choice.peer_id, 0, 0, error=type(exc).__name__))
                     log.info("cannot reach %s (%s); failing over", choice.peer_id, exc)
                     continue
@@ -270,3 +288,28 @@ class RoutedJobs:
                     elapsed_s=time.perf_counter() - start,
                     segments=segments,
                 )
+
+    @staticmethod
+    def _result(
+        prompt: str,
+        pieces: list[str],
+        delivered: int,
+        finish_reason: str,
+        segments: list[Segment],
+        ttft: float,
+        start: float,
+    ) -> RoutedResult:
+        """The result of a job whose last provider sent no Done: usage from what was
+        received (the prompt's size is the client's estimate, no provider reported it)."""
+        return RoutedResult(
+            text="".join(pieces),
+            usage=Usage(
+                prompt_tokens=len(prompt) // CHARS_PER_TOKEN,
+                completion_tokens=delivered,
+                finish_reason=finish_reason,
+                cost_nanoton=sum(s.cost_nanoton for s in segments),
+            ),
+            ttft_s=ttft,
+            elapsed_s=time.perf_counter() - start,
+            segments=segments,
+        )

@@ -134,14 +134,20 @@ def peer_id_text(peer: ID) -> str:
     return peer.to_string()
 
 
-def forget_closed_connections(host: IHost, peer: ID) -> None:
-    """Drop connections to ``peer`` that are closed but still listed.
+def forget_closed_connections(host: IHost, peer: ID) -> int:
+    """Drop connections to ``peer`` that are dead but still listed; how many were.
 
     py-libp2p 0.8 can keep a dead connection in the swarm's table after the peer went
-    down (seen when a provider is killed and restarts under the same peer id). Then
+    down (seen when a provider is killed and restarts under the same peer id), and a
+    cut connection is marked closed before its close finishes removing it. Then
     ``connect`` sees "connected" and dials nothing, and ``new_stream`` filters the dead
-    connection out and fails with "No valid connections". Call this before either."""
+    connection out and fails with "No valid connections". Call this before either.
+    Dead means the connection is closed, or its muxer (yamux) is."""
     network = host.get_network()
+    dropped = 0
     for conn in list(network.connections.get(peer) or []):
-        if getattr(conn, "is_closed", False):
+        muxed = getattr(conn, "muxed_conn", None)
+        if getattr(conn, "is_closed", False) or getattr(muxed, "is_closed", False):
             network.remove_conn(conn)  # type: ignore[attr-defined]
+            dropped += 1
+    return dropped

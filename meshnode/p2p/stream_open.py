@@ -16,8 +16,11 @@ from __future__ import annotations
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_delim, read_varint_prefixed_bytes_limited
+
+from meshnode.p2p.host import forget_closed_connections
 
 MULTISTREAM_HEADER = "/multistream/1.0.0"
 # A multistream line is a protocol id; longer replies are not a listener we talk to.
@@ -30,7 +33,7 @@ class StreamOpenError(ConnectionError):
 
 async def open_stream(host: IHost, peer: ID, protocol: str, timeout_s: float) -> INetStream:
     """A stream to ``peer`` speaking ``protocol``, negotiated in one round trip."""
-    stream = await host.get_network().new_stream(peer)
+    stream = await _new_stream(host, peer, timeout_s)
     ok = False
     try:
         with trio.fail_after(timeout_s):
@@ -52,6 +55,20 @@ async def open_stream(host: IHost, peer: ID, protocol: str, timeout_s: float) ->
                     await stream.reset()
                 except Exception:  # already gone; the raised error says why
                     pass
+
+
+async def _new_stream(host: IHost, peer: ID, timeout_s: float) -> INetStream:
+    """A raw stream to ``peer``. If the connection to it died (a cut: closed but still
+    listed, "No valid connections"), drop it and try once more, which dials afresh
+    from the peerstore's addresses."""
+    network = host.get_network()
+    with trio.fail_after(timeout_s):
+        try:
+            return await network.new_stream(peer)
+        except SwarmException:
+            if not forget_closed_connections(host, peer):
+                raise
+        return await network.new_stream(peer)
 
 
 async def _reply(stream: INetStream) -> str:
