@@ -11,11 +11,11 @@ run in `make test`. Inputs come from a seeded mutational loop: a third raw rando
 a third byte-level mutants of valid encodings, a third structured mutants (a field
 replaced, dropped or added, frames reordered, adverts re-signed). The job_state_machine
 target takes scripts (frames to ProviderJob and ClientJob, with the driver's calls in
-between) and its structured mutants drop, duplicate, move, alter and re-seal frames. The
-run is
-deterministic for a given --seed. With --engine atheris each target runs instead in its
-own process under libFuzzer (coverage-guided, meshnode's modules instrumented, started
-from the same seeds); libFuzzer stops a target at its first new finding.
+between) and its mutants drop, duplicate, move, alter and re-seal frames (no raw random
+bytes there: they are rarely a script). The run is deterministic for a given --seed.
+With --engine atheris each target runs instead in its own process under libFuzzer
+(coverage-guided, meshnode's modules instrumented, started from the same seeds);
+libFuzzer stops a target at its first new finding.
 
 Each distinct finding (its signature: exception type, file and function that raised) is
 kept once, with its first reproducer in hex, and

@@ -1002,6 +1002,9 @@ def _json_safe(value: Any) -> Any:
 def generate(target: Target, seeds: list[bytes], rng: random.Random) -> bytes:
     """One input: a third each raw random bytes, byte mutants and structured mutants."""
     mode = rng.randrange(3)
+    if mode == 0 and target.name in SCRIPT_TARGETS and seeds:
+        # Random bytes are rarely a script: a heavily edited script instead.
+        return mutate_script(mutate_script(rng.choice(seeds), rng), rng)
     if mode == 0 or not seeds:
         return rng.randbytes(rng.choice((0, 1, 2, 4, 8, 32, 256, 2048)))
     seed = rng.choice(seeds)
