@@ -1,4 +1,4 @@
-"""Long fuzz run: N inputs per decoder target, summary in bench/results/fuzz.json.
+"""Long fuzz run: N inputs per target, summary in bench/results/fuzz.json.
 
     python bench/fuzz.py                       # 10^6 inputs per target (hours on 2 cores)
     python bench/fuzz.py --inputs 20000        # what a quick check uses
@@ -9,10 +9,13 @@ The targets and the rule (a decoder returns a value or raises its typed error, w
 MAX_INPUT_S per input) live in tests/fuzz_targets.py, shared with the short hypothesis
 run in `make test`. Inputs come from a seeded mutational loop: a third raw random bytes,
 a third byte-level mutants of valid encodings, a third structured mutants (a field
-replaced, dropped or added, frames reordered, adverts re-signed). The run is
-deterministic for a given --seed. With --engine atheris each target runs instead in its
-own process under libFuzzer (coverage-guided, meshnode's modules instrumented, started
-from the same seeds); libFuzzer stops a target at its first new finding.
+replaced, dropped or added, frames reordered, adverts re-signed). The job_state_machine
+target takes scripts (frames to ProviderJob and ClientJob, with the driver's calls in
+between) and its mutants drop, duplicate, move, alter and re-seal frames (no raw random
+bytes there: they are rarely a script). The run is deterministic for a given --seed.
+With --engine atheris each target runs instead in its own process under libFuzzer
+(coverage-guided, meshnode's modules instrumented, started from the same seeds);
+libFuzzer stops a target at its first new finding.
 
 Each distinct finding (its signature: exception type, file and function that raised) is
 kept once, with its first reproducer in hex, and

@@ -13,9 +13,12 @@ pinned client never refreshes them (issue 13: adverts expire after ADVERT_LIFETI
 so the harness re-fetches them every ADVERT_REFRESH_S; without that, every job after
 300 s ends in NoProvider.
 
-What a run checks, per job: it completes (text arriving with no gap over the stall
-bound) or ends with a typed error (JobError, NoProvider, ProvidersBusy) within the stall
-bound of its last progress. Per channel: see check_billing.
+What a run checks, per job: it completes (text arriving with no gap over the client's
+stall bound plus RECOVERY_ALLOWANCE_S for a failover) or ends with a typed error
+(JobError, NoProvider, ProvidersBusy) within that of its last progress. The stall bound
+is the client's own (core.job_protocol.StallDetector): the first-token bound of the
+prompt, then max(STALL_FLOOR_S, STALL_GAP_FACTOR x the pace so far); see TextPace.
+Per channel: see check_billing.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pytoniq_core.boc.cell import Cell
 
 from meshnode.core.advert import Advert
 from meshnode.core.errors import MeshnodeError
-from meshnode.jobs import client as job_client
+from meshnode.core.job_protocol import StallDetector
 from meshnode.jobs.payment_gate import Payer
 from meshnode.jobs.routed import NoProvider, ProvidersBusy
 from meshnode.node import ADVERT_LIFETIME_S, ClientNode, client_node
@@ -58,6 +61,9 @@ CHAOS_WINDOW_TOKENS = 8
 FAULT_COOLDOWN_S = 2.0
 # Bytes one token of the tiny model's vocabulary can print as, at most (UTF-8 pieces).
 MAX_TOKEN_BYTES = 16
+# A SIGSTOPped provider resumes this long after the client's stall bound for the job it
+# hit: a hung provider that comes back, after the client failed over (not before).
+STOP_MARGIN_S = 3.0
 # Extra time over the stall bound for a failover to redial, re-open and re-prefill.
 RECOVERY_ALLOWANCE_S = 15.0
 # Re-fetch adverts well inside their lifetime (a stand-in for the missing refresh).
@@ -68,15 +74,34 @@ TYPED_ERRORS = (MeshnodeError, ProvidersBusy)  # JobError and NoProvider are Mes
 FAULTS = ("kill", "cut", "stop")
 
 
-def stall_bound_s() -> float:
-    """How long the client waits for a silent provider before failing over: the job
-    client's own constant (a per-provider bound may replace the flat TOKEN_TIMEOUT_S;
-    the names are tried newest first)."""
-    for name in ("STALL_BOUND_S", "MAX_STALL_S", "TOKEN_TIMEOUT_S"):
-        value = getattr(job_client, name, None)
-        if isinstance(value, int | float):
-            return float(value)
-    raise AssertionError("meshnode.jobs.client names no token timeout")
+def stall_bound_s(gap_s: float = 0.0) -> float:
+    """How long the job client waits mid-stream for a provider whose token frames came
+    every `gap_s` before it fell silent: the client's own rule, read from
+    `core.job_protocol.StallDetector` (max(STALL_FLOOR_S, STALL_GAP_FACTOR x gap), at most
+    TOKEN_TIMEOUT_S). With no gap given, the bound for a fast provider (the floor)."""
+    detector = StallDetector(0)
+    detector.token_frame(0.0, first=True)
+    if gap_s > 0:
+        detector.token_frame(gap_s, first=False)
+    return detector.timeout()
+
+
+class TextPace:
+    """The client's stall bound as a job's text arrives, from what the harness sees: the
+    first text within the first-token bound of the prompt, each later piece within the
+    mid-stream bound for the pace so far (the client re-learns the pace on a failover,
+    from a first-token bound that is longer still, so this is the tighter of the two)."""
+
+    def __init__(self, prompt: str) -> None:
+        self.detector = StallDetector.for_prompt(prompt)
+        self.first = True
+
+    def bound(self) -> float:
+        return self.detector.timeout()
+
+    def text(self, gap_s: float) -> None:
+        self.detector.token_frame(gap_s, first=self.first)
+        self.first = False
 
 
 @dataclass
@@ -105,6 +130,10 @@ class JobRecord:
     segments: list[tuple[str, int, int, str | None]] = field(default_factory=list)
     prompt: str = ""
     max_gap_s: float = 0.0
+    # The largest excess of a gap (or of the silence before a typed error) over the
+    # client's stall bound at that point (TextPace); a failover may add up to
+    # RECOVERY_ALLOWANCE_S.
+    max_over_bound_s: float = 0.0
     end_after_progress_s: float = 0.0
     elapsed_s: float = 0.0
 
@@ -114,8 +143,13 @@ class FaultRecord:
     kind: str
     provider: int
     at_s: float
+    job: int = -1
+    """The job it hit (the one streaming from that provider)."""
     recovered_s: float | None = None
-    """Time from the fault to the next text of the job it hit (None: it hit no text)."""
+    """Time from the fault to the next text of the job it hit (None: it hit no text);
+    after a stop, the next text from another provider."""
+    failed_over: bool | None = None
+    """Whether that next text came from another provider (the client gave up on it)."""
 
 
 @dataclass
@@ -147,10 +181,26 @@ class ChaosReport:
             "recover_s_max": round(max(recoveries), 2) if recoveries else None,
             "recover_s_mean": round(sum(recoveries) / len(recoveries), 2) if recoveries else None,
             "max_gap_s": round(max((j.max_gap_s for j in self.jobs), default=0.0), 2),
+            "max_over_bound_s": round(max((j.max_over_bound_s for j in self.jobs),
+                                          default=0.0), 2),
+            "recover_s_by_fault": {
+                k: _stats([f.recovered_s for f in self.faults
+                           if f.kind == k and f.recovered_s is not None])
+                for k in FAULTS
+            },
             "stall_bound_s": self.stall_bound_s,
             "billing_ok": all(b["ok"] for b in self.billing),
             "elapsed_s": round(self.elapsed_s, 1),
         }
+
+
+def _stats(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "max": None, "mean": None, "median": None}
+    ordered = sorted(values)
+    return {"n": len(values), "max": round(ordered[-1], 2),
+            "mean": round(sum(values) / len(values), 2),
+            "median": round(ordered[len(ordered) // 2], 2)}
 
 
 class Provider:
@@ -251,6 +301,7 @@ class _Progress:
     last_text: dict[int, float] = field(default_factory=dict)
     task_of: dict[int, trio.lowlevel.Task] = field(default_factory=dict)  # job -> its task
     pending: list[tuple[FaultRecord, int]] = field(default_factory=list)
+    pace: dict[int, TextPace] = field(default_factory=dict)  # job -> the client's bound
 
 
 def _prompt(rng: random.Random, i: int) -> str:
@@ -304,16 +355,25 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, code: Cell, gguf: Path,
                     progress.task_of[rec.index] = trio.lowlevel.current_task()
                     t0 = time.monotonic()
                     last = [t0]
+                    pace = progress.pace[rec.index] = TextPace(rec.prompt)
 
                     async def on_text(text: str) -> None:
                         now = time.monotonic()
-                        rec.max_gap_s = max(rec.max_gap_s, now - last[0])
+                        gap = now - last[0]
+                        rec.max_gap_s = max(rec.max_gap_s, gap)
+                        rec.max_over_bound_s = max(rec.max_over_bound_s, gap - pace.bound())
+                        pace.text(gap)
                         last[0] = now
                         progress.last_text[rec.index] = now
+                        slot = payments.task_slot.get(trio.lowlevel.current_task())
                         for fault, job in list(progress.pending):
-                            if job == rec.index:
-                                fault.recovered_s = now - (start + fault.at_s)
-                                progress.pending = [x for x in progress.pending if x[1] != job]
+                            if job != rec.index:
+                                continue
+                            if fault.kind == "stop" and slot == fault.provider:
+                                continue  # sent before the hang (or after the resume)
+                            fault.recovered_s = now - (start + fault.at_s)
+                            fault.failed_over = slot is not None and slot != fault.provider
+                            progress.pending.remove((fault, job))
 
                     try:
                         res = await client.complete(model, rec.prompt, max_tokens=cfg.max_tokens,
@@ -334,8 +394,12 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, code: Cell, gguf: Path,
                     end = time.monotonic()
                     rec.elapsed_s = end - t0
                     rec.end_after_progress_s = end - last[0]
+                    if not rec.ok:
+                        rec.max_over_bound_s = max(rec.max_over_bound_s,
+                                                   rec.end_after_progress_s - pace.bound())
                     progress.last_text.pop(rec.index, None)
                     progress.task_of.pop(rec.index, None)
+                    progress.pace.pop(rec.index, None)
                     if cfg.progress:
                         print(f"{end - start:7.1f} s job {rec.index}: "
                               f"{'ok' if rec.ok else rec.error_type} after {rec.elapsed_s:.1f} s, "
@@ -368,8 +432,9 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, code: Cell, gguf: Path,
                     if not busy:
                         continue
                     p = rng.choice(busy)
-                    kind = rng.choice(cfg.faults)
-                    fault = FaultRecord(kind, p.index, now - start)
+                    # In turn, so a run of any length sees every kind it asks for.
+                    kind = cfg.faults[len(faults) % len(cfg.faults)]
+                    fault = FaultRecord(kind, p.index, now - start, streaming[p.index])
                     faults.append(fault)
                     if cfg.progress:
                         print(f"{now - start:7.1f} s fault {kind} on provider {p.index}",
@@ -384,7 +449,11 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, code: Cell, gguf: Path,
                     elif kind == "stop":
                         p.signal(signal.SIGSTOP)
                         p.stopped = True
-                        nursery.start_soon(resume, p, stall + RECOVERY_ALLOWANCE_S)
+                        # Hung until well past the client's bound for the job it hit, so
+                        # the client must give up on it (not merely see a slow frame).
+                        hit = progress.pace.get(streaming[p.index])
+                        nursery.start_soon(resume, p, (hit.bound() if hit else stall)
+                                           + STOP_MARGIN_S)
                     else:
                         await client.host.get_network().close_peer(ID.from_base58(p.peer_id))
 
@@ -415,20 +484,23 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, code: Cell, gguf: Path,
         with trio.CancelScope(shield=True):
             for p in providers:
                 await p.stop()
-    billing = [check_billing(channels[p.index], p.home, jobs, payments.ever.get(p.index, set()))
+    billing = [check_billing(channels[p.index], p.home, jobs, payments.ever.get(p.index, set()),
+                             sum(f.kind == "kill" and f.provider == p.index for f in faults))
                for p in providers]
     return ChaosReport(cfg, stall, jobs, faults, billing, time.monotonic() - start)
 
 
 def check_billing(
-    channel: ClientChannel, home: Path, jobs: list[JobRecord], peers: set[str]
+    channel: ClientChannel, home: Path, jobs: list[JobRecord], peers: set[str],
+    kills: int = 0,
 ) -> dict[str, Any]:
     """Nothing billed twice on this channel, whose provider ran as ``peers`` (one peer id
     per start). Money moves only by vouchers, so the checks are on them:
 
     - the provider holds no voucher beyond what the client signed;
     - every nanoton the client signed is attributed to exactly one job of its ledger
-      (the jobs may owe one credit window more: a cut job's debt, paid by the next);
+      (the jobs may owe one credit window more: a cut job's debt, paid by the next; and
+      one more per SIGKILL of the provider, see below);
     - each segment of a completed job cost at most its prompt (the user's prompt plus
       the text delivered before it, re-read after a failover) and the tokens it showed,
       and the segments together cost at most what the channel carries.
@@ -450,8 +522,14 @@ def check_billing(
     # A job cut off inside its credit window owes those tokens; the client records the
     # debt and pays it with the channel's next voucher. So the jobs may carry more than
     # is signed, by at most one window (the debt left by the last job), never less.
+    # A SIGKILLed provider loses the usage of the job it was serving (not yet on its
+    # ledger), so after its restart it states a lower debt and extends a fresh window on
+    # top: the client, which counts what it received, may then owe one window more per
+    # kill until its next voucher pays all it counts. The provider bears that loss; the
+    # client is never billed twice (debt >= 0).
+    allowed_debt = PRICE.cost(0, CHAOS_WINDOW_TOKENS) * (1 + kills)
     debt = client_usage_cost - client_sent
-    if not 0 <= debt <= PRICE.cost(0, CHAOS_WINDOW_TOKENS):
+    if not 0 <= debt <= allowed_debt:
         problems.append(f"client signed {client_sent}, attributes {client_usage_cost} to jobs")
     segments_cost = 0
     for job in jobs:
@@ -483,6 +561,8 @@ def check_billing(
         "provider_jobs": len(provider_jobs),
         "provider_billed": sum(u.cost for u in provider_jobs),
         "client_debt": debt,
+        "allowed_debt": allowed_debt,
+        "kills": kills,
         "provider_overcount_tokens_max": overcount,
         "ok": not problems,
         "problems": problems,

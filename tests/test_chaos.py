@@ -1,9 +1,12 @@
-"""Chaos on a loopback testnet: providers in their own processes are SIGKILLed or cut off
-mid-stream while 15 jobs run (tests/chaos_net.py). Every job completes with continuous
-text or ends with a typed error within the stall bound, and nothing is billed twice.
+"""Chaos on a loopback testnet: providers in their own processes are SIGKILLed,
+SIGSTOPped (hung) or cut off mid-stream while 15 jobs run (tests/chaos_net.py). Every job
+completes with continuous text or ends with a typed error within the client's stall
+bound (core.job_protocol.StallDetector) plus a failover's allowance, and nothing is
+billed twice.
 
-SIGSTOP (a hung provider) runs here only when the job client's stall bound is short;
-with today's flat TOKEN_TIMEOUT_S (120 s) it runs in bench/chaos.py only.
+SIGSTOP runs here because the mid-stream stall bound for a fast provider is short
+(STALL_FLOOR_S, 5 s): each stop costs the job it hits about that. Were the bound to grow
+past CI_MAX_STALL_S again, SIGSTOP would run in bench/chaos.py only.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def code() -> Cell:
         pytest.fail(f"{exc} (run: python -m meshnode.pay.contract.code)")
 
 
-async def test_jobs_survive_killed_and_cut_off_providers_and_nobody_is_billed_twice(
+async def test_jobs_survive_killed_hung_and_cut_off_providers_and_nobody_is_billed_twice(
     tmp_path: Path, code: Cell, tiny_gguf_path: Path, tiny_engine: LlamaEngine
 ) -> None:
     from meshnode.engine.llama import steady_logit_bias
@@ -53,14 +56,22 @@ async def test_jobs_survive_killed_and_cut_off_providers_and_nobody_is_billed_tw
     print(summary)  # shown with -s: the numbers bench/chaos.py records at scale
 
     assert not [j for j in report.jobs if not j.typed], summary
-    assert summary["faults"]["kill"] + summary["faults"]["cut"] >= 2, summary
-    bound = report.stall_bound_s + RECOVERY_ALLOWANCE_S
+    assert sum(summary["faults"].values()) >= 2, summary
+    if "stop" in faults:
+        assert summary["faults"]["stop"] >= 1, summary
+        # A hung provider resumes a few seconds after the client's stall bound: a job it
+        # hit that completed must have gone on at another provider within that bound
+        # plus a failover (a client that waits the hang out shows no such text).
+        for fault in report.faults:
+            if fault.kind == "stop" and report.jobs[fault.job].ok:
+                assert fault.recovered_s is not None, (fault, report.jobs[fault.job])
+                assert fault.recovered_s <= stall_bound_s() + RECOVERY_ALLOWANCE_S, fault
     for job in report.jobs:
         if job.ok:
             assert job.completion_tokens == cfg.max_tokens, job
-            assert job.max_gap_s <= bound, job
-        else:
-            assert job.end_after_progress_s <= bound, job
+        # Text never paused, nor did an error come, later than the client's stall bound
+        # at that point plus a failover (redial, re-open, re-prefill).
+        assert job.max_over_bound_s <= RECOVERY_ALLOWANCE_S, job
     # A job that has tried every live provider while another restarts ends in NoProvider
     # (typed, at once); most jobs complete, and some of them across a failover.
     assert report.completed >= CI_JOBS // 2, summary
