@@ -29,7 +29,7 @@ from meshnode.attest.advert_check import policy_advert_check
 from meshnode.core.advert import Advert, Capacity, Load, ModelOffer, encode_signed
 from meshnode.core.directory import Directory
 from meshnode.core.peerid import peer_id_from_ed25519
-from meshnode.engine.llama import LlamaEngine
+from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.identity import NodeIdentity
 from meshnode.node import ProviderSettings, client_node, provider_node
 from meshnode.p2p.dht import BoundedValueStore, ValueStoreFull, advert_key, make_dht
@@ -194,7 +194,12 @@ async def test_advert_flood_from_fresh_ids_keeps_the_real_provider_findable_and_
             assert kept is not None and kept.verified, "the real provider was evicted"
             async with client_node(allow_insecure=True, bootstrap=(boot_addr,)) as client:
                 with trio.fail_after(MESH_WAIT_S):
-                    result = await client.complete(model, "hello", max_tokens=4)
+                    result = await client.complete(
+                        model, "hello", max_tokens=4,
+                        # greedy with end-of-text banned: the random tiny model may
+                        # otherwise end early and the count below would be luck
+                        params={"temperature": 0.0,
+                                "logit_bias": steady_logit_bias(tiny_engine)})
             assert result.providers == [provider.peer_id]
             assert result.usage.completion_tokens == 4
         n.cancel_scope.cancel()
