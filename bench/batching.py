@@ -16,7 +16,8 @@ them so background load slows all three alike:
 
 A round at level N starts N streams at once (different prompts), each asking for
 --tokens tokens with end-of-generation banned; aggregate tok/s = all completion tokens /
-the round's wall time. Writes bench/results/batching[_tiny].json and a PNG plot.
+the round's wall time. Writes bench/results/batching[_tiny][_threadsN].json and a PNG plot
+(no suffix for one thread).
 """
 
 from __future__ import annotations
@@ -339,7 +340,8 @@ def main() -> None:
             result["ratios"][f"meshnode_over_llama_cpp_server_x{level}"] = (
                 mesh[level]["tok_s"] / s["llama_cpp.server"][level]["tok_s"])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "batching_tiny" if args.tiny else "batching"
+    name = ("batching_tiny" if args.tiny else "batching") + (
+        f"_threads{result['threads']}" if result.get("threads", 1) != 1 else "")
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / f"{name}.png")
     print(json.dumps({"summary": s, "ratios": result["ratios"]}, indent=2))
