@@ -299,8 +299,12 @@ async def test_the_special_token_budget_counts_the_vocabularys_special_texts(
         TooManySpecialTokens,
     )
 
-    budget = SpecialTokenBudget(["<s>", "</s>", "<unk>", "<start_of_turn>", "<start>"], limit=5)
+    budget = SpecialTokenBudget(["<s>", "</s>", "<unk>", "<start_of_turn>", "<start>",
+                                 "\n", "  ", "\t\t"], limit=5)
     assert budget.count("a <s> b </s><start_of_turn>x<start><star<unk") == 4
+    # Whitespace runs (special in Gemma's vocabulary) are cheap to parse and fill every
+    # code or prose prompt: a 1,000-line file is not refused for its newlines.
+    budget.check("def f():\n\t\treturn  1\n" * 1000)
     assert budget.count("<" * 10_000 + "s>") == 1
     with pytest.raises(TooManySpecialTokens):
         budget.check("<s>" * 6)
