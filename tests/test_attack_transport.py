@@ -448,3 +448,31 @@ async def test_one_address_cannot_hold_more_than_its_share_of_relay_slots() -> N
             async with running_host(NodeIdentity.generate(), listen=None) as one_too_many:
                 with pytest.raises(RelayError, match="refused"):
                     await _reserve_once(one_too_many, relay_addr)
+
+
+@pytest.mark.slow
+async def test_a_reservation_naming_another_peer_books_only_for_its_sender() -> None:
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+    from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+    async with running_host(NodeIdentity.generate()) as relay_host:
+        async with running_relay_server(relay_host, SMALL_RELAY) as relay:
+            relay_info = parse_peer_addr(full_addrs(relay_host)[0])
+            async with (
+                running_host(NodeIdentity.generate(), listen=None) as victim,
+                running_host(NodeIdentity.generate(), listen=None) as attacker,
+            ):
+                await victim.connect(relay_info)
+                await attacker.connect(relay_info)
+                stream = await attacker.new_stream(relay_info.peer_id, [HOP_PROTOCOL_ID])
+                await write_delimited_msg(stream, HopMessage(
+                    type=HopMessage.RESERVE,
+                    peer=CircuitPeerId(id=victim.get_id().to_bytes())))
+                with trio.fail_after(WAIT_S):
+                    await read_delimited_msg(stream, HopMessage)
+                booked = set(relay.resource_manager._reservations)
+                await stream.close()
+    assert victim.get_id() not in booked
+    assert attacker.get_id() in booked

@@ -29,9 +29,10 @@ from contextlib import asynccontextmanager
 
 import multiaddr
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits, RelayResourceManager
@@ -97,8 +98,8 @@ class BoundedRelayResources(RelayResourceManager):
 
     - A reservation counts only while its peer is connected to us (the circuit v2 spec
       already says it is valid only then): one that left frees its slot at once.
-    - A reservation is granted only to a peer connected to us, so a request naming
-      another peer id cannot take a slot for it.
+    - A reservation is granted only to a peer connected to us; a request naming another
+      peer id books for its sender (``OwnReservationsRelay``).
     - At most ``per_ip`` reservations belong to peers behind one IP address (not counting
       ``limits.EXEMPT_IPS``, the relay's own machine).
     - One reservation per peer id (py-libp2p keys them by peer id).
@@ -129,13 +130,31 @@ class BoundedRelayResources(RelayResourceManager):
         return same_ip < self.per_ip
 
 
+class OwnReservationsRelay(CircuitV2Protocol):
+    """py-libp2p 0.8.1's relay books a RESERVE for the peer id named in the message when
+    one is given. A connected stranger could then take every slot in other connected
+    peers' names (and charge them to those peers' IPs). Here a reservation is always for
+    the peer that sent it: the named id is dropped and py-libp2p falls back to the
+    stream's remote peer."""
+
+    async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
+        if msg.HasField("peer"):
+            msg.ClearField("peer")
+        await super()._handle_reserve(stream, msg)
+
+
+if not callable(getattr(CircuitV2Protocol, "_handle_reserve", None)):
+    raise ImportError("CircuitV2Protocol._handle_reserve is gone (py-libp2p changed): "
+                      "update meshnode.p2p.relay.OwnReservationsRelay")
+
+
 @asynccontextmanager
 async def running_relay_server(
     host: IHost, limits: RelayLimits = RELAY_LIMITS
 ) -> AsyncIterator[CircuitV2Protocol]:
     """Serve as a relay (HOP) for the block; ``limits`` other than the default are for
     tests that need a small relay."""
-    protocol = CircuitV2Protocol(host, limits=limits, allow_hop=True)
+    protocol = OwnReservationsRelay(host, limits=limits, allow_hop=True)
     protocol.resource_manager = BoundedRelayResources(limits, host)
     async with background_trio_service(protocol):
         with trio.fail_after(START_TIMEOUT_S):

@@ -25,6 +25,8 @@ from meshnode.p2p.host import forget_closed_connections
 MULTISTREAM_HEADER = "/multistream/1.0.0"
 # A multistream line is a protocol id; longer replies are not a listener we talk to.
 MAX_SELECT_REPLY_BYTES = 1024
+# Resetting a stream is one local frame write; past this the connection itself is stuck.
+RESET_TIMEOUT_S = 1.0
 
 
 class StreamOpenError(ConnectionError):
@@ -50,7 +52,9 @@ async def open_stream(host: IHost, peer: ID, protocol: str, timeout_s: float) ->
         return stream
     finally:
         if not ok:
-            with trio.CancelScope(shield=True):
+            # Shielded so a cancelled open still frees the stream, but bounded: a yamux
+            # write waits for its connection's write lock, which a stuck peer can hold.
+            with trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT_S):
                 try:
                     await stream.reset()
                 except Exception:  # already gone; the raised error says why
