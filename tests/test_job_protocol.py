@@ -47,7 +47,7 @@ from meshnode.core.messages import (
     VoucherMsg,
 )
 from meshnode.engine.base import ModelInfo, SamplingParams, TokenChunk
-from meshnode.jobs.client import JobError, JobRequest, run_job_on_stream
+from meshnode.jobs.client import JobError, JobRequest, ProviderBusy, run_job_on_stream
 from meshnode.jobs.provider import JobProvider
 from meshnode.p2p.framed import FramedStream
 
@@ -534,3 +534,37 @@ def test_a_provider_body_larger_than_any_token_chunk_is_refused_before_it_is_unp
     with pytest.raises(RemoteProtocolError) as info:
         client.receive_frame(Sealed(provider._sealer.seal(huge)))
     assert info.value.code == "malformed_body"
+
+
+async def test_a_job_that_would_outwait_the_clients_first_token_patience_gets_busy_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    key = PrivateKey.generate()
+    # One slot; jobs of this provider take 40 s (40 tokens, 1 s each), as measured.
+    provider = JobProvider(_ScriptedEngine([1.0] * 40, hang=False), bytes(key),  # type: ignore[arg-type]
+                           peer_id="provider", slots=1)
+    provider.stats.job_s = 40.0
+    outcomes: dict[str, object] = {}
+
+    async def one(name: str) -> None:
+        left, right = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as inner:
+            inner.start_soon(provider.handle_stream, _MemoryNetStream(right))
+            try:
+                res = await run_job_on_stream(
+                    FramedStream(_MemoryNetStream(left)),  # type: ignore[arg-type]
+                    ID(b"\x00\x01peer"), bytes(key.public_key),
+                    JobRequest(MODEL, "hello", 100, {"temperature": 0.0}))
+                outcomes[name] = res.usage.completion_tokens
+            except (JobError, ProviderBusy) as exc:
+                outcomes[name] = exc
+            inner.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "first")
+        await trio.sleep(1.0)  # the first job holds the slot
+        nursery.start_soon(one, "second")
+    assert outcomes["first"] == 40
+    # The second would have waited ~40 s for the slot, past MAX_QUEUE_WAIT_S: it is told
+    # to come back (Retry-After), not accepted and then given up on as stalled.
+    assert isinstance(outcomes["second"], ProviderBusy), outcomes["second"]

@@ -20,6 +20,7 @@ import trio
 from libp2p.abc import INetStream
 
 from meshnode.core.job_protocol import (
+    FIRST_TOKEN_FLOOR_S,
     ClientAborted,
     JobRefused,
     LocalProtocolError,
@@ -52,6 +53,9 @@ BUSY_RETRY_AFTER_S = 2.0
 # below 0.1 s a client would spin; past 60 s it should look elsewhere, not wait.
 MIN_RETRY_AFTER_S = 0.1
 MAX_RETRY_AFTER_S = 60.0
+# The longest a job may expect to wait in the queue: half of the client's patience for a
+# first token (core.job_protocol.FIRST_TOKEN_FLOOR_S), the other half left for prefill.
+MAX_QUEUE_WAIT_S = FIRST_TOKEN_FLOOR_S / 2
 # Mean job time follows the last ~10 jobs.
 JOB_TIME_EWMA_ALPHA = 0.1
 # Recording a job's usage is one sqlite fsync; a disk slower than this is failing.
@@ -146,6 +150,15 @@ class JobProvider:
         estimate = self.stats.job_s * ahead / max(1, self.slots)
         return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate))
 
+    def _queue_wait_too_long(self) -> bool:
+        """Whether a new job would wait in the queue past MAX_QUEUE_WAIT_S. Accept goes
+        out before the wait, and a client gives up on a first token after
+        FIRST_TOKEN_FLOOR_S: such a job is refused now with a Retry-After, instead of
+        being given up on as stalled (and its prefill run for nobody)."""
+        if self._admitted < self.slots or self.stats.job_s <= 0:
+            return False  # a slot is free, or nothing measured yet
+        return self.stats.job_s * (self.queued + 1) / self.slots > MAX_QUEUE_WAIT_S
+
     def _load_changed(self) -> None:
         if self.on_load_change is not None:
             self.on_load_change(self.active, self.queued)
@@ -215,7 +228,7 @@ class JobProvider:
         # The channel's own checks and places come before ours: one channel's flood of
         # jobs is refused there instead of filling the queue every channel shares.
         await gate.admit()
-        if self._admitted >= self.slots + self.max_queue:
+        if self._admitted >= self.slots + self.max_queue or self._queue_wait_too_long():
             await gate.finish()
             self.stats.busy_refusals += 1
             await fs.send(job.busy(self.retry_after()))
