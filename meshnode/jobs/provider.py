@@ -172,11 +172,13 @@ class JobProvider:
         except Exception as raised:  # every failure ends this stream, never the node
             await self._report(fs, peer, _leaf(raised))
         finally:
-            await fs.close()
-            self._streams -= 1
-            if not self._streams:
-                self._quiet.set()
-                self._quiet = trio.Event()
+            try:
+                await fs.close()
+            finally:  # counted down even when the close is cancelled (node stopping)
+                self._streams -= 1
+                if not self._streams:
+                    self._quiet.set()
+                    self._quiet = trio.Event()
 
     async def wait_quiet(self) -> None:
         """Return once no job stream is being handled: every job that started has ended
