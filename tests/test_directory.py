@@ -201,6 +201,17 @@ def test_rate_limited_peer_is_accepted_again_after_refill() -> None:
     assert d.insert(signed(1, seq=51), NOW + 1 / RATE_PER_S).accepted
 
 
+def test_a_directory_built_with_a_faster_rate_refills_faster() -> None:
+    d = Directory(rate_per_s=1.0)  # a what-if of the routing lab; nodes keep RATE_PER_S
+    for s in range(1, int(RATE_BURST) + 1):
+        assert d.insert(signed(1, seq=s), NOW).accepted
+    assert d.insert(signed(1, seq=20), NOW).reason is RejectReason.RATE_LIMITED
+    assert d.insert(signed(1, seq=21), NOW + 1.0).accepted  # the default needs 1/RATE_PER_S
+    assert Directory().insert(signed(1, seq=1), NOW).accepted
+    with pytest.raises(ValueError):
+        Directory(rate_per_s=0.0)
+
+
 def test_replays_do_not_spend_the_peers_rate_budget() -> None:
     d = directory_with_good_peer()
     replay = signed(1)

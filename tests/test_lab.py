@@ -134,6 +134,29 @@ def test_what_if_knobs_default_to_the_nodes_own_values(tiny: Scenario) -> None:
     assert tiny.dial_timeout_s == DIAL_TIMEOUT_S
     assert tiny.advert_lifetime_s == ADVERT_LIFETIME_S
     assert tiny.load_publish_interval_s == LOAD_PUBLISH_MIN_INTERVAL_S
+    from meshnode.core.directory import RATE_PER_S
+    from meshnode.core.router import MAX_PROBE_SHARE, P2C_SCORE_CUTOFF
+    from meshnode.jobs.routed import DEFAULT_MAX_ATTEMPTS
+
+    assert (tiny.p2c_score_cutoff, tiny.max_probe_share) == (P2C_SCORE_CUTOFF, MAX_PROBE_SHARE)
+    assert tiny.directory_rate_per_s == RATE_PER_S and tiny.spread_probes
+    assert tiny.max_attempts == DEFAULT_MAX_ATTEMPTS
+
+
+def test_router_and_directory_what_ifs_reach_the_nodes_own_objects(tiny: Scenario) -> None:
+    what_if = tiny.with_overrides(p2c_score_cutoff=1.25, max_probe_share=0.5,
+                                  directory_rate_per_s=1.0, spread_probes=False)
+    sim = Simulation(what_if, "p2c")
+    router = sim.routers[0]
+    assert (router.p2c_score_cutoff, router.max_probe_share) == (1.25, 0.5)
+    assert not router.spread_probes
+    assert all(v.directory.rate_per_s == 1.0 for v in sim.views.values())
+
+
+def test_a_job_is_offered_to_at_most_max_attempts_providers(tiny: Scenario) -> None:
+    # queues of 0 at a load near capacity: many jobs are refused by every provider tried
+    out = Simulation(tiny.with_overrides(max_queue=0, load=1.2, max_attempts=2), "p2c").run()
+    assert out.attempts.max() == 2 and out.counters["jobs_failed"] > 0
 
 
 def test_a_shorter_advert_lifetime_shows_in_the_adverts_clients_hold(tiny: Scenario) -> None:

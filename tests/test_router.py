@@ -172,7 +172,16 @@ def test_round_robin_cycles_through_candidates_in_turn() -> None:
     router = Router(Strategy.ROUND_ROBIN)
     pool = [cand(n) for n in "cab"]
     order = [router.choose(pool, JOB, NOW)[0].peer_id for _ in range(6)]
-    assert order == ["a", "b", "c", "a", "b", "c"]
+    start = "abc".index(order[0])  # a random start, then peer-id order
+    assert order == [("abc" * 3)[start + i] for i in range(6)]
+
+
+def test_round_robin_clients_start_at_different_candidates() -> None:
+    # the same list in the same order: equal starts would walk it in lockstep
+    pool = [cand(f"p{i}") for i in range(10)]
+    starts = {Router(Strategy.ROUND_ROBIN, seed=s).choose(pool, JOB, NOW)[0].peer_id
+              for s in range(30)}
+    assert len(starts) >= 5
 
 
 def test_least_loaded_picks_the_lowest_load_per_slot() -> None:
@@ -398,6 +407,20 @@ def test_an_unexplored_provider_with_a_probe_in_flight_is_only_a_fallback() -> N
     assert router.choose(pool, JOB, NOW)[0].peer_id == "new"
     router.record_start("new", NOW)
     assert [c.peer_id for c in router.choose(pool, JOB, NOW)] == ["old", "new"]
+
+
+def test_clients_with_the_same_adverts_probe_different_new_providers() -> None:
+    # 30 clients of one city, each has measured "old"; 20 equal newcomers appear
+    newcomers = [f"new{i:02d}" for i in range(20)]
+    pool = [cand("old", tokens_per_s=50.0), *(cand(p, tokens_per_s=50.0) for p in newcomers)]
+    probed = []
+    for seed in range(30):
+        router = Router(seed=seed)
+        run_jobs(router, [pool[0]], {"old": 50.0}, 3)
+        first = router.choose(pool, JOB, NOW + 100)[0].peer_id
+        assert first in newcomers  # the probe is due
+        probed.append(first)
+    assert len(set(probed)) >= 8  # not all on the first of equals: that one's queue fills
 
 
 def test_a_flood_of_new_providers_gets_a_bounded_share_of_the_jobs() -> None:

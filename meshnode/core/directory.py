@@ -131,14 +131,14 @@ class _TokenBucket:
     tokens: float
     updated_at: float
 
-    def refill(self, now: float) -> None:
+    def refill(self, now: float, rate: float = RATE_PER_S, burst: float = RATE_BURST) -> None:
         # max(): a caller's clock stepping backwards must not mint or burn tokens.
         elapsed = max(0.0, now - self.updated_at)
-        self.tokens = min(RATE_BURST, self.tokens + elapsed * RATE_PER_S)
+        self.tokens = min(burst, self.tokens + elapsed * rate)
         self.updated_at = max(self.updated_at, now)
 
-    def take(self, now: float) -> bool:
-        self.refill(now)
+    def take(self, now: float, rate: float = RATE_PER_S, burst: float = RATE_BURST) -> bool:
+        self.refill(now, rate, burst)
         if self.tokens < 1.0:
             return False
         self.tokens -= 1.0
@@ -170,6 +170,9 @@ class Directory:
     decode: AdvertDecoder = field(default=decode_and_verify, repr=False, compare=False)
     # When set, new evidence is checked before an advert is stored or evicts anything.
     attest: AttestCheck | None = field(default=None, repr=False, compare=False)
+    # A node keeps the defaults; the routing lab varies them (what-if experiments).
+    rate_per_s: float = RATE_PER_S
+    rate_burst: float = RATE_BURST
     attest_checks: int = 0  # how many times ``attest`` ran (each is a signature check or more)
     accepted: int = 0
     rejections: Counter[RejectReason] = field(default_factory=Counter)
@@ -180,6 +183,9 @@ class Directory:
     def __post_init__(self) -> None:
         if self.max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {self.max_entries}")
+        if not (self.rate_per_s > 0 and self.rate_burst >= 1):
+            raise ValueError(f"rate limit {self.rate_per_s}/s, burst {self.rate_burst} "
+                             "must be > 0/s with a burst of at least 1")
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -205,8 +211,8 @@ class Directory:
             )
         bucket = self._buckets.get(advert.peer_id)
         if bucket is None:
-            bucket = _TokenBucket(tokens=RATE_BURST, updated_at=now)
-        if not bucket.take(now):
+            bucket = _TokenBucket(tokens=self.rate_burst, updated_at=now)
+        if not bucket.take(now, self.rate_per_s, self.rate_burst):
             self._buckets[advert.peer_id] = bucket
             return self._reject(
                 RejectReason.RATE_LIMITED, f"{advert.peer_id} sends adverts too often"
@@ -281,8 +287,8 @@ class Directory:
         # A full bucket of an absent peer is the same as no bucket: drop those first.
         for pid in list(self._buckets):
             bucket = self._buckets[pid]
-            bucket.refill(now)
-            if pid not in self._entries and bucket.tokens >= RATE_BURST:
+            bucket.refill(now, self.rate_per_s, self.rate_burst)
+            if pid not in self._entries and bucket.tokens >= self.rate_burst:
                 del self._buckets[pid]
         if len(self._buckets) > limit:
             absent = [pid for pid in self._buckets if pid not in self._entries]
@@ -297,8 +303,8 @@ class Directory:
             del self._entries[pid]
         for pid in list(self._buckets):
             bucket = self._buckets[pid]
-            bucket.refill(now)
-            if pid not in self._entries and bucket.tokens >= RATE_BURST:
+            bucket.refill(now, self.rate_per_s, self.rate_burst)
+            if pid not in self._entries and bucket.tokens >= self.rate_burst:
                 del self._buckets[pid]
         return gone
 

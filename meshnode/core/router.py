@@ -29,7 +29,10 @@ its advert, which says 0 tok/s if it never ran a job, and may lie. Two rules:
   prior score is within ``P2C_SCORE_CUTOFF`` of the best explored one is tried first, one
   job at a time (``MAX_UNMEASURED_INFLIGHT``), while probes stay under
   ``MAX_PROBE_SHARE`` of this client's jobs; otherwise unexplored providers are only
-  fallbacks. After its probe a provider's own measurement replaces the prior.
+  fallbacks. After its probe a provider's own measurement replaces the prior. Which
+  one: the better of two drawn at random among those within the cut-off, not the best
+  of all, since every client of a city sees the same adverts and would probe the same
+  provider (in the routing lab that filled its queue and failed jobs).
 
 Why not UCB or ε-greedy: both keep spending jobs on providers already measured, and
 ε needs a decay schedule. Here a single measurement replaces the prior completely, so one
@@ -89,6 +92,7 @@ MAX_UNMEASURED_INFLIGHT = 1
 # At most one job in five goes to a provider nobody measured: a flood of new (or Sybil)
 # peers cannot take more, while a single new provider still gets its probe at once.
 MAX_PROBE_SHARE = 0.2
+ROUND_ROBIN_START_RANGE = 1 << 30  # any start will do: it is taken modulo the pool size
 MAX_TRACKED_PEERS = 4096  # 4x the directory's default cap: stats outlive brief absences
 STATS_FORMAT_VERSION = 1  # bump when PeerStats' persisted fields change
 
@@ -294,6 +298,12 @@ class Router:
     seed: int | None = None
     price_weight_s_per_nanoton: float = DEFAULT_PRICE_WEIGHT_S_PER_NANOTON
     allow_unverified: bool = False
+    # A node keeps the defaults; the routing lab varies them (what-if experiments).
+    p2c_score_cutoff: float = P2C_SCORE_CUTOFF
+    max_probe_share: float = MAX_PROBE_SHARE
+    # False: the probe goes to the best-scored unexplored provider, the same one for
+    # every client of a city, which herds (routing lab); kept for what-if runs only.
+    spread_probes: bool = True
     _rng: np.random.Generator = field(init=False, repr=False)
     _stats: dict[str, PeerStats] = field(default_factory=dict, init=False, repr=False)
     _rr_next: int = field(default=0, init=False, repr=False)
@@ -303,7 +313,15 @@ class Router:
     def __post_init__(self) -> None:
         self.strategy = Strategy(self.strategy)
         _check_sample("price weight", self.price_weight_s_per_nanoton)
+        if not (math.isfinite(self.p2c_score_cutoff) and self.p2c_score_cutoff >= 1.0):
+            raise ValueError(f"p2c score cutoff must be >= 1, got {self.p2c_score_cutoff}")
+        if not 0.0 <= self.max_probe_share <= 1.0:
+            raise ValueError(f"probe share must be within [0, 1], got {self.max_probe_share}")
         self._rng = np.random.default_rng(self.seed)
+        if self.strategy is Strategy.ROUND_ROBIN:
+            # A random start: clients that list the same providers in the same order
+            # would otherwise walk them in lockstep (routing lab: most jobs found queues full).
+            self._rr_next = int(self._rng.integers(ROUND_ROBIN_START_RANGE))
 
     # --------------------------------------------------------------------- choosing
 
@@ -579,16 +597,22 @@ class Router:
         explored[cols.explored_at] = True
         known, fresh = np.flatnonzero(explored), np.flatnonzero(~explored)
         head: list[int] = []
-        if self._probes < MAX_PROBE_SHARE * self._started + 1:
+        if self._probes < self.max_probe_share * self._started + 1:
             probing = np.zeros(len(score), dtype=np.bool_)
             probing[cols.probing_at] = True
             free = fresh[~probing[fresh]]
             if len(free):
-                # the best-scored free one (first in row order on ties): the cut-off
-                # grows with the score, so if it misses, every other one does too
-                best_free = int(free[np.argmin(score[free])])
-                if score[best_free] <= score[known].min() * P2C_SCORE_CUTOFF:
-                    head = [best_free]
+                bar = score[known].min() * self.p2c_score_cutoff
+                if self.spread_probes:
+                    near = free[score[free] <= bar]
+                    if len(near):
+                        head = [int(near[self._power_of_two(score[near], 1)[0]])]
+                else:
+                    # the best-scored free one (first in row order on ties): the cut-off
+                    # grows with the score, so if it misses, every other one does too
+                    best_free = int(free[np.argmin(score[free])])
+                    if score[best_free] <= bar:
+                        head = [best_free]
         ranked_known = known[self._power_of_two(score[known], want)]
         ranked_fresh = fresh[_smallest(score[fresh], min(want + 1, len(fresh)))]
         ranked_fresh = ranked_fresh[~np.isin(ranked_fresh, head)]
@@ -599,7 +623,7 @@ class Router:
     def _power_of_two(self, score: Floats, want: int) -> Ints:
         # Two random candidates, keep the better: spreads load even when every client
         # sees the same stale adverts, where always taking the best would herd.
-        contenders = np.flatnonzero(score <= score.min() * P2C_SCORE_CUTOFF)
+        contenders = np.flatnonzero(score <= score.min() * self.p2c_score_cutoff)
         if len(contenders) < 2:
             return _smallest(score, want)
         i = int(self._rng.integers(len(contenders)))

@@ -83,6 +83,11 @@ def scenario_info(sc: Scenario) -> dict[str, Any]:
         "load_publish_interval_s": sc.load_publish_interval_s,
         "max_queue": sc.max_queue,
         "dial_delay_s": sc.dial_delay_s,
+        "p2c_score_cutoff": sc.p2c_score_cutoff,
+        "max_probe_share": sc.max_probe_share,
+        "directory_rate_per_s": sc.directory_rate_per_s,
+        "spread_probes": sc.spread_probes,
+        "max_attempts": sc.max_attempts,
         "seed": sc.seed,
         "sources": sc.sources,
     }
@@ -92,7 +97,8 @@ def _overrides(sc: Scenario, args: argparse.Namespace) -> Scenario:
     changes: dict[str, Any] = {}
     for name in ("providers", "clients", "jobs", "load", "directory_max_entries", "seed",
                  "dial_timeout_s", "advert_lifetime_s", "load_publish_interval_s",
-                 "max_queue", "dial_delay_s"):
+                 "max_queue", "dial_delay_s", "p2c_score_cutoff", "max_probe_share",
+                 "directory_rate_per_s", "spread_probes", "max_attempts"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -234,6 +240,21 @@ def main(argv: list[str] | None = None) -> int:
                        help="what if: wait before each dial (py-libp2p: 0.25 s)")
         p.add_argument("--max-queue", dest="max_queue", type=int,
                        help="what if: jobs a provider queues beyond its slots (node: 4)")
+        p.add_argument("--p2c-score-cutoff", dest="p2c_score_cutoff", type=float,
+                       help="what if: p2c samples within this factor of the best score "
+                            "(node: core.router.P2C_SCORE_CUTOFF)")
+        p.add_argument("--max-probe-share", dest="max_probe_share", type=float,
+                       help="what if: share of a client's jobs that may probe unmeasured "
+                            "providers (node: core.router.MAX_PROBE_SHARE)")
+        p.add_argument("--directory-rate-per-s", dest="directory_rate_per_s", type=float,
+                       help="what if: adverts per second a directory accepts from one peer "
+                            "(node: core.directory.RATE_PER_S)")
+        p.add_argument("--spread-probes", dest="spread_probes", type=lambda v: bool(int(v)),
+                       help="what if: 0 = probe the best-scored unexplored provider, as "
+                            "before (node: 1, core.router.Router.spread_probes)")
+        p.add_argument("--max-attempts", dest="max_attempts", type=int,
+                       help="what if: providers one job is offered to (node: "
+                            "jobs.routed.DEFAULT_MAX_ATTEMPTS)")
         p.add_argument("--workers", type=int, default=1, help="processes (one per strategy)")
         p.add_argument("--out", type=Path)
         if name == "sweep":

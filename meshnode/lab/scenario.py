@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from meshnode.core.advert import MAX_ADVERT_LIFETIME_S
-from meshnode.core.directory import DEFAULT_MAX_ENTRIES
+from meshnode.core.directory import DEFAULT_MAX_ENTRIES, RATE_PER_S
+from meshnode.core.router import MAX_PROBE_SHARE, P2C_SCORE_CUTOFF
+from meshnode.jobs.routed import DEFAULT_MAX_ATTEMPTS
 from meshnode.lab.geo import CITIES
 from meshnode.node import ADVERT_LIFETIME_S
 from meshnode.p2p.discovery import LOAD_PUBLISH_MIN_INTERVAL_S
@@ -80,6 +82,11 @@ class Scenario:
     load_publish_interval_s: float = LOAD_PUBLISH_MIN_INTERVAL_S
     # py-libp2p's happy-eyeballs wait before every dial (DESIGN.md)
     dial_delay_s: float = 0.25
+    p2c_score_cutoff: float = P2C_SCORE_CUTOFF  # core.router
+    max_probe_share: float = MAX_PROBE_SHARE  # core.router
+    spread_probes: bool = True  # core.router.Router.spread_probes
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # jobs.routed: providers a job is offered to
+    directory_rate_per_s: float = RATE_PER_S  # core.directory: adverts a peer may send
     real: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
@@ -215,6 +222,14 @@ def parse_scenario(raw: dict[str, Any], *, base: Path, path: Path | None = None)
         ),
         dial_delay_s=(_number(what_if, "dial_delay_s", "what_if", 0.0, 60.0)
                       if "dial_delay_s" in what_if else 0.25),
+        p2c_score_cutoff=(_number(what_if, "p2c_score_cutoff", "what_if", 1.0, 100.0)
+                          if "p2c_score_cutoff" in what_if else P2C_SCORE_CUTOFF),
+        max_probe_share=(_number(what_if, "max_probe_share", "what_if", 0.0, 1.0)
+                         if "max_probe_share" in what_if else MAX_PROBE_SHARE),
+        directory_rate_per_s=(
+            _number(what_if, "directory_rate_per_s", "what_if", 0.001, 1000.0)
+            if "directory_rate_per_s" in what_if else RATE_PER_S
+        ),
         real=dict(raw.get("real", {})),
         path=path,
     )

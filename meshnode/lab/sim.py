@@ -37,7 +37,6 @@ from meshnode.core.advert import Advert, Capacity, Load, ModelOffer, encode_body
 from meshnode.core.directory import Directory
 from meshnode.core.peerid import peer_id_from_ed25519
 from meshnode.core.router import JobEstimate, Router, Strategy
-from meshnode.jobs.routed import DEFAULT_MAX_ATTEMPTS
 from meshnode.lab.baselines import nearest_proxies, pick_min_rtt, pick_oracle, proxy_legs
 from meshnode.lab.gossip import CityView, VerifyOnce
 from meshnode.lab.scenario import Scenario
@@ -170,14 +169,18 @@ class Simulation:
         view_cities = sorted(set(self.client_city))
         self.verify = VerifyOnce(deliveries=len(view_cities))
         self.views = {
-            city: CityView(Directory(max_entries=sc.directory_max_entries, decode=self.verify))
+            city: CityView(Directory(max_entries=sc.directory_max_entries, decode=self.verify,
+                                     rate_per_s=sc.directory_rate_per_s))
             for city in view_cities
         }
         self.view_list = list(self.views.values())
         self.view_of_client = [self.views[c] for c in self.client_city]
         router_strategy = strategy if strategy not in SIM_STRATEGIES else Strategy.RANDOM.value
         self.routers = [
-            Router(Strategy(router_strategy), seed=seed * 7919 + c) for c in range(sc.clients)
+            Router(Strategy(router_strategy), seed=seed * 7919 + c,
+                   p2c_score_cutoff=sc.p2c_score_cutoff, max_probe_share=sc.max_probe_share,
+                   spread_probes=sc.spread_probes)
+            for c in range(sc.clients)
         ]
         self.connected: set[tuple[int, int]] = set()
         self._gossip_delay = self._gossip_delays(view_cities)
@@ -470,7 +473,7 @@ class Simulation:
 
     def _send(self, j: int, job: _Job, now: float) -> bool:
         out = self.out
-        if out.attempts[j] >= DEFAULT_MAX_ATTEMPTS:
+        if out.attempts[j] >= self.sc.max_attempts:
             return self._fail_job(j)
         p = self._pick(job, now)
         if p is None:
