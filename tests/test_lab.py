@@ -53,6 +53,17 @@ def test_every_job_ends_once_with_consistent_times(tiny: Scenario) -> None:
     assert np.all(out.cost[done] > 0) and np.all(out.tokens[done] > 0)
 
 
+def test_queue_waits_and_picks_of_busy_providers_are_counted(tiny: Scenario) -> None:
+    out = Simulation(tiny.with_overrides(load=0.85), "random").run()
+    done = np.isfinite(out.finish)
+    assert np.all(out.queue_wait[done] >= 0) and np.all(out.queue_wait[done] < out.finish[done])
+    counters = out.counters
+    assert counters["picks"] == out.attempts.sum()  # one pick per attempt
+    assert 0 < counters["picks_busy"] < counters["picks"]  # blind choice hits busy ones
+    assert 0 < counters["picks_listed_busy"] < counters["picks"]
+    assert 0 < summarize(out)["jobs_queued_share"] < 1
+
+
 def test_the_oracle_beats_blind_random_choice_at_the_tail(tiny: Scenario) -> None:
     loaded = tiny.with_overrides(load=0.85)
     oracle = summarize(Simulation(loaded, "oracle").run())

@@ -50,6 +50,9 @@ def summarize(out: Outcome) -> dict[str, Any]:
         "failed_attempts": dict(out.failed_attempts),
         "ttft_s": percentiles(ttft),
         "finish_s": percentiles(finish),
+        # waiting for a slot at the provider that served the job (its last attempt)
+        "queue_wait_s": percentiles(out.queue_wait[sl][done]),
+        "jobs_queued_share": float(np.mean(out.queue_wait[sl][done] > 0)) if done.any() else 0.0,
         "mean_finish_s": float(np.mean(finish[done])) if done.any() else None,
         "goodput_jobs_per_s": float(done.sum() / span),
         "goodput_tokens_per_s": float(out.tokens[sl][done].sum() / span),

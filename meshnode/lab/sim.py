@@ -87,6 +87,7 @@ class Outcome:
     attempts: np.ndarray
     tokens: np.ndarray  # completion tokens delivered
     served_by: np.ndarray  # provider of the last successful attempt, -1 if none
+    queue_wait: Floats  # seconds the last admitted attempt waited for a slot; NaN if none
     failed_attempts: dict[str, int]
     busy_s: Floats  # per provider, inside the window
     online_s: Floats  # per provider, inside the window
@@ -202,13 +203,17 @@ class Simulation:
             attempts=np.zeros(m, dtype=np.int64),
             tokens=np.zeros(m, dtype=np.int64),
             served_by=np.full(m, -1, dtype=np.int64),
+            queue_wait=np.full(m, np.nan),
             failed_attempts={FAIL_BUSY: 0, FAIL_UNREACHABLE: 0, FAIL_BROKEN: 0},
             busy_s=self.busy_s,
             online_s=self.online_s,
             window=(0.0, 0.0),
             measured_from=int(sc.warmup_fraction * m),
             counters={"events": 0, "adverts_published": 0, "deliveries": 0,
-                      "deliveries_rejected": 0, "no_provider": 0, "jobs_failed": 0},
+                      "deliveries_rejected": 0, "no_provider": 0, "jobs_failed": 0,
+                      # why jobs queue: picks of a provider that had a job at that
+                      # moment, and of one its client's listing showed busy
+                      "picks": 0, "picks_busy": 0, "picks_listed_busy": 0},
             capacity_jobs_per_s=capacity,
         )
         arr = self.out.arrival
@@ -466,7 +471,15 @@ class Simulation:
         router = self.routers[job.client]
         ranked = router.rank(view.table, self._estimate(job), now,
                              exclude=job.tried_peers, limit=1)
-        return view.row_provider[ranked[0]] if ranked else None
+        if not ranked:
+            return None
+        row = ranked[0]
+        p = int(view.row_provider[row])
+        counters = self.out.counters
+        counters["picks"] += 1
+        counters["picks_busy"] += int(self.outstanding[p] > 0)
+        counters["picks_listed_busy"] += int(view.table.busy[row] + view.table.queue[row] > 0)
+        return p
 
     def _oracle_legs(self, client: int) -> Floats:
         return proxy_legs(self.mesh, client, self._proxy[client])
@@ -537,6 +550,7 @@ class Simulation:
         heap = self.slot_free[p]
         start = max(arrive, heapq.heappop(heap))
         job.start = start
+        self.out.queue_wait[j] = start - arrive
         job.prompt_s = job.prompt / float(self.mesh.p_prompt[p])
         job.end = start + job.prompt_s + job.remaining / float(self.mesh.p_decode[p])
         heapq.heappush(heap, job.end)
