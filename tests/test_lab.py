@@ -112,6 +112,20 @@ def test_scenario_errors_name_the_field(tmp_path: Path) -> None:
     assert dataclasses.is_dataclass(load_scenario(SMALL))
 
 
+def test_a_scenarios_what_if_table_sets_the_router_and_directory_knobs() -> None:
+    import tomllib
+
+    raw = tomllib.loads(SMALL.read_text())
+    raw["what_if"] = {"p2c_score_cutoff": 1.5, "max_probe_share": 0.5, "spread_probes": False,
+                      "directory_rate_per_s": 2.0, "max_attempts": 8}
+    sc = parse_scenario(raw, base=SMALL.parent)
+    assert (sc.p2c_score_cutoff, sc.max_probe_share, sc.spread_probes) == (1.5, 0.5, False)
+    assert (sc.directory_rate_per_s, sc.max_attempts) == (2.0, 8)
+    raw["what_if"] = {"spread_probes": 0}
+    with pytest.raises(ScenarioError, match="spread_probes must be true or false"):
+        parse_scenario(raw, base=SMALL.parent)
+
+
 def _advert(seed: bytes, now: float) -> bytes:
     pub = bytes(SigningKey(seed).verify_key)
     advert = Advert(

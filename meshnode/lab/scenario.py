@@ -27,6 +27,7 @@ from meshnode.p2p.host import DIAL_TIMEOUT_S
 MAX_PROVIDERS = 100_000
 MAX_CLIENTS = 100_000
 MAX_JOBS = 10_000_000
+MAX_ATTEMPTS = 64  # a job offered to more providers than this is a typo, not an experiment
 MAX_LOAD = 2.0  # beyond twice the capacity every strategy just queues without bound
 
 
@@ -102,6 +103,13 @@ def _get(table: dict[str, Any], key: str, where: str) -> Any:
     if key not in table:
         raise ScenarioError(f"[{where}] lacks {key!r}")
     return table[key]
+
+
+def _bool(table: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ScenarioError(f"[{where}] {key} must be true or false")
+    return value
 
 
 def _number(table: dict[str, Any], key: str, where: str, lo: float, hi: float) -> float:
@@ -230,6 +238,9 @@ def parse_scenario(raw: dict[str, Any], *, base: Path, path: Path | None = None)
             _number(what_if, "directory_rate_per_s", "what_if", 0.001, 1000.0)
             if "directory_rate_per_s" in what_if else RATE_PER_S
         ),
+        spread_probes=_bool(what_if, "spread_probes", "what_if", True),
+        max_attempts=(_int(what_if, "max_attempts", "what_if", 1, MAX_ATTEMPTS)
+                      if "max_attempts" in what_if else DEFAULT_MAX_ATTEMPTS),
         real=dict(raw.get("real", {})),
         path=path,
     )
