@@ -411,6 +411,21 @@ def test_a_flood_of_new_providers_gets_a_bounded_share_of_the_jobs() -> None:
     assert len(probed) <= 11
 
 
+def test_clients_sharing_a_directory_probe_different_new_providers() -> None:
+    # 40 clients of one city see the same adverts: if each probed the best-scored new
+    # provider, all 40 probes would land on one of them (the 10k-provider lab run
+    # failed 17,240 of 90,000 jobs as busy that way).
+    fresh = [f"new{i:02d}" for i in range(40)]
+    pool = [cand("old", tokens_per_s=50.0), *(cand(p, tokens_per_s=50.0) for p in fresh)]
+    probes = []
+    for seed in range(40):
+        router = Router(seed=seed)
+        run_jobs(router, [pool[0]], {"old": 50.0}, 3)
+        probes.append(router.choose(pool, JOB, NOW + 100)[0].peer_id)
+    assert all(p in fresh for p in probes)
+    assert len(set(probes)) >= 15  # 40 draws from 40: ~25 distinct expected
+
+
 
 
 # ------------------------------------------------------------------ tables and rank()

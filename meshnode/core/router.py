@@ -25,8 +25,9 @@ its advert, which says 0 tok/s if it never ran a job, and may lie. Two rules:
   the other candidates when the advert says nothing, and never more than the best speed
   measured among them whatever the advert claims (its RTT: their median RTT). It scores
   like a typical measured provider, and a lying advert can at best tie the best one.
-- **One probe, bounded share.** With p2c (the default), an unexplored provider whose
-  prior score is within ``P2C_SCORE_CUTOFF`` of the best explored one is tried first, one
+- **One probe, bounded share.** With p2c (the default), one unexplored provider whose
+  prior score is within ``P2C_SCORE_CUTOFF`` of the best explored one, drawn at random
+  (clients that share a directory must not all probe the same one), is tried first, one
   job at a time (``MAX_UNMEASURED_INFLIGHT``), while probes stay under
   ``MAX_PROBE_SHARE`` of this client's jobs; otherwise unexplored providers are only
   fallbacks. After its probe a provider's own measurement replaces the prior.
@@ -583,12 +584,11 @@ class Router:
             probing = np.zeros(len(score), dtype=np.bool_)
             probing[cols.probing_at] = True
             free = fresh[~probing[fresh]]
-            if len(free):
-                # the best-scored free one (first in row order on ties): the cut-off
-                # grows with the score, so if it misses, every other one does too
-                best_free = int(free[np.argmin(score[free])])
-                if score[best_free] <= score[known].min() * P2C_SCORE_CUTOFF:
-                    head = [best_free]
+            within = free[score[free] <= score[known].min() * P2C_SCORE_CUTOFF]
+            if len(within):
+                # a random one of those within the cut-off, not the best-scored: clients
+                # that share a directory would otherwise all probe the same provider
+                head = [int(within[self._rng.integers(len(within))])]
         ranked_known = known[self._power_of_two(score[known], want)]
         ranked_fresh = fresh[_smallest(score[fresh], min(want + 1, len(fresh)))]
         ranked_fresh = ranked_fresh[~np.isin(ranked_fresh, head)]
