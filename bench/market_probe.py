@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -250,6 +251,16 @@ async def newcomer(jobs: int, liar: bool) -> dict[str, Any]:
                     "order": "".join("N" if s == "new" else "o" for s in served)}
 
 
+def _commit() -> str | None:
+    """The checkout measured (None outside a git work tree)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("probe", choices=["abandon", "flood", "newcomer"])
@@ -260,6 +271,7 @@ def main() -> None:
     parser.add_argument("--liar", action="store_true")
     parser.add_argument("--tag", default="", help="suffix of the result file")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     if args.probe == "abandon":
         result = trio.run(abandon, args.seconds, args.deposit)
     elif args.probe == "flood":
@@ -267,7 +279,11 @@ def main() -> None:
     else:
         result = trio.run(newcomer, args.jobs, args.liar)
     result["machine"] = {"cpu": platform.processor() or platform.machine(),
-                         "cores": os.cpu_count(), "python": platform.python_version()}
+                         "cores": os.cpu_count(), "python": platform.python_version(),
+                         # 1/5/15-minute load averages: the box may be shared
+                         "load_before": [round(x, 2) for x in load_before],
+                         "load_after": [round(x, 2) for x in os.getloadavg()]}
+    result["commit"] = _commit()
     RESULTS.mkdir(exist_ok=True)
     name = f"market_{args.probe}{('_' + args.tag) if args.tag else ''}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
