@@ -1,14 +1,14 @@
 """Probes of the market loop on a loopback mesh (the closing numbers of issue 10).
 
     .venv/bin/python bench/market_probe.py abandon  [--seconds 60] [--deposit 1]
-    .venv/bin/python bench/market_probe.py flood    [--seconds 60] [--flooders 20]
+    .venv/bin/python bench/market_probe.py flood    [--seconds 60] [--flooders 20] [--deposit 1]
     .venv/bin/python bench/market_probe.py newcomer [--jobs 50] [--liar]
 
 - ``abandon``: a provider priced at 1,000 nanoton per completion token; a client opens
   a channel with ``--deposit`` nanoton (1 by default) and, for a minute, starts jobs and
   abandons each one when asked to pay. Counts the completion tokens it got for free.
-- ``flood``: the same cheap channel floods the provider with abandoning jobs from
-  ``--flooders`` concurrent loops, while a funded client makes 12 paid asks spread over
+- ``flood``: the same abandoning channel (``--deposit``) floods the provider with jobs
+  from ``--flooders`` concurrent loops, while a funded client makes 12 paid asks spread over
   the minute. Counts the paid asks served.
 - ``newcomer``: a client measures provider A, then B joins (its advert says 0 tok/s, or
   with ``--liar`` 10,000 tok/s while it really decodes at 40); counts B's share of the
@@ -178,11 +178,11 @@ async def abandon(seconds: float, deposit: int) -> dict[str, Any]:
                     "provider_errors": dict(prov.jobs.stats.errors)}
 
 
-async def flood(seconds: float, flooders: int) -> dict[str, Any]:
+async def flood(seconds: float, flooders: int, deposit: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         async with AsyncExitStack() as stack:
             chain, prov, client, pays, advert, engine = await _market(stack, Path(tmp))
-            cheap = await _open(chain, client, pays, advert, CLIENT_WALLET, 1)
+            cheap = await _open(chain, client, pays, advert, CLIENT_WALLET, deposit)
             funded_pays = ClientPayments.at(Path(tmp) / "funded", chain, FUNDED_WALLET,
                                             pays.code)
             funded = await _open(chain, client, funded_pays, advert, FUNDED_WALLET, TON)
@@ -209,6 +209,7 @@ async def flood(seconds: float, flooders: int) -> dict[str, Any]:
                         outcomes.append(exc.code)
                 nursery.cancel_scope.cancel()
             return {"probe": "flood", "seconds": seconds, "flooders": flooders,
+                    "deposit_nanoton": deposit,
                     "paid_asks": PAID_ASKS, "served": outcomes.count("served"),
                     "outcomes": outcomes, "flood_jobs": flood_jobs[0],
                     "busy_refusals": prov.jobs.stats.busy_refusals,
@@ -265,7 +266,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("probe", choices=["abandon", "flood", "newcomer"])
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--deposit", type=int, default=1, help="nanoton (abandon)")
+    parser.add_argument("--deposit", type=int, default=1,
+                        help="nanoton in the abandoning channel (abandon, flood)")
     parser.add_argument("--flooders", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--liar", action="store_true")
@@ -275,7 +277,7 @@ def main() -> None:
     if args.probe == "abandon":
         result = trio.run(abandon, args.seconds, args.deposit)
     elif args.probe == "flood":
-        result = trio.run(flood, args.seconds, args.flooders)
+        result = trio.run(flood, args.seconds, args.flooders, args.deposit)
     else:
         result = trio.run(newcomer, args.jobs, args.liar)
     result["machine"] = {"cpu": platform.processor() or platform.machine(),
