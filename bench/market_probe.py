@@ -16,9 +16,12 @@
 
 Real parts throughout: libp2p hosts on 127.0.0.1, llama.cpp on the generated tiny model,
 the payment-channel contract in the TVM emulator. The probes use only APIs that existed
-before issue 10 as well, so the same file measures the code before and after
-(``PYTHONPATH=<old checkout> python bench/market_probe.py ...``). Writes
-bench/results/market_<probe>.json.
+before issue 10 as well, but meshnode/pay/ was split into packages since: to measure the
+code before (7c16d0f), run this file as it was at 203b213 (the old module paths) from a
+checkout of it: ``git worktree add --detach B 7c16d0f; git show
+203b213:bench/market_probe.py > B/bench/market_probe_old.py; PYTHONPATH=B python
+B/bench/market_probe_old.py ...`` (it writes B/bench/results/). Writes
+bench/results/market_<probe>[_<tag>].json.
 """
 
 from __future__ import annotations
