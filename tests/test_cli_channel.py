@@ -315,3 +315,27 @@ def test_open_ask_status_close_pays_the_provider_exactly_the_last_voucher(
             assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         for seed in _seeds(home_dir):
             assert seed not in printed
+
+
+@pytest.mark.slow
+def test_ask_by_model_pays_through_a_channel_it_opens_and_close_all_settles_it_exactly(
+    tmp_path: Path, env: dict[str, str], chain_state: Path, served: Served, bootstrap: str
+) -> None:
+    home = str(tmp_path / "B")
+    paid = []
+    for prompt in ("hi", "again"):  # the second ask, a new process, reuses the channel
+        asked = run(env, "ask", "--model", "tiny-llama-random", "--bootstrap", bootstrap,
+                    "--insecure", "--own-node", "--deposit", "0.05", "--max-tokens",
+                    str(MAX_TOKENS), "--json", "--home", home, prompt)
+        paid.append(json.loads(asked.stdout)["cost_nanoton"])
+        assert paid[-1] > 0
+    [listed] = json.loads(run(env, "channel", "list", "--json", "--home", home).stdout)
+    assert listed["state"] == "open" and listed["paid_nanoton"] == sum(paid)
+    assert listed["deposit_nanoton"] == 50_000_000
+    before = LocalChain(chain_state).balance(served.wallet)
+    run(env, "channel", "close-all", "--bootstrap", bootstrap, "--insecure", "--home", home)
+    assert LocalChain(chain_state).balance(served.wallet) - before == sum(paid)
+    from meshnode.pay.channel.ledger import Ledger
+
+    with Ledger(Path(home) / CLIENT_DIR) as ledger:
+        assert [c.state for c in ledger.channels()] == ["closed"]
