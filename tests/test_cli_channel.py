@@ -339,3 +339,35 @@ def test_ask_by_model_pays_through_a_channel_it_opens_and_close_all_settles_it_e
 
     with Ledger(Path(home) / CLIENT_DIR) as ledger:
         assert [c.state for c in ledger.channels()] == ["closed"]
+
+
+def test_withdrawing_from_a_channel_this_provider_never_had_is_an_error(
+    chain_state: Path, tmp_path: Path
+) -> None:
+    code, output = invoke("earnings", "--withdraw", "0x1", "--home", str(tmp_path / "A"))
+    assert code != 0 and "unknown_channel" in output
+
+
+@pytest.mark.slow
+def test_a_provider_starts_withdrawing_the_latest_voucher_from_a_client_that_stays_away(
+    tmp_path: Path, env: dict[str, str], served: Served
+) -> None:
+    from meshnode.channel_ops import format_ton
+
+    home = str(tmp_path / "B")
+    opened = run(env, "channel", "open", "--peer", served.addr, "--deposit", "0.1",
+                 "--insecure", "--home", home)
+    found = _CHANNEL_ID.search(opened.stdout)
+    assert found, opened.stdout
+    asked = run(env, "ask", "--peer", served.addr, "--channel", found[1], "--insecure",
+                "--max-tokens", str(MAX_TOKENS), "--json", "--home", home, "hi")
+    paid = json.loads(asked.stdout)["cost_nanoton"]
+    assert paid > 0
+    provider = str(tmp_path / "A")  # the client is not asked: it may be gone
+    started = run(env, "earnings", "--withdraw", found[1], "--home", provider)
+    assert f"will pay {format_ton(paid)}" in started.stdout, started.stdout
+    status = json.loads(run(env, "channel", "status", found[1], "--json", "--home",
+                            home).stdout)
+    assert status["state"] == "closing (quarantine)" and status["quarantine_seqno_a"] is not None
+    again = run(env, "earnings", "--withdraw", found[1], "--home", provider)
+    assert "still in quarantine" in again.stdout, again.stdout
