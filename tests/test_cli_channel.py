@@ -364,6 +364,15 @@ def test_a_provider_starts_withdrawing_the_latest_voucher_from_a_client_that_sta
     paid = json.loads(asked.stdout)["cost_nanoton"]
     assert paid > 0
     provider = str(tmp_path / "A")  # the client is not asked: it may be gone
+    from meshnode.pay.channel.ledger import ChannelRef, Ledger
+    from meshnode.pay.setup.keys import load_or_create_payment_keys
+    from meshnode.pay.setup.wiring import PROVIDER_DIR
+
+    # As if the provider had co-signed a close the client then never sent: its ledger
+    # says closing, the chain says open, and only the chain counts.
+    client_key = load_or_create_payment_keys(Path(home))[0].channel_public
+    with Ledger(Path(provider) / PROVIDER_DIR) as ledger:
+        ledger.set_state(ChannelRef(int(found[1], 16), client_key), "closing")
     started = run(env, "earnings", "--withdraw", found[1], "--home", provider)
     assert f"will pay {format_ton(paid)}" in started.stdout, started.stdout
     status = json.loads(run(env, "channel", "status", found[1], "--json", "--home",
