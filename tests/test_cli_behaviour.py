@@ -218,9 +218,10 @@ def test_a_second_node_on_the_same_home_is_refused(served: Served, tiny_gguf_pat
         (["client", "--api", "127.0.0.1:0"], "OpenAI-compatible API", signal.SIGINT, 130),
         (["client", "--api", "127.0.0.1:0"], "OpenAI-compatible API", signal.SIGTERM, 143),
         (["testnet", "--providers", "1", "--models", "1"], "testnet up", signal.SIGINT, 130),
+        (["testnet", "--providers", "1", "--models", "1"], "testnet up", signal.SIGTERM, 143),
     ],
     ids=["bootstrap-ctrl-c", "bootstrap-sigterm", "client-ctrl-c", "client-sigterm",
-         "testnet-ctrl-c"],
+         "testnet-ctrl-c", "testnet-sigterm"],
 )
 def test_a_long_running_command_stops_cleanly_on_a_signal(
     tmp_path: Path, command: list[str], ready: str, signum: int, code: int
