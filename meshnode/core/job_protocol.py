@@ -604,6 +604,11 @@ class ClientJob:
 
 # Stall detection ---------------------------------------------------------------------
 
+# A provider waits this long for the Open on a new job stream, then closes it: a client
+# sends Open as soon as its stream is open, or, for a spare stream opened ahead of its
+# next job (core.spare_streams), well within this.
+OPEN_TIMEOUT_S = 10.0
+
 # Between tokens: a queued job waits for a slot, and a CPU provider decodes a long prompt
 # before its first token; no wait on one provider is allowed past two minutes.
 TOKEN_TIMEOUT_S = 120.0

@@ -21,6 +21,7 @@ from libp2p.abc import INetStream
 
 from meshnode.core.job_protocol import (
     FIRST_TOKEN_FLOOR_S,
+    OPEN_TIMEOUT_S,
     ClientAborted,
     JobRefused,
     LocalProtocolError,
@@ -29,7 +30,7 @@ from meshnode.core.job_protocol import (
     ProviderJob,
     VoucherReceived,
 )
-from meshnode.core.messages import ErrorMsg, Open
+from meshnode.core.messages import ErrorMsg, Message, Open
 from meshnode.core.wire import WireError
 from meshnode.engine.base import (
     Engine,
@@ -43,8 +44,6 @@ from meshnode.p2p.framed import FramedStream, StreamClosed
 
 log = logging.getLogger(__name__)
 
-# A client sends Open and the sealed prompt back to back; 10 s covers a slow link.
-OPEN_TIMEOUT_S = 10.0
 # A client that was asked to pay answers within a round trip plus a signature.
 PAYMENT_TIMEOUT_S = 30.0
 # Busy's retry_after before any job has been timed: about one short job.
@@ -130,7 +129,9 @@ class JobProvider:
         self.stats = ProviderStats()
         self.live: set[LiveJob] = set()  # the jobs generating now
         self.on_load_change: Callable[[int, int], None] | None = None
-        self._streams = 0  # job streams being handled now
+        # How long a new stream may wait for its Open (tests shorten it).
+        self.open_timeout_s = OPEN_TIMEOUT_S
+        self._streams = 0  # job streams being handled now (from their Open on)
         self._quiet = trio.Event()  # set (and replaced) when _streams drops to 0
 
     @property
@@ -166,19 +167,29 @@ class JobProvider:
     async def handle_stream(self, stream: INetStream) -> None:
         fs = FramedStream(stream)
         peer = _remote_peer(stream)
-        self._streams += 1
+        counted = False
         try:
-            await self._serve(fs, peer)
+            try:
+                # A client may open its next job's stream ahead (a spare): until its Open
+                # arrives this is no job, and a spare closed unused is no cancelled job.
+                first = await fs.recv(self.open_timeout_s)
+            except StreamClosed:
+                log.debug("job stream from %s closed before its Open", peer)
+                return
+            self._streams += 1
+            counted = True
+            await self._serve(fs, peer, first)
         except Exception as raised:  # every failure ends this stream, never the node
             await self._report(fs, peer, _leaf(raised))
         finally:
             try:
                 await fs.close()
             finally:  # counted down even when the close is cancelled (node stopping)
-                self._streams -= 1
-                if not self._streams:
-                    self._quiet.set()
-                    self._quiet = trio.Event()
+                if counted:
+                    self._streams -= 1
+                    if not self._streams:
+                        self._quiet.set()
+                        self._quiet = trio.Event()
 
     async def wait_quiet(self) -> None:
         """Return once no job stream is being handled: every job that started has ended
@@ -213,9 +224,9 @@ class JobProvider:
         self.stats.count_error(code)
         await _try_send(fs, ErrorMsg(code=code, msg=msg))
 
-    async def _serve(self, fs: FramedStream, peer: str) -> None:
+    async def _serve(self, fs: FramedStream, peer: str, open_frame: Message) -> None:
         job = ProviderJob(self._job_key, self.engine.info.model_id)
-        job.receive_frame(await fs.recv(OPEN_TIMEOUT_S))
+        job.receive_frame(open_frame)
         first = job.open
         assert first is not None
         try:

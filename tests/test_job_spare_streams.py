@@ -1,0 +1,142 @@
+"""A client keeps a spare job stream to a provider it just used, so its next job there
+starts without opening a stream; a spare the provider gave up on is replaced unseen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from libp2p.abc import INetStream
+
+from meshnode.core.spare_streams import SparePolicy
+from meshnode.engine.llama import LlamaEngine, steady_logit_bias
+from meshnode.identity import NodeIdentity
+from meshnode.node import ClientNode, ProviderNode, client_node, provider_node
+
+# A provider's wait for Open in the tests that let a spare go stale.
+SHORT_OPEN_TIMEOUT_S = 0.3
+
+
+def steady(engine: LlamaEngine) -> dict[str, Any]:
+    return {"temperature": 0.0, "seed": 7, "logit_bias": steady_logit_bias(engine)}
+
+
+# ---- the bookkeeping (sans-io) --------------------------------------------------------
+
+
+def test_a_spare_is_handed_out_once_and_only_while_young() -> None:
+    policy: SparePolicy[str] = SparePolicy(max_age_s=5.0, keep_s=60.0, max_peers=2)
+    assert policy.take("A", 0.0) == (None, [])
+    assert policy.job_ended("A", 0.0) == []
+    assert policy.wanted(0.0) == ["A"]
+    assert policy.wanted(0.1) == []  # being opened: not asked for twice
+    assert policy.opened("A", "s1", 1.0) == []
+    assert policy.take("A", 5.9) == ("s1", [])
+    assert policy.take("A", 5.9) == (None, [])  # taken: gone from the pool
+    policy.job_ended("A", 6.0)
+    policy.wanted(6.0)
+    policy.opened("A", "s2", 6.0)
+    assert policy.take("A", 11.0) == (None, ["s2"])  # too old: to close, not to use
+
+
+def test_old_spares_are_replaced_until_the_provider_is_no_longer_recent() -> None:
+    policy: SparePolicy[str] = SparePolicy(max_age_s=5.0, keep_s=12.0, max_peers=2)
+    policy.job_ended("A", 0.0)
+    policy.wanted(0.0)
+    policy.opened("A", "s1", 0.0)
+    assert policy.next_deadline() == 5.0
+    assert policy.expired(5.0) == ["s1"]
+    assert policy.wanted(5.0) == ["A"]  # refreshed
+    policy.opened("A", "s2", 5.0)
+    assert policy.expired(10.0) == ["s2"]
+    assert policy.wanted(10.0) == ["A"]
+    policy.opened("A", "s3", 10.0)
+    assert policy.expired(12.0) == ["s3"]  # A's last job was 12 s ago: no more spares
+    assert policy.wanted(12.0) == [] and policy.next_deadline() is None
+
+
+def test_spares_are_kept_for_a_bounded_number_of_providers() -> None:
+    policy: SparePolicy[str] = SparePolicy(max_age_s=5.0, keep_s=60.0, max_peers=2)
+    for i, peer in enumerate("ABC"):
+        policy.job_ended(peer, float(i))
+        for wanted in policy.wanted(float(i)):
+            assert policy.opened(wanted, f"s{wanted}", float(i)) == []
+    assert policy.held == 2
+    assert policy.take("A", 3.0) == (None, [])  # A was pushed out (and its spare closed)
+    assert policy.opened("A", "late", 3.0) == ["late"]  # a spare nobody wants any more
+    policy.failed("B")
+    assert policy.wanted(3.0) == []  # no retry loop against a peer that failed
+    assert sorted(policy.drain()) == ["sB", "sC"] and policy.held == 0
+
+
+# ---- on real hosts --------------------------------------------------------------------
+
+
+async def _spare_held(client: ClientNode) -> None:
+    with trio.fail_after(10):
+        while not client.job_streams.policy.held:
+            await trio.sleep(0.01)
+
+
+async def _two_jobs(prov: ProviderNode, client: ClientNode, engine: LlamaEngine,
+                    between: float = 0.0) -> None:
+    advert = await client.connect(prov.addrs[0])
+    for _ in range(2):
+        res = await client.ask(advert, "hello world", max_tokens=6, params=steady(engine))
+        assert res.usage.completion_tokens == 6
+        await _spare_held(client)
+        await trio.sleep(between)
+
+
+@pytest.mark.slow
+async def test_a_second_job_to_the_same_provider_uses_the_spare_stream(
+    long_engine: LlamaEngine,
+) -> None:
+    async with provider_node(long_engine, identity=NodeIdentity.generate()) as prov:
+        async with client_node(allow_insecure=True) as client:
+            await _two_jobs(prov, client, long_engine)
+            streams = client.job_streams
+            assert (streams.opened, streams.spares_used) == (1, 1)
+            # A spare waiting for its Open is no job: the provider is quiet, and nothing
+            # was counted as cancelled or failed.
+            with trio.fail_after(2):
+                await prov.jobs.wait_quiet()
+    assert prov.jobs.stats.jobs_completed == 2
+    assert prov.jobs.stats.jobs_cancelled == 0 and not prov.jobs.stats.errors
+
+
+@pytest.mark.slow
+async def test_a_spare_the_provider_gave_up_on_is_replaced_without_failing_the_job(
+    long_engine: LlamaEngine,
+) -> None:
+    async with provider_node(long_engine, identity=NodeIdentity.generate()) as prov:
+        prov.jobs.open_timeout_s = SHORT_OPEN_TIMEOUT_S
+        async with client_node(allow_insecure=True) as client:
+            client.job_streams.policy.max_age_s = 60.0  # the client still thinks it young
+            await _two_jobs(prov, client, long_engine, between=3 * SHORT_OPEN_TIMEOUT_S)
+            streams = client.job_streams
+            # The stale spare was seen closed before use: a fresh stream carried the job.
+            assert (streams.opened, streams.spares_used) == (2, 0)
+    assert prov.jobs.stats.jobs_completed == 2
+
+
+@pytest.mark.slow
+async def test_a_dead_spare_used_anyway_is_replaced_and_the_job_sent_again(
+    long_engine: LlamaEngine,
+) -> None:
+    async with provider_node(long_engine, identity=NodeIdentity.generate()) as prov:
+        prov.jobs.open_timeout_s = SHORT_OPEN_TIMEOUT_S
+        async with client_node(allow_insecure=True) as client:
+            streams = client.job_streams
+            streams.policy.max_age_s = 60.0
+
+            def looks_fine(_stream: INetStream) -> bool:  # as if the close were in flight
+                return True
+
+            streams.is_fresh = looks_fine
+            await _two_jobs(prov, client, long_engine, between=3 * SHORT_OPEN_TIMEOUT_S)
+            # The spare answered with the provider's Open timeout: the same job went
+            # again on a fresh stream, and completed.
+            assert (streams.opened, streams.spares_used) == (2, 1)
+    assert prov.jobs.stats.jobs_completed == 2
