@@ -1,8 +1,11 @@
-"""A client keeps a spare job stream to a provider it just used, so its next job there
-starts without opening a stream; a spare the provider gave up on is replaced unseen."""
+"""Time to first token through the mesh: a client keeps a spare job stream to a provider
+it just used, so its next job there starts without opening a stream (a spare the provider
+gave up on is replaced unseen), and a free provider accepts a short prompt without first
+asking its engine runner for the count."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +14,10 @@ from libp2p.abc import INetStream
 
 from meshnode.core.spare_streams import SparePolicy
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
+from meshnode.engine.supervised import RunnerConfig, open_supervised_engine
 from meshnode.identity import NodeIdentity
+from meshnode.jobs.client import JobError
+from meshnode.jobs.provider import COUNT_AT_START_MAX_CHARS
 from meshnode.node import ClientNode, ProviderNode, client_node, provider_node
 
 # A provider's wait for Open in the tests that let a spare go stale.
@@ -140,3 +146,54 @@ async def test_a_dead_spare_used_anyway_is_replaced_and_the_job_sent_again(
             # again on a fresh stream, and completed.
             assert (streams.opened, streams.spares_used) == (2, 1)
     assert prov.jobs.stats.jobs_completed == 2
+
+
+# ---- a free job's Accept does not wait for the prompt's count ------------------------
+
+
+class _CountSpy:
+    """Counts the provider's calls of the engine's count_tokens (the real one answers)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.calls = 0
+        self._real = engine.count_tokens
+        engine.count_tokens = self
+
+    async def __call__(self, text: str) -> int:
+        self.calls += 1
+        return int(await self._real(text))
+
+
+@pytest.mark.slow
+async def test_a_free_job_is_accepted_uncounted_and_done_still_reports_its_prompt_tokens(
+    tiny_gguf_path: Path,
+) -> None:
+    async with (
+        open_supervised_engine(RunnerConfig(model=tiny_gguf_path, n_ctx=512)) as engine,
+        provider_node(engine, identity=NodeIdentity.generate()) as prov,
+    ):
+        expected = await engine.count_tokens("hello world")
+        spy = _CountSpy(engine)
+        params = {"temperature": 0.0, "logit_bias": await engine.steady_logit_bias()}
+        async with client_node(allow_insecure=True) as client:
+            advert = await client.connect(prov.addrs[0])
+            live_counts: list[list[int]] = []
+
+            async def on_text(_text: str) -> None:
+                if not live_counts:
+                    live_counts.append([job.prompt_tokens for job in prov.jobs.live])
+
+            res = await client.ask(advert, "hello world", max_tokens=200, params=params,
+                                   on_text=on_text)
+            assert spy.calls == 0  # no round trip to the runner before Accept
+            # The runner counted it as the job started: the status page had it from the
+            # first token on, and Done reported it.
+            assert live_counts == [[expected]]
+            assert res.usage.prompt_tokens == expected
+            assert prov.jobs.stats.tokens_in == expected
+            # A prompt past the size a decode loop tokenizes in passing is counted first
+            # (on the runner's tokenizer thread), and refused there if it cannot fit.
+            with pytest.raises(JobError) as info:
+                await client.ask(advert, "x " * COUNT_AT_START_MAX_CHARS, max_tokens=4,
+                                 params=params)
+            assert info.value.code == "prompt_too_long" and spy.calls == 1

@@ -35,6 +35,7 @@ from meshnode.core.wire import WireError
 from meshnode.engine.base import (
     Engine,
     EngineUnavailable,
+    Generation,
     InvalidRequest,
     PromptTooLong,
     SamplingParams,
@@ -57,6 +58,12 @@ MAX_RETRY_AFTER_S = 60.0
 MAX_QUEUE_WAIT_S = FIRST_TOKEN_FLOOR_S / 2
 # Mean job time follows the last ~10 jobs.
 JOB_TIME_EWMA_ALPHA = 0.1
+# A free job's prompt up to this long is not counted before Accept (its Accept would wait
+# a round trip to the engine runner for a number nobody bills): the runner tokenizes it
+# when the job starts, on its decode loop, in well under a millisecond at this size
+# (~4k tokens). Longer ones are counted first, on the runner's tokenizer thread, so a
+# stranger's long prompt never pauses the jobs decoding beside it.
+COUNT_AT_START_MAX_CHARS = 16 * 1024
 # Recording a job's usage is one sqlite fsync; a disk slower than this is failing.
 GATE_FINISH_TIMEOUT_S = 10.0
 # Advertised speed follows the last ~5 jobs: steady against one odd prompt, quick to
@@ -249,7 +256,9 @@ class JobProvider:
         self._admitted += 1
         self._load_changed()
         try:
-            prompt_tokens = await self._count_prompt_tokens(prompt)
+            counted = not (isinstance(gate, FreeGate)
+                           and len(prompt) <= COUNT_AT_START_MAX_CHARS)
+            prompt_tokens = await self._count_prompt_tokens(prompt) if counted else 0
             await gate.start(prompt_tokens)
             await fs.send(job.accept(gate, prompt_tokens, gate.owed_before))
             log.info("job %s from %s accepted", first.job_id.hex()[:8], peer)
@@ -270,6 +279,20 @@ class JobProvider:
     async def _count_prompt_tokens(self, prompt: str) -> int:
         """The prompt's token count, the basis of its bill (the one tokenizer call)."""
         return await self.engine.count_tokens(prompt)
+
+    def _learn_prompt_tokens(self, job: ProviderJob, gen: Generation, live: LiveJob) -> None:
+        """A free job accepted uncounted takes its count from the engine (the same
+        tokenizer call, made as the job started)."""
+        if job.priced or job.prompt_tokens:
+            return
+        # Scripted test generations may keep no usage: then the count stays unknown (0).
+        usage = getattr(gen, "usage", None)
+        engine_count = usage.prompt_tokens if usage is not None else 0
+        if not engine_count:
+            return
+        job.prompt_counted(engine_count)
+        live.prompt_tokens = engine_count
+        self.stats.tokens_in += engine_count
 
     async def _generate(
         self,
@@ -345,6 +368,8 @@ class JobProvider:
                         # Chunks the engine produced while we were sending go out as one
                         # sealed frame: per-frame cost, not per-token, when decode is fast.
                         pending = [chunk, *gen.ready()]
+                        if not job.delivered:
+                            self._learn_prompt_tokens(job, gen, live)
                         while pending:
                             await until_paid(job.delivered + pending[0].n_tokens)
                             if not job.delivered:
@@ -354,6 +379,7 @@ class JobProvider:
                             live.delivered = job.delivered
                             await fs.send(frame)
                 finish = gen.finish_reason or "stop"
+                self._learn_prompt_tokens(job, gen, live)
                 # The last tokens went out on credit: settle them before Done.
                 await until_paid(None)
             delivered = job.delivered
