@@ -5,20 +5,27 @@ asking its engine runner for the count."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from libp2p.abc import INetStream
+from nacl.public import PrivateKey
 
+from meshnode.core.job_protocol import Accepted, ClientJob
 from meshnode.core.spare_streams import SparePolicy
+from meshnode.engine.base import ModelInfo, SamplingParams, TokenChunk
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.supervised import RunnerConfig, open_supervised_engine
 from meshnode.identity import NodeIdentity
 from meshnode.jobs.client import JobError
-from meshnode.jobs.provider import COUNT_AT_START_MAX_CHARS
+from meshnode.jobs.provider import COUNT_AT_START_MAX_CHARS, JobProvider
 from meshnode.node import ClientNode, ProviderNode, client_node, provider_node
+from meshnode.p2p.framed import FramedStream
 
 # A provider's wait for Open in the tests that let a spare go stale.
 SHORT_OPEN_TIMEOUT_S = 0.3
@@ -197,3 +204,97 @@ async def test_a_free_job_is_accepted_uncounted_and_done_still_reports_its_promp
                 await client.ask(advert, "x " * COUNT_AT_START_MAX_CHARS, max_tokens=4,
                                  params=params)
             assert info.value.code == "prompt_too_long" and spy.calls == 1
+
+
+# ---- Accept is written while the engine starts on the prompt --------------------------
+
+
+class _MemoryNetStream:
+    """A trio stream with the methods FramedStream uses of a libp2p stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return bytes(await self._stream.receive_some(n))
+        except trio.ClosedResourceError:
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+
+    async def close(self) -> None:
+        await self._stream.aclose()
+
+    async def reset(self) -> None:
+        await self._stream.aclose()
+
+
+class _SlowToStartEngine:
+    """The Engine interface: starting a job takes ENGINE_START_S, then one token."""
+
+    def __init__(self) -> None:
+        self.info = ModelInfo(model_id=MODEL, name="slow-start", quant="F32", n_ctx=512,
+                              path=Path("/dev/null"))
+        self.available = True
+        self.asked_at: float | None = None
+
+    @asynccontextmanager
+    async def stream(self, prompt: str, params: SamplingParams,
+                     max_tokens: int) -> AsyncIterator[Any]:
+        self.asked_at = trio.current_time()
+        await trio.sleep(ENGINE_START_S)
+        yield _OneToken()
+
+    async def count_tokens(self, text: str) -> int:
+        return len(text)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _OneToken:
+    def __init__(self) -> None:
+        self._left = 1
+
+    def __aiter__(self) -> _OneToken:
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        if not self._left:
+            raise StopAsyncIteration
+        self._left -= 1
+        return TokenChunk("a", 1)
+
+    def ready(self) -> list[TokenChunk]:
+        return []
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop"
+
+
+MODEL = "ab" * 32
+ENGINE_START_S = 1.0
+
+
+async def test_a_free_job_with_a_free_slot_has_its_engine_started_before_accept_goes_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = _SlowToStartEngine()
+    key = PrivateKey.generate()
+    provider = JobProvider(engine, bytes(key), peer_id="provider")  # type: ignore[arg-type]
+    left, right = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(provider.handle_stream, _MemoryNetStream(right))
+        client = FramedStream(_MemoryNetStream(left))  # type: ignore[arg-type]
+        job = ClientJob(bytes(key.public_key), MODEL, "hello", 4, {"temperature": 0.0})
+        start = trio.current_time()
+        await client.send_many(job.open(None, None, None))
+        assert isinstance(job.receive_frame(await client.recv(10)), Accepted)
+        # Accept went out once the engine had been asked to start (the write overlapped
+        # the engine's start instead of delaying it).
+        assert engine.asked_at is not None and engine.asked_at - start < ENGINE_START_S
+        assert trio.current_time() - start >= ENGINE_START_S
+        nursery.cancel_scope.cancel()
