@@ -16,7 +16,13 @@ import trio.testing
 from libp2p.abc import INetStream
 from nacl.public import PrivateKey
 
-from meshnode.core.job_protocol import Accepted, ClientJob
+from meshnode.core.job_protocol import (
+    Accepted,
+    ClientJob,
+    FreeWindow,
+    LocalProtocolError,
+    ProviderJob,
+)
 from meshnode.core.spare_streams import SparePolicy
 from meshnode.engine.base import ModelInfo, SamplingParams, TokenChunk
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
@@ -298,3 +304,20 @@ async def test_a_free_job_with_a_free_slot_has_its_engine_started_before_accept_
         assert engine.asked_at is not None and engine.asked_at - start < ENGINE_START_S
         assert trio.current_time() - start >= ENGINE_START_S
         nursery.cancel_scope.cancel()
+
+
+def test_only_a_free_jobs_prompt_count_can_be_learnt_after_accept() -> None:
+    key = PrivateKey.generate()
+    for owed_before in (None, 5):
+        client = ClientJob(bytes(key.public_key), MODEL, "hello", 4, {})
+        job = ProviderJob(key, MODEL)
+        for frame in client.open(None, None, None):
+            job.receive_frame(frame)
+        job.accept(FreeWindow(), 0 if owed_before is None else 3, owed_before)
+        if owed_before is None:
+            job.prompt_counted(2)
+            assert job.prompt_tokens == 2
+        else:  # a bill's basis, stated in Accept, cannot change afterwards
+            with pytest.raises(LocalProtocolError):
+                job.prompt_counted(2)
+            assert job.prompt_tokens == 3

@@ -252,6 +252,7 @@ class ProviderJob:
         job.receive_frame(sealed_prompt)    -> PromptReceived
         send(job.busy(retry_after))         # and stop; or:
         send(job.accept(window, prompt_tokens, owed_before))
+        job.prompt_counted(n)               # a free job accepted before its prompt was counted
         while generating:
             while (ask := job.payment_due(upto)) is not None:   # upto=None: settle all
                 send(ask); wait for a voucher
