@@ -182,7 +182,7 @@ async def test_a_free_job_is_accepted_uncounted_and_done_still_reports_its_promp
     tiny_gguf_path: Path,
 ) -> None:
     async with (
-        open_supervised_engine(RunnerConfig(model=tiny_gguf_path, n_ctx=512)) as engine,
+        open_supervised_engine(RunnerConfig(model=tiny_gguf_path, n_ctx=2048)) as engine,
         provider_node(engine, identity=NodeIdentity.generate()) as prov,
     ):
         expected = await engine.count_tokens("hello world")
@@ -196,7 +196,8 @@ async def test_a_free_job_is_accepted_uncounted_and_done_still_reports_its_promp
                 if not live_counts:
                     live_counts.append([job.prompt_tokens for job in prov.jobs.live])
 
-            res = await client.ask(advert, "hello world", max_tokens=200, params=params,
+            # Long enough that the job is still generating when its first token arrives.
+            res = await client.ask(advert, "hello world", max_tokens=1500, params=params,
                                    on_text=on_text)
             assert spy.calls == 0  # no round trip to the runner before Accept
             # The runner counted it as the job started: the status page had it from the
