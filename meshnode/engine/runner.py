@@ -178,6 +178,9 @@ class Runner:
         except (InvalidRequest, ValueError) as exc:
             self._error(msg["id"], "invalid", exc)
         else:
+            # The prompt's count before its first token: a provider that did not ask for
+            # it up front (a free job) learns it here.
+            self.send({"t": "count", "id": msg["id"], "n": len(tokens)})
             self.queue.append(_Job(msg["id"], tokens, params, msg["max"]))
 
     def count(self, job_id: int, text: str) -> None:

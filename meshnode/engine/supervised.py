@@ -374,6 +374,9 @@ class SupervisedEngine:
             if pending is not None:
                 pending.error = exc
                 pending.done.set()
+        elif kind == "count" and msg["id"] in self._jobs:  # a job's prompt, counted
+            job = self._jobs[msg["id"]]
+            job.usage = Usage(prompt_tokens=msg["n"], completion_tokens=0)
         elif kind in ("count", "bias"):
             pending = self._pending.get(msg["id"])
             if pending is not None:
