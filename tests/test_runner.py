@@ -21,6 +21,7 @@ from meshnode.engine.base import (
 )
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.model_file import ModelFileError
+from meshnode.engine.runner import PACE_ENV
 from meshnode.engine.supervised import (
     EXIT_GRACE_S,
     PING_INTERVAL_S,
@@ -70,6 +71,21 @@ async def test_a_job_in_the_runner_matches_the_in_process_engine(tiny_gguf_path:
         assert await greedy(engine, "the river", 60, bias) == expected
         assert await engine.count_tokens("the river flows") == local_count
         assert engine.info.n_ctx == CTX
+
+
+async def test_a_paced_runner_decodes_no_faster_than_its_pace_and_the_same_text(
+    tiny_gguf_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The market scenario's providers differ in speed this way (one CPU, no GPUs).
+    async with open_supervised_engine(config(tiny_gguf_path)) as engine:
+        bias = await engine.steady_logit_bias()
+        expected = await greedy(engine, "the river", 30, bias)
+    monkeypatch.setenv(PACE_ENV, "100")
+    async with open_supervised_engine(config(tiny_gguf_path)) as engine:
+        start = time.monotonic()
+        assert await greedy(engine, "the river", 30, bias) == expected
+        elapsed = time.monotonic() - start
+    assert elapsed >= 29 / 100  # 30 steps, the first one not held back (unpaced: ~10 ms)
 
 
 @pytest.mark.parametrize(("fault", "signal_name"), [("abort:20", "SIGABRT"),
