@@ -1,14 +1,14 @@
 """Probes of the market loop on a loopback mesh (the closing numbers of issue 10).
 
     .venv/bin/python bench/market_probe.py abandon  [--seconds 60] [--deposit 1]
-    .venv/bin/python bench/market_probe.py flood    [--seconds 60] [--flooders 20]
+    .venv/bin/python bench/market_probe.py flood    [--seconds 60] [--flooders 20] [--deposit 1]
     .venv/bin/python bench/market_probe.py newcomer [--jobs 50] [--liar]
 
 - ``abandon``: a provider priced at 1,000 nanoton per completion token; a client opens
   a channel with ``--deposit`` nanoton (1 by default) and, for a minute, starts jobs and
   abandons each one when asked to pay. Counts the completion tokens it got for free.
-- ``flood``: the same cheap channel floods the provider with abandoning jobs from
-  ``--flooders`` concurrent loops, while a funded client makes 12 paid asks spread over
+- ``flood``: the same abandoning channel (``--deposit``) floods the provider with jobs
+  from ``--flooders`` concurrent loops, while a funded client makes 12 paid asks spread over
   the minute. Counts the paid asks served.
 - ``newcomer``: a client measures provider A, then B joins (its advert says 0 tok/s, or
   with ``--liar`` 10,000 tok/s while it really decodes at 40); counts B's share of the
@@ -16,9 +16,12 @@
 
 Real parts throughout: libp2p hosts on 127.0.0.1, llama.cpp on the generated tiny model,
 the payment-channel contract in the TVM emulator. The probes use only APIs that existed
-before issue 10 as well, so the same file measures the code before and after
-(``PYTHONPATH=<old checkout> python bench/market_probe.py ...``). Writes
-bench/results/market_<probe>.json.
+before issue 10 as well, but meshnode/pay/ was split into packages since: to measure the
+code before (7c16d0f), run this file as it was at 203b213 (the old module paths) from a
+checkout of it: ``git worktree add --detach B 7c16d0f; git show
+203b213:bench/market_probe.py > B/bench/market_probe_old.py; PYTHONPATH=B python
+B/bench/market_probe_old.py ...`` (it writes B/bench/results/). Writes
+bench/results/market_<probe>[_<tag>].json.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -177,11 +181,11 @@ async def abandon(seconds: float, deposit: int) -> dict[str, Any]:
                     "provider_errors": dict(prov.jobs.stats.errors)}
 
 
-async def flood(seconds: float, flooders: int) -> dict[str, Any]:
+async def flood(seconds: float, flooders: int, deposit: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         async with AsyncExitStack() as stack:
             chain, prov, client, pays, advert, engine = await _market(stack, Path(tmp))
-            cheap = await _open(chain, client, pays, advert, CLIENT_WALLET, 1)
+            cheap = await _open(chain, client, pays, advert, CLIENT_WALLET, deposit)
             funded_pays = ClientPayments.at(Path(tmp) / "funded", chain, FUNDED_WALLET,
                                             pays.code)
             funded = await _open(chain, client, funded_pays, advert, FUNDED_WALLET, TON)
@@ -208,6 +212,7 @@ async def flood(seconds: float, flooders: int) -> dict[str, Any]:
                         outcomes.append(exc.code)
                 nursery.cancel_scope.cancel()
             return {"probe": "flood", "seconds": seconds, "flooders": flooders,
+                    "deposit_nanoton": deposit,
                     "paid_asks": PAID_ASKS, "served": outcomes.count("served"),
                     "outcomes": outcomes, "flood_jobs": flood_jobs[0],
                     "busy_refusals": prov.jobs.stats.busy_refusals,
@@ -250,24 +255,40 @@ async def newcomer(jobs: int, liar: bool) -> dict[str, Any]:
                     "order": "".join("N" if s == "new" else "o" for s in served)}
 
 
+def _commit() -> str | None:
+    """The checkout measured (None outside a git work tree)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("probe", choices=["abandon", "flood", "newcomer"])
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--deposit", type=int, default=1, help="nanoton (abandon)")
+    parser.add_argument("--deposit", type=int, default=1,
+                        help="nanoton in the abandoning channel (abandon, flood)")
     parser.add_argument("--flooders", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--liar", action="store_true")
     parser.add_argument("--tag", default="", help="suffix of the result file")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     if args.probe == "abandon":
         result = trio.run(abandon, args.seconds, args.deposit)
     elif args.probe == "flood":
-        result = trio.run(flood, args.seconds, args.flooders)
+        result = trio.run(flood, args.seconds, args.flooders, args.deposit)
     else:
         result = trio.run(newcomer, args.jobs, args.liar)
     result["machine"] = {"cpu": platform.processor() or platform.machine(),
-                         "cores": os.cpu_count(), "python": platform.python_version()}
+                         "cores": os.cpu_count(), "python": platform.python_version(),
+                         # 1/5/15-minute load averages: the box may be shared
+                         "load_before": [round(x, 2) for x in load_before],
+                         "load_after": [round(x, 2) for x in os.getloadavg()]}
+    result["commit"] = _commit()
     RESULTS.mkdir(exist_ok=True)
     name = f"market_{args.probe}{('_' + args.tag) if args.tag else ''}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -155,6 +155,10 @@ async def measure(path: Path, llm: Any, prompt: str, tokens: int, runs: int,
             rows["direct"].append(_stats(r["ttft_s"], r["total_s"], tokens))
             rows["runner"].append(await runner_run(engine, prompt, tokens, bias))
             rows["mesh"].append(await mesh_run(client, advert, prompt, tokens, bias))
+        # How many mesh jobs started on a spare job stream (no stream open before Open).
+        streams = client.job_streams
+        rows["job_streams"] = [{"spares_used": streams.spares_used,
+                                "opened_for_jobs": streams.opened}]
     return rows
 
 
@@ -214,6 +218,7 @@ def main() -> None:
         "llama_cpp_system_info": system_info(),
         "machine": _cpu(),
     }
+    summary["mesh_job_streams"] = rows.pop("job_streams")[0]
     for key in rows:
         summary[key] = {"ttft_ms": med(key, "ttft_s") * 1000,
                         "decode_tok_s": med(key, "decode_tok_s")}

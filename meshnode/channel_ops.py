@@ -22,7 +22,12 @@ from meshnode.core.meter import Price
 from meshnode.node import ClientNode, client_node
 from meshnode.pay.channel.book import ChannelBook
 from meshnode.pay.channel.ledger import Ledger
-from meshnode.pay.channel.lifecycle import ChannelStatus, ClientChannel
+from meshnode.pay.channel.lifecycle import (
+    ChannelError,
+    ChannelStatus,
+    ChannelWatcher,
+    ClientChannel,
+)
 from meshnode.pay.channel.pool import Budget, ClientChannels
 from meshnode.pay.contract.cells import (
     CHANNEL_STATE_AWAITING_FINALIZATION,
@@ -360,6 +365,41 @@ async def close_all_channels(
 
 
 # --- provider earnings --------------------------------------------------------------
+
+
+async def withdraw(home: Path, choice: ChainChoice, channel_id: int) -> tuple[int | None, bool]:
+    """Provider side, for a client that stays away: start closing ``channel_id`` on chain
+    with its latest voucher if it is still open *on chain* (a close this provider
+    co-signed may never have been sent), and finish every close whose quarantine and
+    settling time are over (what a running `serve` does by itself).
+    (what the started close will pay, or None if it was already closing; whether this
+    channel's close was finished now)."""
+    keys, _ = load_or_create_payment_keys(home)
+    chain = choice.open(keys)
+    ledger = Ledger(home / PROVIDER_DIR)
+    book = ChannelBook(home / PROVIDER_DIR, load_payment_channel_code())
+    watcher = ChannelWatcher(chain, keys.channel_signer(), choice.wallet(keys), ledger, book)
+    try:
+        records = [r for r in await trio.to_thread.run_sync(ledger.channels)
+                   if r.channel_id == channel_id]
+        if not records:
+            raise ChannelError("unknown_channel", f"no channel {channel_id:#x} to this provider")
+        if len(records) > 1:  # ids are chosen by clients and may repeat
+            raise ChannelError("ambiguous", f"{len(records)} clients use id {channel_id:#x}")
+        [record] = records
+        entry = next((e for e in await trio.to_thread.run_sync(book.all)
+                      if e.config.channel_id == channel_id
+                      and e.config.key_a == record.client_key), None)
+        if entry is None:
+            raise ChannelError("unknown_channel", f"channel {channel_id:#x} has no book entry")
+        view = await on_chain(read_channel, chain, entry.address)
+        is_open = view.state == CHANNEL_STATE_OPEN
+        started = await watcher.start_close(record.ref) if is_open else None
+        finished = await watcher.check_once()
+        return started, any(a.channel_id == channel_id and a.action == "finished"
+                            for a in finished)
+    finally:
+        ledger.close()
 
 
 async def earnings(home: Path, choice: ChainChoice) -> list[ChannelRow]:

@@ -159,7 +159,7 @@ def check_tdx() -> Check:
         return Check("tdx", "ok", f"{TSM_REPORT_DIR} present: `serve --tee tdx` can quote")
     return Check("tdx", "warn", "no configfs-tsm (not a TDX guest): only `--tee dev`, which "
                  "clients refuse unless --insecure",
-                 "run inside a TDX confidential VM (see packaging/ confidential-VM notes); "
+                 "run inside a TDX confidential VM (see docs/confidential-vm.md); "
                  "mount configfs: `mount -t configfs none /sys/kernel/config`")
 
 

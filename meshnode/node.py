@@ -34,6 +34,7 @@ from meshnode.core.router import Router, Strategy
 from meshnode.identity import NodeIdentity, load_or_create
 from meshnode.jobs.client import JobError, JobRequest, JobResult, OnText, run_job
 from meshnode.jobs.client_stats import ClientStats
+from meshnode.jobs.job_streams import JobStreams
 from meshnode.jobs.payment_gate import JobPayments, Payer, PaymentService, PayNothing
 from meshnode.jobs.routed import DEFAULT_DEADLINE_S, NoProvider, RoutedJobs, RoutedResult
 from meshnode.p2p.advert_exchange import ADVERT_PROTOCOL, serve_advert
@@ -254,6 +255,8 @@ class ClientNode:
         self.stats = ClientStats()  # this session's jobs, for metrics and `meshnode status`
         self.job_deadline_s = DEFAULT_DEADLINE_S  # bounds a whole job on one provider
         self.discovery: ClientDiscovery | None = None
+        # A spare job stream per recently used provider (run by client_node's nursery).
+        self.job_streams = JobStreams(host)
         self.jobs = RoutedJobs(
             host=host,
             directory=self.verified.directory,
@@ -261,6 +264,7 @@ class ClientNode:
             dial=self.dialer.ensure_connected,
             payments=payments or PayNothing(),
             on_settled=self.peer_stats.save,
+            streams=self.job_streams,
         )
 
     # --- the parts, as callers know them ------------------------------------------------
@@ -358,6 +362,7 @@ class ClientNode:
                     ),
                     on_text=on_text,
                     payer=payer,
+                    streams=self.job_streams,
                 )
                 self.stats.completed(result.usage, result.ttft_s, result.elapsed_s)
                 return result
@@ -435,6 +440,7 @@ async def client_node(
             if bootstrap:
                 node.dialer.relay = await stack.enter_async_context(RelayClient(host).running())
             nursery = await stack.enter_async_context(background_tasks())
+            await nursery.start(node.job_streams.run)
             nursery.start_soon(node.verified.verify_loop)
             nursery.start_soon(node.dialer.keep_pinned_fresh)  # providers given by --peer
             if isinstance(payments, PaymentService):

@@ -23,13 +23,15 @@ from meshnode.engine.supervised import (
 
 class LoadBar:
     """One progress bar per load stage (hashing, loading) on ``console``; nothing
-    without a console. ``stop()`` removes the bars (idempotent)."""
+    without a console, or when it is not a terminal (journald, `docker logs`, a pipe:
+    rich would print nothing there but a blank line at the end). ``stop()`` removes the
+    bars (idempotent)."""
 
     def __init__(self, console: Console | None, label: str) -> None:
         self._label = label
         self._tasks: dict[str, TaskID] = {}
         self._bar: Progress | None = None
-        if console is not None:
+        if console is not None and console.is_terminal:
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),

@@ -134,6 +134,29 @@ def test_a_client_without_gossipsub_leaves_no_noise_in_the_providers_log(
     assert "meshsub" not in log and "Traceback" not in log, log[-3000:]
 
 
+# A peer id nobody runs, on a port nothing listens on: every dial fails at once.
+NOBODY = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWEBeinpaTmmvjULN54PkzhNsRzu8ZeCyWZs6ekySHvggC"
+
+
+def test_an_unreachable_peer_is_one_line_and_the_libraries_lines_wait_for_vv(
+    tmp_path: Path,
+) -> None:
+    """`ask` imports py-libp2p only once it needs its own node, after logging is set up;
+    that import resets libp2p's logger, whose errors then printed bare ("Failed to open
+    TCP stream", four times) and whose debug lines -vv lost."""
+    env = cli_env(tmp_path)
+    quiet = run_cli(env, "ask", "--peer", NOBODY, "--insecure", "--max-tokens", "4", "hi")
+    assert quiet.returncode == 3, quiet.stderr
+    assert quiet.stderr.splitlines() == [
+        line for line in quiet.stderr.splitlines() if line.startswith("cannot reach ")
+    ], quiet.stderr
+    loud = run_cli(env, "ask", "--peer", NOBODY, "--insecure", "--max-tokens", "4", "-vv", "hi")
+    assert loud.returncode == 3
+    assert re.search(r"ERROR libp2p\.transport\.tcp\.tcp: Failed to open TCP stream",
+                     loud.stderr), loud.stderr[-3000:]
+    assert "DEBUG libp2p.network.swarm" in loud.stderr  # from the node's own start
+
+
 # --- a running provider and `meshnode status` --------------------------------------------
 
 
@@ -195,9 +218,10 @@ def test_a_second_node_on_the_same_home_is_refused(served: Served, tiny_gguf_pat
         (["client", "--api", "127.0.0.1:0"], "OpenAI-compatible API", signal.SIGINT, 130),
         (["client", "--api", "127.0.0.1:0"], "OpenAI-compatible API", signal.SIGTERM, 143),
         (["testnet", "--providers", "1", "--models", "1"], "testnet up", signal.SIGINT, 130),
+        (["testnet", "--providers", "1", "--models", "1"], "testnet up", signal.SIGTERM, 143),
     ],
     ids=["bootstrap-ctrl-c", "bootstrap-sigterm", "client-ctrl-c", "client-sigterm",
-         "testnet-ctrl-c"],
+         "testnet-ctrl-c", "testnet-sigterm"],
 )
 def test_a_long_running_command_stops_cleanly_on_a_signal(
     tmp_path: Path, command: list[str], ready: str, signum: int, code: int

@@ -315,3 +315,68 @@ def test_open_ask_status_close_pays_the_provider_exactly_the_last_voucher(
             assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         for seed in _seeds(home_dir):
             assert seed not in printed
+
+
+@pytest.mark.slow
+def test_ask_by_model_pays_through_a_channel_it_opens_and_close_all_settles_it_exactly(
+    tmp_path: Path, env: dict[str, str], chain_state: Path, served: Served, bootstrap: str
+) -> None:
+    home = str(tmp_path / "B")
+    paid = []
+    for prompt in ("hi", "again"):  # the second ask, a new process, reuses the channel
+        asked = run(env, "ask", "--model", "tiny-llama-random", "--bootstrap", bootstrap,
+                    "--insecure", "--own-node", "--deposit", "0.05", "--max-tokens",
+                    str(MAX_TOKENS), "--json", "--home", home, prompt)
+        paid.append(json.loads(asked.stdout)["cost_nanoton"])
+        assert paid[-1] > 0
+    [listed] = json.loads(run(env, "channel", "list", "--json", "--home", home).stdout)
+    assert listed["state"] == "open" and listed["paid_nanoton"] == sum(paid)
+    assert listed["deposit_nanoton"] == 50_000_000
+    before = LocalChain(chain_state).balance(served.wallet)
+    run(env, "channel", "close-all", "--bootstrap", bootstrap, "--insecure", "--home", home)
+    assert LocalChain(chain_state).balance(served.wallet) - before == sum(paid)
+    from meshnode.pay.channel.ledger import Ledger
+
+    with Ledger(Path(home) / CLIENT_DIR) as ledger:
+        assert [c.state for c in ledger.channels()] == ["closed"]
+
+
+def test_withdrawing_from_a_channel_this_provider_never_had_is_an_error(
+    chain_state: Path, tmp_path: Path
+) -> None:
+    code, output = invoke("earnings", "--withdraw", "0x1", "--home", str(tmp_path / "A"))
+    assert code != 0 and "unknown_channel" in output
+
+
+@pytest.mark.slow
+def test_a_provider_starts_withdrawing_the_latest_voucher_from_a_client_that_stays_away(
+    tmp_path: Path, env: dict[str, str], served: Served
+) -> None:
+    from meshnode.channel_ops import format_ton
+
+    home = str(tmp_path / "B")
+    opened = run(env, "channel", "open", "--peer", served.addr, "--deposit", "0.1",
+                 "--insecure", "--home", home)
+    found = _CHANNEL_ID.search(opened.stdout)
+    assert found, opened.stdout
+    asked = run(env, "ask", "--peer", served.addr, "--channel", found[1], "--insecure",
+                "--max-tokens", str(MAX_TOKENS), "--json", "--home", home, "hi")
+    paid = json.loads(asked.stdout)["cost_nanoton"]
+    assert paid > 0
+    provider = str(tmp_path / "A")  # the client is not asked: it may be gone
+    from meshnode.pay.channel.ledger import ChannelRef, Ledger
+    from meshnode.pay.setup.keys import load_or_create_payment_keys
+    from meshnode.pay.setup.wiring import PROVIDER_DIR
+
+    # As if the provider had co-signed a close the client then never sent: its ledger
+    # says closing, the chain says open, and only the chain counts.
+    client_key = load_or_create_payment_keys(Path(home))[0].channel_public
+    with Ledger(Path(provider) / PROVIDER_DIR) as ledger:
+        ledger.set_state(ChannelRef(int(found[1], 16), client_key), "closing")
+    started = run(env, "earnings", "--withdraw", found[1], "--home", provider)
+    assert f"will pay {format_ton(paid)}" in started.stdout, started.stdout
+    status = json.loads(run(env, "channel", "status", found[1], "--json", "--home",
+                            home).stdout)
+    assert status["state"] == "closing (quarantine)" and status["quarantine_seqno_a"] is not None
+    again = run(env, "earnings", "--withdraw", found[1], "--home", provider)
+    assert "still in quarantine" in again.stdout, again.stdout

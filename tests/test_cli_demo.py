@@ -24,6 +24,9 @@ def test_demo_streams_a_paid_answer_and_closes_the_channel(tmp_path: Path) -> No
     assert "12 completion tokens" in out and "finish: length" in out
     assert "WITHOUT a TEE" in out
     assert "paid" in out and "closed   cooperatively (on-chain state: closed)" in out
+    # Piped stderr stays empty: no llama.cpp lines (its n_ctx warning), not even the blank
+    # line a load bar leaves on a console that is not a terminal.
+    assert proc.stderr == "", proc.stderr[-2000:]
 
 
 def test_serve_shuts_down_cleanly_on_sigterm(tmp_path: Path, tiny_gguf_path: Path) -> None:

@@ -74,3 +74,19 @@ def test_each_failure_exits_non_zero_and_names_its_fix(tmp_path: Path) -> None:
     assert checks["key peer.ed25519"]["fix"] == f"chmod 600 {leaky}"
     assert checks["listen"]["status"] == "fail" and checks["listen"]["fix"]
     assert checks["bootstrap"]["status"] == "fail" and checks["bootstrap"]["fix"]
+
+
+def test_the_doctor_table_keeps_a_bootstrap_address_whole_in_a_narrow_pipe(
+    tmp_path: Path,
+) -> None:
+    """The table is as wide as its longest word (a terminal wraps whole lines); rich
+    folded a multiaddr across six rows at 80 columns, or when piped."""
+    addr = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWGzxzKZYveHXtpG6AsrUJBcWxHBFS2HsEoGTxrMLvKXtf"
+    env = {**os.environ, "MESHNODE_HOME": str(tmp_path), "COLUMNS": "40"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshnode.cli", "doctor", "--bootstrap", addr],
+        env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the bootstrap is unreachable
+    assert addr in proc.stdout, proc.stdout
+    assert proc.stderr == "", proc.stderr[-2000:]

@@ -64,6 +64,36 @@ def test_the_systemd_unit_is_hardened(unit_here: Path) -> None:
         assert setting in text
 
 
+@pytest.mark.parametrize("drop_ins", [("gpu.conf",), ("gpu.conf", "tdx.conf")],
+                         ids=["gpu", "gpu-and-tdx"])
+def test_the_unit_with_its_drop_ins_verifies_and_stays_hardened(
+    unit_here: Path, tmp_path: Path, drop_ins: tuple[str, ...]
+) -> None:
+    """The GPU and TDX drop-ins loosen the unit on purpose (devices, a fixed user); they
+    must still load, and the exposure must stay under the bound."""
+    units = tmp_path / "units"
+    (units / "meshnode-serve@.service.d").mkdir(parents=True)
+    (units / "meshnode-serve@.service").write_text(unit_here.read_text())
+    for name in drop_ins:
+        shutil.copy(PACKAGING / "systemd" / name, units / "meshnode-serve@.service.d" / name)
+    env = {"PATH": "/usr/bin:/bin", "SYSTEMD_UNIT_PATH": f"{units}:"}  # ':' adds the defaults
+    instance = "meshnode-serve@test.service"
+    verify = subprocess.run([_tool("systemd-analyze"), "verify", instance], env=env,
+                            capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = subprocess.run(
+        [_tool("systemd-analyze"), "security", "--offline=yes", "--no-pager", instance],
+        env=env, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
+    assert found, security.stdout[-2000:] + security.stderr
+    assert float(found[1]) <= MAX_EXPOSURE, security.stdout
+    # The drop-ins were read: each one changes what the analysis reports.
+    assert "✗ PrivateDevices=" in security.stdout  # gpu.conf opens the devices
+    if "tdx.conf" in drop_ins:
+        assert "static non-root user" in security.stdout  # tdx.conf: User=, no DynamicUser
+
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
 def test_a_dockerfile_passes_hadolint(dockerfile: str) -> None:
     done = subprocess.run(

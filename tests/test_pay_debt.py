@@ -223,3 +223,16 @@ async def test_a_close_pays_the_debt_a_broken_job_left(
         await channel.close(client_host, provider)
     assert net.chain.balance(PROVIDER_WALLET) - before == channel.owed
     assert channel.owed == net.provider.ledger.channel_owed(channel.ref)  # both counted it
+
+
+async def test_a_job_on_a_channel_whose_uncooperative_close_began_on_chain_is_refused(
+    net: PayNet, channel: ClientChannel
+) -> None:
+    await paid_job(net, channel, 4)
+    await channel.start_uncooperative_close()  # on chain only: the provider is not asked
+    await net.provider.watcher.check_once()  # the running node's next watch pass
+    gate = channel_gate(net.provider.gates, channel)
+    with pytest.raises(PaymentRejected) as info:
+        await gate.admit()
+    assert info.value.code == "channel_closed"
+    assert net.provider.ledger.channel(channel.ref).state == "closing"  # type: ignore[union-attr]

@@ -206,6 +206,37 @@ async def test_watcher_leaves_a_close_with_the_latest_voucher_alone(net: PayNet)
     assert (await channel.status()).state == CHANNEL_STATE_CLOSURE_STARTED
 
 
+async def test_a_provider_withdraws_the_latest_voucher_from_a_client_that_stays_away(
+    net: PayNet,
+) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+    latest = (await pay_in_steps(net, channel, steps=3)).vouchers[-1]
+    watcher = net.provider.watcher
+    a_before = net.chain.balance(CLIENT_WALLET)
+    b_before = net.chain.balance(PROVIDER_WALLET)
+    assert await watcher.start_close(channel.ref) == latest.sent  # the client is not asked
+    assert (await channel.status()).state == CHANNEL_STATE_CLOSURE_STARTED
+    assert not net.provider.ledger.channel(channel.ref).is_open  # type: ignore[union-attr]
+    assert await watcher.check_once() == []  # in quarantine: nothing to do yet
+    net.chain.inner.advance(QUARANTINE_S + 61)  # quarantine and settling time are over
+    assert await watcher.check_once() == [WatchAction(channel.channel_id, "finished")]
+    assert net.chain.balance(PROVIDER_WALLET) - b_before == latest.sent
+    assert net.chain.balance(CLIENT_WALLET) - a_before == DEPOSIT - latest.sent + FEE_RESERVE
+
+
+async def test_a_provider_cannot_withdraw_from_a_channel_that_never_paid(net: PayNet) -> None:
+    channel = await net.open_channel()
+    async with linked(net) as (client_host, provider):
+        await channel.announce(client_host, provider)
+    with pytest.raises(ChannelError, match="no_voucher"):
+        await net.provider.watcher.start_close(channel.ref)
+    with pytest.raises(ChannelError, match="unknown_channel"):
+        await net.provider.watcher.start_close(ChannelRef(channel.channel_id, bytes(32)))
+    assert net.chain.sends == 1  # nothing was sent
+
+
 @pytest.mark.parametrize("jobs, steps", [(1, 1), (5, 12)])
 async def test_a_channel_costs_two_chain_messages_whatever_it_carries(
     net: PayNet, jobs: int, steps: int

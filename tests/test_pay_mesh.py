@@ -24,6 +24,7 @@ from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_nod
 from meshnode.pay.channel.ledger import ChannelRecord, Ledger
 from meshnode.pay.channel.lifecycle import ClientChannel
 from meshnode.pay.contract.cells import FEE_RESERVE
+from meshnode.pay.metering.payer import ChannelPayer
 
 if TYPE_CHECKING:
     from meshnode.engine.llama import LlamaEngine
@@ -350,3 +351,37 @@ async def test_a_legitimate_job_completes_while_a_cheap_channel_floods_the_provi
             nursery.cancel_scope.cancel()
     assert set(floods) == {"deposit_low"}
     assert m.provider.jobs.stats.busy_refusals == 0
+
+
+PATIENCE_S = 0.5
+"""The provider's wait for a voucher in the test below (PAYMENT_TIMEOUT_S is 30 s)."""
+
+
+class StoppedPayer(ChannelPayer):
+    """A client that stops paying but keeps the stream open: its first voucher comes
+    only after the provider has stopped waiting for it."""
+
+    async def voucher_for(self, owed: int, received: int) -> bytes:
+        await trio.sleep(3 * PATIENCE_S)
+        return await super().voucher_for(owed, received)
+
+
+async def test_a_client_that_stops_paying_gets_a_timeout_and_both_ledgers_count_the_debt(
+    tmp_path: Path, code: Cell, tiny_engine: LlamaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshnode.jobs import provider
+
+    monkeypatch.setattr(provider, "PAYMENT_TIMEOUT_S", PATIENCE_S)
+    async with mesh(tmp_path, code, tiny_engine) as m:
+        payer = StoppedPayer(m.channel, PRICE, WINDOW_TOKENS)
+        with pytest.raises(JobError) as info:
+            await m.client.ask(m.advert, "hello world", max_tokens=MAX_TOKENS,
+                               params=steady(tiny_engine), payer=payer)
+        assert info.value.code == "timeout"
+        got = info.value.received_tokens
+        assert 0 < got <= WINDOW_TOKENS  # no more than the credit window, unpaid
+        ref = m.channel.ref
+        owed = m.net.provider.ledger.channel_owed(ref)
+        assert owed == m.net.client.ledger.channel_owed(ref) > 0  # the same debt, both sides
+        assert m.net.provider.ledger.latest_voucher(ref) is None  # nothing was paid
+        assert m.provider.jobs.stats.errors == {"timeout": 1}

@@ -24,7 +24,7 @@ from meshnode.identity import NodeIdentity
 from meshnode.jobs.routed import NoProvider
 from meshnode.node import ClientNode, ProviderNode, ProviderSettings, client_node, provider_node
 from meshnode.pay.channel.ledger import ChannelRef
-from meshnode.pay.channel.pool import Budget, ClientChannels
+from meshnode.pay.channel.pool import Budget, ClientChannels, job_need
 from meshnode.pay.setup.wiring import ClientPayments, ProviderPayments
 from meshnode.pay.ton.emulator import EmulatedChain
 from meshnode.pay.ton.onchain import raw_address
@@ -192,6 +192,32 @@ async def test_the_total_budget_bounds_the_channels_opened(
         assert channels.opened == 1 and channels.committed <= budget.total
     assert a.jobs.stats.jobs_started + b.jobs.stats.jobs_started == 4
     assert 0 in (a.jobs.stats.jobs_started, b.jobs.stats.jobs_started)
+
+
+async def test_a_channel_too_spent_for_the_next_job_is_closed_paid_and_replaced(
+    market: Market, engines: list[LlamaEngine]
+) -> None:
+    pay = market.provider_payments(0, CHEAP)
+    before = market.wallet(0)
+    async with priced(engines[0], pay, CHEAP, NodeIdentity.generate()) as prov:
+        need = job_need(prov.advert(), CHEAP, "job 0", 12)  # every job below asks the same
+        async with paying_client(market, Budget(deposit=need, total=TON)) as (client, channels):
+            await client.connect(prov.addrs[0])
+            costs = []
+            for i in range(3):  # the contract takes no top-up: each job needs a new channel
+                res = await client.complete(engines[0].info.model_id, f"job {i}",
+                                            max_tokens=12, params=steady(engines[0]))
+                costs.append(res.usage.cost_nanoton)
+                assert 0 < costs[-1] < need
+            assert (channels.opened, channels.closed) == (3, 2)
+            assert market.chain.sends == 3 + 2  # an open per channel, a close per replaced one
+            assert market.wallet(0) - before == sum(costs[:2])  # the replaced ones, exactly
+            [last] = channels.channels
+            assert await channels.close_all() == [last.channel_id]
+    assert market.wallet(0) - before == sum(costs)
+    refs = [r.ref for r in channels.payments.ledger.channels()]
+    assert len(refs) == 3
+    assert all(not pay.ledger.channel(r).is_open for r in refs)  # type: ignore[union-attr]
 
 
 async def test_a_stream_continued_elsewhere_pays_each_provider_exactly_its_share(

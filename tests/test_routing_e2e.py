@@ -175,6 +175,26 @@ async def test_peer_statistics_survive_a_client_restart(
     assert again.successes == 1 and again.rtt_s == learned.rtt_s
 
 
+async def test_a_new_provider_gets_a_job_within_its_first_two_requests_beside_a_measured_one(
+    long_engines: list[LlamaEngine],
+) -> None:
+    model, params = long_engines[0].info.model_id, steady(long_engines[0])
+    async with (
+        provider_node(long_engines[0], identity=NodeIdentity.generate()) as old,
+        client_node(allow_insecure=True) as client,
+    ):
+        await client.connect(old.addrs[0])
+        for i in range(3):  # the client measures the first provider
+            await client.complete(model, f"warm {i}", max_tokens=8, params=params)
+        async with provider_node(long_engines[1], identity=NodeIdentity.generate()) as new:
+            advert = await client.connect(new.addrs[0])
+            assert advert.capacity.tokens_per_s == 0.0  # it never ran a job
+            served = [(await client.complete(model, f"job {i}", max_tokens=8,
+                                             params=params)).providers[-1] for i in range(2)]
+            assert new.peer_id in served
+            assert new.jobs.stats.jobs_started >= 1
+
+
 async def test_policy_may_allow_dev_providers(
     long_engines: list[LlamaEngine], tmp_path: Path
 ) -> None:

@@ -21,7 +21,9 @@ from meshnode.engine.base import (
 )
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.model_file import ModelFileError
+from meshnode.engine.runner import PACE_ENV
 from meshnode.engine.supervised import (
+    EXIT_GRACE_S,
     PING_INTERVAL_S,
     RunnerConfig,
     RunnerState,
@@ -69,6 +71,21 @@ async def test_a_job_in_the_runner_matches_the_in_process_engine(tiny_gguf_path:
         assert await greedy(engine, "the river", 60, bias) == expected
         assert await engine.count_tokens("the river flows") == local_count
         assert engine.info.n_ctx == CTX
+
+
+async def test_a_paced_runner_decodes_no_faster_than_its_pace_and_the_same_text(
+    tiny_gguf_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The market scenario's providers differ in speed this way (one CPU, no GPUs).
+    async with open_supervised_engine(config(tiny_gguf_path)) as engine:
+        bias = await engine.steady_logit_bias()
+        expected = await greedy(engine, "the river", 30, bias)
+    monkeypatch.setenv(PACE_ENV, "100")
+    async with open_supervised_engine(config(tiny_gguf_path)) as engine:
+        start = time.monotonic()
+        assert await greedy(engine, "the river", 30, bias) == expected
+        elapsed = time.monotonic() - start
+    assert elapsed >= 29 / 100  # 30 steps, the first one not held back (unpaced: ~10 ms)
 
 
 @pytest.mark.parametrize(("fault", "signal_name"), [("abort:20", "SIGABRT"),
@@ -145,6 +162,33 @@ async def test_leaving_a_stream_frees_the_runner_for_the_next_job(tiny_gguf_path
         assert engine.active_jobs == 0
         with trio.fail_after(5):  # one job at a time: this finishes only if the first stopped
             assert (await greedy(engine, "hello", 10, bias))[1] == 10
+
+
+async def test_a_node_stopping_mid_job_stops_its_runner_without_waiting_out_timeouts(
+    tiny_gguf_path: Path,
+) -> None:
+    """Ctrl-C on `serve` or `demo` cancels the engine and a job at once: the job must not
+    wait CANCEL_CONFIRM_TIMEOUT_S for a confirmation nobody reads any more, nor the runner
+    EXIT_GRACE_S for a death that is not coming (it was 10.5 s in `demo`)."""
+    streaming = trio.Event()
+    with trio.CancelScope() as node:
+        async with open_supervised_engine(config(tiny_gguf_path)) as engine:
+            bias = await engine.steady_logit_bias()
+
+            async def job() -> None:
+                params = SamplingParams(temperature=0.0, logit_bias=bias)
+                async with engine.stream("the river", params, 400) as gen:
+                    async for _ in gen:
+                        streaming.set()
+                        await trio.sleep(0.05)  # a slow reader: the job is live
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(job)
+                await streaming.wait()
+                stopped_at = time.monotonic()
+                node.cancel()
+    took = time.monotonic() - stopped_at
+    assert took < EXIT_GRACE_S, f"shutdown took {took:.1f} s"
 
 
 async def test_bad_requests_come_back_as_typed_errors(tiny_gguf_path: Path) -> None:

@@ -27,6 +27,7 @@ from rich.markup import escape
 from meshnode.cli import Interrupted
 from meshnode.core.errors import EXIT_USAGE, MeshnodeError
 from meshnode.core.text import for_terminal
+from meshnode.library_logs import set_library_level
 
 if TYPE_CHECKING:
     from meshnode.pay.channel.pool import Budget
@@ -118,10 +119,6 @@ def print_json(data: Any) -> None:
 
 # --- logging ---------------------------------------------------------------------------
 
-# Libraries whose WARNING/ERROR lines are routine at the default level: a peer that does not
-# speak gossipsub (every light client) makes py-libp2p log a failed meshsub stream with a
-# traceback, and the DHT/relay log every refused dial. They show from -vv on.
-NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "llama_cpp", "hypercorn")
 
 
 # A log message longer than this is cut (with its length noted): a line is for a human,
@@ -174,8 +171,7 @@ def setup_logging(verbose: int) -> None:
         force=True,
     )
     library_level = logging.DEBUG if verbose >= 2 else logging.CRITICAL
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(library_level)
+    set_library_level(library_level)  # the routine noise of libp2p, llama.cpp, hypercorn
     logging.getLogger("meshnode").setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
     # hypercorn's own lines ("Running on …"), routed under meshnode's name by the API server.
     logging.getLogger("meshnode.api.http").setLevel(library_level)

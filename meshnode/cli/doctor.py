@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -59,11 +60,15 @@ def doctor(
     if as_json:
         print(checks_json(checks))
         raise typer.Exit(1 if failed else 0)
+    # Wrapped between words, never inside one: a column is at least as wide as its
+    # longest word, so a multiaddr, peer id or path stays whole and can be copied (rich
+    # folded them across rows at 80 columns or when piped); a narrower terminal wraps
+    # whole lines instead.
     table = Table(show_lines=False)
     table.add_column("check", no_wrap=True)
     table.add_column("", no_wrap=True)
-    table.add_column("found", overflow="fold")
-    table.add_column("fix", overflow="fold")
+    table.add_column("found", overflow="fold", min_width=_longest_word(c.detail for c in checks))
+    table.add_column("fix", overflow="fold", min_width=_longest_word(c.fix for c in checks))
     marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
     for c in checks:
         table.add_row(c.name, marks[c.status], c.detail, c.fix)
@@ -71,3 +76,7 @@ def doctor(
     out.print("[red]some checks failed: see the fix column[/]" if failed
               else "[green]ready to serve[/]")
     raise typer.Exit(1 if failed else 0)
+
+
+def _longest_word(texts: Iterable[str]) -> int:
+    return max((len(word) for text in texts for word in text.split()), default=1)

@@ -32,6 +32,10 @@ class VerifiedDirectory:
         self.verifier = EvidenceVerifier(policy, allow_insecure=self.allow_insecure)
         self.insecure: dict[str, bool] = {}
         self._unverified = trio.Event()
+        # One verification pass at a time: the background loop and a query (`find`) would
+        # otherwise both verify the same pending advert (twice the quote checks); a caller
+        # that waits here then finds its answer already made.
+        self._verify_lock = trio.Lock()
 
     @property
     def adverts(self) -> dict[str, Advert]:
@@ -50,16 +54,18 @@ class VerifiedDirectory:
             self._unverified.set()
 
     async def verify_pending(self) -> None:
-        now = time.time()
-        for listing in self.directory.pending_verification(now):
-            advert = listing.advert
-            verdict = await self._verify(advert, now)
-            self.directory.set_verification(
-                advert.peer_id, verdict.ok, f"{verdict.reason}: {verdict.message}", seq=advert.seq
-            )
-            self.insecure[advert.peer_id] = verdict.insecure
-            log.debug("advert of %s seq %d: attestation %s", advert.peer_id, advert.seq,
-                      verdict.reason)
+        async with self._verify_lock:
+            now = time.time()
+            for listing in self.directory.pending_verification(now):
+                advert = listing.advert
+                verdict = await self._verify(advert, now)
+                self.directory.set_verification(
+                    advert.peer_id, verdict.ok, f"{verdict.reason}: {verdict.message}",
+                    seq=advert.seq,
+                )
+                self.insecure[advert.peer_id] = verdict.insecure
+                log.debug("advert of %s seq %d: attestation %s", advert.peer_id, advert.seq,
+                          verdict.reason)
 
     async def verify_loop(self) -> None:
         while True:

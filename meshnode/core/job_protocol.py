@@ -252,6 +252,7 @@ class ProviderJob:
         job.receive_frame(sealed_prompt)    -> PromptReceived
         send(job.busy(retry_after))         # and stop; or:
         send(job.accept(window, prompt_tokens, owed_before))
+        job.prompt_counted(n)               # a free job accepted before its prompt was counted
         while generating:
             while (ask := job.payment_due(upto)) is not None:   # upto=None: settle all
                 send(ask); wait for a voucher
@@ -274,6 +275,7 @@ class ProviderJob:
         self.state = ProviderState.AWAIT_OPEN
         self.open: Open | None = None
         self.prompt_tokens = 0
+        self.priced = False  # Accept stated a bill's basis (owed_before was given)
         self.delivered = 0  # completion tokens sent
         self.vouchers = 0  # vouchers the gate accepted
         self._opener: Opener | None = None
@@ -349,6 +351,7 @@ class ProviderJob:
         assert self.open is not None
         self._window = window
         self.prompt_tokens = prompt_tokens
+        self.priced = owed_before is not None
         self._sealer = Sealer(self._send_key, ad=self.open.job_id)
         self.state = ProviderState.GENERATING
         return Accept(
@@ -356,6 +359,14 @@ class ProviderJob:
             prompt_tokens=None if owed_before is None else prompt_tokens,
             owed_before=owed_before,
         )
+
+    def prompt_counted(self, prompt_tokens: int) -> None:
+        """A free job's prompt count, learnt from the engine after Accept (Done reports
+        it). A priced job's count is its bill's basis, fixed at Accept."""
+        self._expect(ProviderState.GENERATING, "prompt_counted")
+        if self.priced:
+            raise LocalProtocolError("a priced job's prompt count was fixed at accept")
+        self.prompt_tokens = prompt_tokens
 
     def payment_due(self, upto: int | None) -> NeedPayment | None:
         """None when `upto` completion tokens may be out (`upto=None`: when everything
@@ -603,6 +614,11 @@ class ClientJob:
 
 
 # Stall detection ---------------------------------------------------------------------
+
+# A provider waits this long for the Open on a new job stream, then closes it: a client
+# sends Open as soon as its stream is open, or, for a spare stream opened ahead of its
+# next job (core.spare_streams), well within this.
+OPEN_TIMEOUT_S = 10.0
 
 # Between tokens: a queued job waits for a slot, and a CPU provider decodes a long prompt
 # before its first token; no wait on one provider is allowed past two minutes.

@@ -25,14 +25,16 @@ its advert, which says 0 tok/s if it never ran a job, and may lie. Two rules:
   the other candidates when the advert says nothing, and never more than the best speed
   measured among them whatever the advert claims (its RTT: their median RTT). It scores
   like a typical measured provider, and a lying advert can at best tie the best one.
-- **One probe, bounded share.** With p2c (the default), an unexplored provider whose
+- **One probe, bounded share.** With p2c (the default), one unexplored provider whose
   prior score is within ``P2C_SCORE_CUTOFF`` of the best explored one is tried first, one
   job at a time (``MAX_UNMEASURED_INFLIGHT``), while probes stay under
   ``MAX_PROBE_SHARE`` of this client's jobs; otherwise unexplored providers are only
   fallbacks. After its probe a provider's own measurement replaces the prior. Which
   one: the better of two drawn at random among those within the cut-off, not the best
-  of all, since every client of a city sees the same adverts and would probe the same
-  provider (in the routing lab that filled its queue and failed jobs).
+  of all, since clients that share a directory see the same adverts and would all probe
+  the same provider (in the routing lab that filled its queue and failed jobs). The
+  better of two rather than any one: in the lab's 10k mesh at load 0.7, p99 11.55 s and
+  27 failed jobs against 12.01 s and 40 for a uniform draw.
 
 Why not UCB or ε-greedy: both keep spending jobs on providers already measured, and
 ε needs a decay schedule. Here a single measurement replaces the prior completely, so one

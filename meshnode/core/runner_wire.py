@@ -19,7 +19,8 @@ Runner -> node:
   chunk  {id, text, n}               text of n sampled tokens
   end    {id, reason, prompt, completion, cached}   cached: prompt tokens reused from KV
   err    {id, kind, msg}             kind: invalid | bad_params | too_long | engine
-  count  {id, n}
+  count  {id, n}                     the answer to count_req; for a gen, sent before its
+                                     first chunk (the prompt's tokens)
   bias   {id, bias}                  bias: {token id: value}
   pong   {n}
   fatal  {msg}                       could not load the model; the runner exits

@@ -65,6 +65,9 @@ TOKENIZER_THREADS = 1
 # Counted prompts whose tokens are kept for their `gen`: a provider's slots plus its
 # queue, with room. A prompt pushed out is tokenized again at admission (bounded work).
 MAX_COUNTED_PROMPTS = 16
+# Tests and the market scenario emulate providers of different speeds on one CPU: at most
+# this many decode steps per second (tokens per second per job). Unset in production.
+PACE_ENV = "MESHNODE_RUNNER_PACE_TOK_S"
 
 
 @dataclass
@@ -124,6 +127,8 @@ class Runner:
             TOKENIZER_THREADS, thread_name_prefix="tokenize"))
     counted: dict[str, list[int]] = field(default_factory=dict)  # prompt -> its tokens
     counted_lock: threading.Lock = field(default_factory=threading.Lock)
+    pace_tok_s: float | None = None  # PACE_ENV: decode steps per second at most
+    _next_step_at: float = 0.0
 
     def send(self, msg: dict[str, Any]) -> None:
         frame = wire.encode(msg)
@@ -178,6 +183,9 @@ class Runner:
         except (InvalidRequest, ValueError) as exc:
             self._error(msg["id"], "invalid", exc)
         else:
+            # The prompt's count before its first token: a provider that did not ask for
+            # it up front (a free job) learns it here.
+            self.send({"t": "count", "id": msg["id"], "n": len(tokens)})
             self.queue.append(_Job(msg["id"], tokens, params, msg["max"]))
 
     def count(self, job_id: int, text: str) -> None:
@@ -235,6 +243,7 @@ class Runner:
         if not jobs:
             return
         by_seq = {id(j.seq): j for j in jobs}
+        self._pace()
         try:
             results = self.model.step([j.seq for j in jobs])
         except EngineError as exc:  # llama.cpp reported a failure (not a crash)
@@ -252,6 +261,16 @@ class Runner:
                 self._finish(job, seq.finish_reason)
         if self.fault is not None:
             self.fault.maybe_fire(self.model.decoded_total)
+
+    def _pace(self) -> None:
+        """Sleep until the next step is due under ``pace_tok_s`` (at most one step's
+        interval, so commands are still read every 1/pace seconds)."""
+        if not self.pace_tok_s:
+            return
+        now = time.monotonic()
+        if self._next_step_at > now:
+            time.sleep(self._next_step_at - now)
+        self._next_step_at = max(now, self._next_step_at) + 1.0 / self.pace_tok_s
 
     def _finish(self, job: _Job, reason: str | None) -> None:
         completion = job.seq.completion_tokens if job.seq is not None else 0
@@ -327,6 +346,19 @@ def load_model(args: argparse.Namespace, sock: socket.socket) -> tuple[Any, str,
     return model, plan.reason, system_info(), time.monotonic() - started
 
 
+def _pace_from_env() -> float | None:
+    raw = os.environ.get(PACE_ENV)
+    if not raw:
+        return None
+    try:
+        pace = float(raw)
+    except ValueError:
+        pace = 0.0
+    if not 0 < pace < float("inf"):
+        raise SystemExit(f"{PACE_ENV} must be a positive number of tokens per second")
+    return pace
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshnode-runner", description=__doc__)
     parser.add_argument("--fd", type=int, required=True)
@@ -360,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                  "n_vocab": model.n_vocab, "slots": model.n_slots},
         "plan": plan, "sysinfo": sysinfo, "load_s": float(load_s),
     }))
-    runner = Runner(sock, model, Fault.parse(args.fault))
+    runner = Runner(sock, model, Fault.parse(args.fault), pace_tok_s=_pace_from_env())
     try:
         runner.serve()
     except (BrokenPipeError, ConnectionResetError):

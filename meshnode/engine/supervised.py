@@ -374,6 +374,9 @@ class SupervisedEngine:
             if pending is not None:
                 pending.error = exc
                 pending.done.set()
+        elif kind == "count" and msg["id"] in self._jobs:  # a job's prompt, counted
+            job = self._jobs[msg["id"]]
+            job.usage = Usage(prompt_tokens=msg["n"], completion_tokens=0)
         elif kind in ("count", "bias"):
             pending = self._pending.get(msg["id"])
             if pending is not None:
@@ -464,6 +467,10 @@ class SupervisedEngine:
         decoder = wire.FrameDecoder()
         self._stderr_tail.clear()
         reason = "stopped"
+        ready = False
+        # False while the node itself is what ends this runner (cancelled: Ctrl-C, SIGTERM):
+        # then nobody reads its frames any more, and it is told to stop instead of mourned.
+        runner_ended = False
         try:
             async with trio.open_nursery() as nursery:
                 if proc.stderr is not None:
@@ -471,18 +478,24 @@ class SupervisedEngine:
                 try:
                     await self._await_hello(stream, decoder)
                 except _LoadFailed as exc:
+                    runner_ended = True
                     raise _LoadFailed(self._with_stderr(str(exc), proc)) from None
                 self._stream = stream
+                ready = True
                 self._last_rx = trio.current_time()
                 self._set_state(RunnerState.READY)
                 if task_status is not None:
                     task_status.started()
                 reason = await self._converse(stream, decoder)
+                runner_ended = True
                 nursery.cancel_scope.cancel()
         finally:
             self._stream = None
+            if not runner_ended:  # a job waiting for its cancel to be confirmed stops now
+                self._fail_all("the node is stopping")
             with trio.CancelScope(shield=True):
-                await self._stop_process(proc, stream, hung=reason.startswith("hung"))
+                await self._stop_process(proc, stream, hung=reason.startswith("hung"),
+                                         stopping=not runner_ended, ready=ready)
         return self._with_stderr(reason, proc)
 
     async def _await_hello(self, stream: trio.SocketStream, decoder: wire.FrameDecoder
@@ -576,12 +589,16 @@ class SupervisedEngine:
         return outcome[0] if outcome else "stopped"
 
     async def _stop_process(self, proc: trio.Process, stream: trio.SocketStream, *,
-                            hung: bool = False) -> None:
-        if proc.returncode is None and not self._closing and not hung:
+                            hung: bool = False, stopping: bool = False,
+                            ready: bool = True) -> None:
+        """`stopping`: the node ends this runner (its task was cancelled); a runner still
+        loading cannot read "bye" and is killed at once."""
+        closing = self._closing or stopping
+        if proc.returncode is None and not closing and not hung:
             # It closed its socket: it is dying (a crash) and its exit status says how.
             with trio.move_on_after(EXIT_GRACE_S):
                 await proc.wait()
-        if proc.returncode is None and self._closing:
+        if proc.returncode is None and closing and (ready or not stopping):
             try:
                 async with self._send_lock:
                     await stream.send_all(wire.encode({"t": "bye"}))

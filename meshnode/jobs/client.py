@@ -6,6 +6,8 @@ and `StallDetector` (how long to wait for the provider's next frame)."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from meshnode.core.errors import EXIT_JOB_FAILED, MeshnodeError
@@ -31,22 +33,27 @@ from meshnode.core.job_protocol import (
     TokensReceived,
 )
 from meshnode.core.job_protocol import ProviderBusy as BusyEvent
-from meshnode.core.messages import JOB_ID_BYTES, JOB_PROTOCOL, Usage
+from meshnode.core.messages import JOB_ID_BYTES, JOB_PROTOCOL, ErrorMsg, Message, Usage
 from meshnode.core.wire import WireError
+from meshnode.jobs.job_streams import STREAM_OPEN_TIMEOUT_S, JobStreams
 from meshnode.jobs.payment_gate import NoPayer, Payer, PaymentRejected
 from meshnode.p2p.framed import FramedStream, StreamClosed
 from meshnode.p2p.stream_open import open_stream
 
-# Opening a stream to a connected peer is one round trip; 10 s means the peer is gone.
-STREAM_OPEN_TIMEOUT_S = 10.0
+log = logging.getLogger(__name__)
+
 # Accept or Busy follows the prompt within a round trip unless the provider is stuck.
 ACCEPT_TIMEOUT_S = 15.0
 # Between tokens the wait follows the provider's own pace: core.job_protocol.StallDetector
 # (at most TOKEN_TIMEOUT_S, re-exported here with TOKEN_COUNT_SLACK for callers).
-__all__ = ["TOKEN_COUNT_SLACK", "TOKEN_TIMEOUT_S", "JobError", "JobRequest", "JobResult",
-           "ProviderBusy", "run_job", "run_job_on_stream"]
+__all__ = ["STREAM_OPEN_TIMEOUT_S", "TOKEN_COUNT_SLACK", "TOKEN_TIMEOUT_S", "JobError",
+           "JobRequest", "JobResult", "ProviderBusy", "run_job", "run_job_on_stream"]
 
 OnText = Callable[[str], Awaitable[None]]
+Reopen = Callable[[], Awaitable[INetStream]]
+# The provider's answer on a spare stream it had given up on (its Open timeout): it never
+# saw this job, so the job's first frames go again on a fresh stream.
+SPARE_GAVE_UP_CODE = "timeout"
 
 
 class JobError(MeshnodeError):
@@ -102,15 +109,32 @@ async def run_job(
     *,
     on_text: OnText | None = None,
     payer: Payer | None = None,
+    streams: JobStreams | None = None,
 ) -> JobResult:
+    """One job on `peer`. With `streams`, it starts on the peer's spare stream when one
+    is fresh (no stream open before Open), and leaves a spare behind when it succeeds."""
     if request.max_tokens < 1:  # every provider refuses it (schema): never send it
         raise ValueError(f"a job must ask for at least 1 token, got {request.max_tokens}")
     start = time.perf_counter()
-    stream = await open_stream(host, peer, JOB_PROTOCOL, STREAM_OPEN_TIMEOUT_S)
-    return await run_job_on_stream(
-        FramedStream(stream), peer, provider_job_pub, request, on_text=on_text,
-        payer=payer, start=start,
-    )
+    reopen: Reopen | None = None
+    if streams is None:
+        stream = await open_stream(host, peer, JOB_PROTOCOL, STREAM_OPEN_TIMEOUT_S)
+    else:
+        stream, spare = await streams.stream_for(peer)
+        if spare:
+            reopen = functools.partial(streams.fresh, peer)
+    try:
+        result = await run_job_on_stream(
+            FramedStream(stream), peer, provider_job_pub, request, on_text=on_text,
+            payer=payer, start=start, reopen=reopen,
+        )
+    except JobError:
+        if streams is not None:
+            streams.forget(peer)
+        raise
+    if streams is not None:
+        streams.job_ended(peer)
+    return result
 
 
 async def run_job_on_stream(
@@ -122,16 +146,21 @@ async def run_job_on_stream(
     on_text: OnText | None = None,
     payer: Payer | None = None,
     start: float | None = None,
+    reopen: Reopen | None = None,
 ) -> JobResult:
-    """`run_job` on a job stream that is already open; closes (or resets) it."""
+    """`run_job` on a job stream that is already open; closes (or resets) it. With
+    `reopen` (the stream is a spare, opened before this job), a stream the provider
+    dropped before answering is replaced once by `reopen()`'s and the first frames
+    sent again."""
     payer = payer or NoPayer()
     start = time.perf_counter() if start is None else start
     text: list[str] = []
     received = [0]
     done = False
+    conn = _Conn(fs, reopen)
     try:
         result = await _exchange(
-            fs, peer, provider_job_pub, request, on_text, payer, start, text, received
+            conn, peer, provider_job_pub, request, on_text, payer, start, text, received
         )
         done = True
         with trio.CancelScope(shield=True):
@@ -156,7 +185,35 @@ async def run_job_on_stream(
                 await payer.finish(received[0], complete=False)
         # A job abandoned midway (cancelled, failed) resets the stream so the provider
         # stops generating at once instead of filling buffers nobody reads.
-        await (fs.close() if done else fs.reset())
+        await (conn.fs.close() if done else conn.fs.reset())
+
+
+class _Conn:
+    """The job's stream, which a dead spare's replacement takes over."""
+
+    def __init__(self, fs: FramedStream, reopen: Reopen | None) -> None:
+        self.fs = fs
+        self.reopen = reopen
+
+    async def first_reply(self, frames: list[Message]) -> Message:
+        """Send the job's first frames in one write and read the provider's answer. On a
+        spare the provider dropped (reset, closed, or its Open timeout's Error) before
+        answering, it never saw the job: the same frames go once more on a fresh stream."""
+        if self.reopen is not None:
+            try:
+                await self.fs.send_many(frames)
+                reply = await self.fs.recv(ACCEPT_TIMEOUT_S)
+            except StreamClosed:
+                pass
+            else:
+                if not (isinstance(reply, ErrorMsg) and reply.code == SPARE_GAVE_UP_CODE):
+                    return reply
+            log.debug("the spare job stream was dead; sending on a fresh one")
+            await self.fs.reset()
+            reopen, self.reopen = self.reopen, None
+            self.fs = FramedStream(await reopen())
+        await self.fs.send_many(frames)
+        return await self.fs.recv(ACCEPT_TIMEOUT_S)
 
 
 def _failed(code: str, msg: str, received: int) -> JobError:
@@ -164,7 +221,7 @@ def _failed(code: str, msg: str, received: int) -> JobError:
 
 
 async def _exchange(
-    fs: FramedStream,
+    conn: _Conn,
     peer: ID,
     provider_job_pub: bytes,
     req: JobRequest,
@@ -181,12 +238,11 @@ async def _exchange(
     # Naming a channel takes its key's proof, bound to this job and this provider.
     auth = (None if channel_id is None
             else payer.authorize(job.job_id, job.client_pub, peer.to_base58()))
-    for frame in job.open(channel_id, auth,
-                          None if channel_id is None else payer.channel_key()):
-        await fs.send(frame)
     sent_at = time.perf_counter()
-
-    event = job.receive_frame(await fs.recv(ACCEPT_TIMEOUT_S))
+    first = await conn.first_reply(
+        job.open(channel_id, auth, None if channel_id is None else payer.channel_key()))
+    fs = conn.fs
+    event = job.receive_frame(first)
     if isinstance(event, BusyEvent):
         raise ProviderBusy(event.retry_after)
     if isinstance(event, ProviderFailed):

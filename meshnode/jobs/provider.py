@@ -21,6 +21,7 @@ from libp2p.abc import INetStream
 
 from meshnode.core.job_protocol import (
     FIRST_TOKEN_FLOOR_S,
+    OPEN_TIMEOUT_S,
     ClientAborted,
     JobRefused,
     LocalProtocolError,
@@ -29,11 +30,12 @@ from meshnode.core.job_protocol import (
     ProviderJob,
     VoucherReceived,
 )
-from meshnode.core.messages import ErrorMsg, Open
+from meshnode.core.messages import Accept, ErrorMsg, Message, Open
 from meshnode.core.wire import WireError
 from meshnode.engine.base import (
     Engine,
     EngineUnavailable,
+    Generation,
     InvalidRequest,
     PromptTooLong,
     SamplingParams,
@@ -43,8 +45,6 @@ from meshnode.p2p.framed import FramedStream, StreamClosed
 
 log = logging.getLogger(__name__)
 
-# A client sends Open and the sealed prompt back to back; 10 s covers a slow link.
-OPEN_TIMEOUT_S = 10.0
 # A client that was asked to pay answers within a round trip plus a signature.
 PAYMENT_TIMEOUT_S = 30.0
 # Busy's retry_after before any job has been timed: about one short job.
@@ -58,6 +58,12 @@ MAX_RETRY_AFTER_S = 60.0
 MAX_QUEUE_WAIT_S = FIRST_TOKEN_FLOOR_S / 2
 # Mean job time follows the last ~10 jobs.
 JOB_TIME_EWMA_ALPHA = 0.1
+# A free job's prompt up to this long is not counted before Accept (its Accept would wait
+# a round trip to the engine runner for a number nobody bills): the runner tokenizes it
+# when the job starts, on its decode loop, in well under a millisecond at this size
+# (~4k tokens). Longer ones are counted first, on the runner's tokenizer thread, so a
+# stranger's long prompt never pauses the jobs decoding beside it.
+COUNT_AT_START_MAX_CHARS = 16 * 1024
 # Recording a job's usage is one sqlite fsync; a disk slower than this is failing.
 GATE_FINISH_TIMEOUT_S = 10.0
 # Advertised speed follows the last ~5 jobs: steady against one odd prompt, quick to
@@ -130,7 +136,9 @@ class JobProvider:
         self.stats = ProviderStats()
         self.live: set[LiveJob] = set()  # the jobs generating now
         self.on_load_change: Callable[[int, int], None] | None = None
-        self._streams = 0  # job streams being handled now
+        # How long a new stream may wait for its Open (tests shorten it).
+        self.open_timeout_s = OPEN_TIMEOUT_S
+        self._streams = 0  # job streams being handled now (from their Open on)
         self._quiet = trio.Event()  # set (and replaced) when _streams drops to 0
 
     @property
@@ -166,19 +174,29 @@ class JobProvider:
     async def handle_stream(self, stream: INetStream) -> None:
         fs = FramedStream(stream)
         peer = _remote_peer(stream)
-        self._streams += 1
+        counted = False
         try:
-            await self._serve(fs, peer)
+            try:
+                # A client may open its next job's stream ahead (a spare): until its Open
+                # arrives this is no job, and a spare closed unused is no cancelled job.
+                first = await fs.recv(self.open_timeout_s)
+            except StreamClosed:
+                log.debug("job stream from %s closed before its Open", peer)
+                return
+            self._streams += 1
+            counted = True
+            await self._serve(fs, peer, first)
         except Exception as raised:  # every failure ends this stream, never the node
             await self._report(fs, peer, _leaf(raised))
         finally:
             try:
                 await fs.close()
             finally:  # counted down even when the close is cancelled (node stopping)
-                self._streams -= 1
-                if not self._streams:
-                    self._quiet.set()
-                    self._quiet = trio.Event()
+                if counted:
+                    self._streams -= 1
+                    if not self._streams:
+                        self._quiet.set()
+                        self._quiet = trio.Event()
 
     async def wait_quiet(self) -> None:
         """Return once no job stream is being handled: every job that started has ended
@@ -213,9 +231,9 @@ class JobProvider:
         self.stats.count_error(code)
         await _try_send(fs, ErrorMsg(code=code, msg=msg))
 
-    async def _serve(self, fs: FramedStream, peer: str) -> None:
+    async def _serve(self, fs: FramedStream, peer: str, open_frame: Message) -> None:
         job = ProviderJob(self._job_key, self.engine.info.model_id)
-        job.receive_frame(await fs.recv(OPEN_TIMEOUT_S))
+        job.receive_frame(open_frame)
         first = job.open
         assert first is not None
         try:
@@ -238,15 +256,25 @@ class JobProvider:
         self._admitted += 1
         self._load_changed()
         try:
-            prompt_tokens = await self._count_prompt_tokens(prompt)
+            counted = not (isinstance(gate, FreeGate)
+                           and len(prompt) <= COUNT_AT_START_MAX_CHARS)
+            prompt_tokens = await self._count_prompt_tokens(prompt) if counted else 0
             await gate.start(prompt_tokens)
-            await fs.send(job.accept(gate, prompt_tokens, gate.owed_before))
+            accept_msg = job.accept(gate, prompt_tokens, gate.owed_before)
+            # With a slot free and nothing owed before the prompt, the engine starts on the
+            # prompt first and Accept is written while it works: the write (~0.3 ms of
+            # Noise and yamux here) leaves the time to first token. Otherwise Accept goes
+            # now, before the wait for a slot or a voucher.
+            accept: Accept | None = accept_msg
+            if not (self._limiter.available_tokens and gate.may_produce(0)):
+                await fs.send(accept_msg)
+                accept = None
             log.info("job %s from %s accepted", first.job_id.hex()[:8], peer)
             async with self._limiter:
                 self._load_changed()
                 started = trio.current_time()
                 try:
-                    await self._generate(fs, job, prompt, params, peer, gate)
+                    await self._generate(fs, job, prompt, params, peer, gate, accept)
                 finally:
                     self.stats.observe_job_time(trio.current_time() - started)
         finally:
@@ -260,6 +288,20 @@ class JobProvider:
         """The prompt's token count, the basis of its bill (the one tokenizer call)."""
         return await self.engine.count_tokens(prompt)
 
+    def _learn_prompt_tokens(self, job: ProviderJob, gen: Generation, live: LiveJob) -> None:
+        """A free job accepted uncounted takes its count from the engine (the same
+        tokenizer call, made as the job started)."""
+        if job.priced or job.prompt_tokens:
+            return
+        # Scripted test generations may keep no usage: then the count stays unknown (0).
+        usage = getattr(gen, "usage", None)
+        engine_count = usage.prompt_tokens if usage is not None else 0
+        if not engine_count:
+            return
+        job.prompt_counted(engine_count)
+        live.prompt_tokens = engine_count
+        self.stats.tokens_in += engine_count
+
     async def _generate(
         self,
         fs: FramedStream,
@@ -268,6 +310,7 @@ class JobProvider:
         params: SamplingParams,
         peer: str,
         gate: PaymentGate,
+        accept: Accept | None,
     ) -> None:
         assert job.open is not None
         self.stats.jobs_started += 1
@@ -275,7 +318,7 @@ class JobProvider:
         live = LiveJob(job.open.job_id.hex(), peer, job.prompt_tokens, time.time())
         self.live.add(live)
         try:
-            await self._generate_tokens(fs, job, prompt, params, peer, gate, live)
+            await self._generate_tokens(fs, job, prompt, params, peer, gate, live, accept)
         finally:
             self.live.discard(live)
 
@@ -288,6 +331,7 @@ class JobProvider:
         peer: str,
         gate: PaymentGate,
         live: LiveJob,
+        accept: Accept | None,
     ) -> None:
         assert job.open is not None
         paid = trio.Event()
@@ -330,10 +374,14 @@ class JobProvider:
                 # the credit window is paid for before llama.cpp spends time on it.
                 await until_paid(0)
                 async with self.engine.stream(prompt, params, job.open.max_tokens) as gen:
+                    if accept is not None:  # held back while the engine was asked to start
+                        await fs.send(accept)
                     async for chunk in gen:
                         # Chunks the engine produced while we were sending go out as one
                         # sealed frame: per-frame cost, not per-token, when decode is fast.
                         pending = [chunk, *gen.ready()]
+                        if not job.delivered:
+                            self._learn_prompt_tokens(job, gen, live)
                         while pending:
                             await until_paid(job.delivered + pending[0].n_tokens)
                             if not job.delivered:
@@ -343,6 +391,7 @@ class JobProvider:
                             live.delivered = job.delivered
                             await fs.send(frame)
                 finish = gen.finish_reason or "stop"
+                self._learn_prompt_tokens(job, gen, live)
                 # The last tokens went out on credit: settle them before Done.
                 await until_paid(None)
             delivered = job.delivered

@@ -27,6 +27,7 @@ from meshnode.core.errors import EXIT_NO_PROVIDER, MeshnodeError
 from meshnode.core.messages import Usage
 from meshnode.core.router import Candidate, JobEstimate, Router
 from meshnode.jobs.client import JobError, JobRequest, OnText, ProviderBusy, run_job
+from meshnode.jobs.job_streams import JobStreams
 from meshnode.jobs.payment_gate import JobPayments, PaymentUnavailable, PayNothing
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class RoutedJobs:
     deadline_s: float = DEFAULT_DEADLINE_S
     clock: Callable[[], float] = time.time
     on_settled: Callable[[], Awaitable[None]] | None = None
+    streams: JobStreams | None = None  # spare job streams (node.ClientNode's)
 
     async def complete(
         self,
@@ -213,6 +215,7 @@ class RoutedJobs:
                                 request,
                                 on_text=show,
                                 payer=payer,
+                                streams=self.streams,
                             )
                         finally:
                             charged[0] = payer.charged if payer is not None else 0

@@ -57,6 +57,11 @@ class FramedStream:
     async def send(self, message: Message) -> None:
         await self.send_raw(encode_frame(message.to_wire()))
 
+    async def send_many(self, messages: list[Message]) -> None:
+        """Several messages in one write: one yamux frame, one Noise record, one TCP
+        segment when they fit, so the peer gets them together (Open + sealed prompt)."""
+        await self.send_raw(b"".join(encode_frame(m.to_wire()) for m in messages))
+
     async def send_map(self, frame: dict[str, Any]) -> None:
         await self.send_raw(encode_frame(frame))
 

@@ -29,6 +29,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 
+from meshnode import library_logs
 from meshnode.identity import NodeIdentity
 from meshnode.p2p import limits, yamux_guard
 
@@ -66,6 +67,7 @@ def dial_delay() -> float:
 
 
 def make_host(identity: NodeIdentity) -> IHost:
+    library_logs.reapply()  # libp2p's import reset its logger; put the CLI's level back
     remove_dial_delay()
     yamux_guard.install()
     key_pair = create_new_key_pair(identity.peer_seed)

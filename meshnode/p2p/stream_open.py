@@ -13,6 +13,8 @@ negotiation semaphore (meshnode dials TCP), and the ``ls`` command.
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
@@ -83,3 +85,22 @@ async def _reply(stream: INetStream) -> str:
     if not line.endswith(b"\n"):
         raise StreamOpenError("multistream-select reply without its newline")
     return line[:-1].decode("utf-8", "replace")
+
+
+def stream_is_fresh(stream: INetStream) -> bool:
+    """Whether a stream opened ahead of its use (a spare job stream) can still carry a
+    new request: not closed or reset by either side, its connection not shutting down,
+    and nothing received on it yet (a peer that gave up on it sends an Error, then EOF).
+    False whenever py-libp2p's yamux does not say (another muxer): open a fresh one."""
+    muxed: Any = getattr(stream, "muxed_stream", None)
+    conn: Any = getattr(muxed, "conn", None)
+    buffers = getattr(conn, "stream_buffers", None)
+    shutting_down = getattr(conn, "event_shutting_down", None)
+    if muxed is None or buffers is None or shutting_down is None:
+        return False
+    if getattr(stream, "is_closed", True) or shutting_down.is_set():
+        return False
+    if muxed.closed or muxed.send_closed or muxed.recv_closed or muxed.reset_received:
+        return False
+    received = buffers.get(muxed.stream_id)
+    return received is not None and not received

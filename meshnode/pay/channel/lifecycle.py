@@ -434,6 +434,29 @@ class ChannelWatcher:
         if self.ledger.channel(ref) is not None:
             self.ledger.set_state(ref, state)
 
+    async def start_close(self, ref: ChannelRef) -> int:
+        """Withdraw from a client that stays away: start an uncooperative close with the
+        latest voucher this provider holds. The watcher finishes it once the quarantine
+        and settling time are over (``check_once``). Returns what the close will pay."""
+        entries = await trio.to_thread.run_sync(self.book.all)
+        entry = next((e for e in entries if e.config.channel_id == ref.channel_id
+                      and e.config.key_a == ref.client_key), None)
+        if entry is None:
+            raise ChannelError("unknown_channel", f"no channel {ref} in this provider's book")
+        stored = await trio.to_thread.run_sync(self.ledger.latest_voucher, ref)
+        if stored is None:
+            raise ChannelError("no_voucher", f"channel {ref} never paid: nothing to withdraw")
+        own = self.signer.sign(VoucherState(ref.channel_id, 0, 0))  # B never pays A
+        body = start_uncooperative_close_body(
+            ref.channel_id, stored.voucher, own, is_a=False, signer=self.signer
+        )
+        sent = await on_chain(self.chain.send, self.wallet, entry.address, SIGNED_OP_VALUE, body)
+        _check_sent(sent, "start uncooperative close")
+        await trio.to_thread.run_sync(self._mark, ref, STATE_CLOSING)  # no job may run on it
+        log.info("channel %s: started closing on chain with voucher %d/%d", ref,
+                 stored.voucher.seqno, stored.voucher.sent)
+        return stored.voucher.sent
+
     async def check_once(self) -> list[WatchAction]:
         done: list[WatchAction] = []
         for entry in await trio.to_thread.run_sync(self.book.all):
