@@ -14,6 +14,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from libp2p.peer.id import ID
+from memory_net_stream import MemoryNetStream
 from nacl.public import PrivateKey
 
 from meshnode.core.job_protocol import (
@@ -301,28 +302,6 @@ def test_the_stall_bound_follows_the_providers_own_pace() -> None:
     assert StallDetector(prompt_tokens=10**6).timeout() == TOKEN_TIMEOUT_S
 
 
-class _MemoryNetStream:
-    """A trio stream with the four methods FramedStream uses of a libp2p stream."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
-
-    async def read(self, n: int) -> bytes:
-        try:
-            return bytes(await self._stream.receive_some(n))
-        except trio.ClosedResourceError:
-            return b""
-
-    async def write(self, data: bytes) -> None:
-        await self._stream.send_all(data)
-
-    async def close(self) -> None:
-        await self._stream.aclose()
-
-    async def reset(self) -> None:
-        await self._stream.aclose()
-
-
 class _ScriptedGeneration:
     def __init__(self, gaps: list[float], hang: bool) -> None:
         self._gaps = gaps
@@ -383,10 +362,10 @@ async def _job_against(engine: _ScriptedEngine) -> tuple[list[float], JobError |
 
     outcome: JobError | int
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(provider.handle_stream, _MemoryNetStream(right))
+        nursery.start_soon(provider.handle_stream, MemoryNetStream(right))
         try:
             res = await run_job_on_stream(
-                FramedStream(_MemoryNetStream(left)),  # type: ignore[arg-type]
+                FramedStream(MemoryNetStream(left)),  # type: ignore[arg-type]
                 ID(b"\x00\x01peer"), bytes(key.public_key),
                 JobRequest(MODEL, "hello", 100, {"temperature": 0.0}), on_text=on_text,
             )
@@ -514,9 +493,9 @@ async def test_the_drivers_keep_tokens_within_the_window_and_settle_before_done(
         assert len([e for e in log if e.startswith("token")]) <= window.paid + window.limit
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(provider.handle_stream, _MemoryNetStream(right))
+        nursery.start_soon(provider.handle_stream, MemoryNetStream(right))
         res = await run_job_on_stream(
-            FramedStream(_MemoryNetStream(left)),  # type: ignore[arg-type]
+            FramedStream(MemoryNetStream(left)),  # type: ignore[arg-type]
             ID(b"\x00\x01peer"), bytes(key.public_key),
             JobRequest(MODEL, "hello", 100, {"temperature": 0.0}), on_text=on_text,
             payer=_SigningPayer(log),  # type: ignore[arg-type]
@@ -549,10 +528,10 @@ async def test_a_job_that_would_outwait_the_clients_first_token_patience_gets_bu
     async def one(name: str) -> None:
         left, right = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as inner:
-            inner.start_soon(provider.handle_stream, _MemoryNetStream(right))
+            inner.start_soon(provider.handle_stream, MemoryNetStream(right))
             try:
                 res = await run_job_on_stream(
-                    FramedStream(_MemoryNetStream(left)),  # type: ignore[arg-type]
+                    FramedStream(MemoryNetStream(left)),  # type: ignore[arg-type]
                     ID(b"\x00\x01peer"), bytes(key.public_key),
                     JobRequest(MODEL, "hello", 100, {"temperature": 0.0}))
                 outcomes[name] = res.usage.completion_tokens

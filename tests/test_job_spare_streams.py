@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 from libp2p.abc import INetStream
+from memory_net_stream import MemoryNetStream
 from nacl.public import PrivateKey
 
 from meshnode.core.job_protocol import (
@@ -216,28 +217,6 @@ async def test_a_free_job_is_accepted_uncounted_and_done_still_reports_its_promp
 # ---- Accept is written while the engine starts on the prompt --------------------------
 
 
-class _MemoryNetStream:
-    """A trio stream with the methods FramedStream uses of a libp2p stream."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
-
-    async def read(self, n: int) -> bytes:
-        try:
-            return bytes(await self._stream.receive_some(n))
-        except trio.ClosedResourceError:
-            return b""
-
-    async def write(self, data: bytes) -> None:
-        await self._stream.send_all(data)
-
-    async def close(self) -> None:
-        await self._stream.aclose()
-
-    async def reset(self) -> None:
-        await self._stream.aclose()
-
-
 class _SlowToStartEngine:
     """The Engine interface: starting a job takes ENGINE_START_S, then one token."""
 
@@ -294,8 +273,8 @@ async def test_a_free_job_with_a_free_slot_has_its_engine_started_before_accept_
     provider = JobProvider(engine, bytes(key), peer_id="provider")  # type: ignore[arg-type]
     left, right = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(provider.handle_stream, _MemoryNetStream(right))
-        client = FramedStream(_MemoryNetStream(left))  # type: ignore[arg-type]
+        nursery.start_soon(provider.handle_stream, MemoryNetStream(right))
+        client = FramedStream(MemoryNetStream(left))  # type: ignore[arg-type]
         job = ClientJob(bytes(key.public_key), MODEL, "hello", 4, {"temperature": 0.0})
         start = trio.current_time()
         await client.send_many(job.open(None, None, None))
