@@ -47,7 +47,7 @@ from meshnode.serving import default_gpu_layers
 RESULTS = Path(__file__).parent / "results"
 N_CTX = 2048
 BANNED = -100.0
-# Pause before each timed runner and mesh run. The direct run blocks this process's trio
+# Pause before each timed runner run. The direct run blocks this process's trio
 # loop (~80 ms for 200 tiny tokens), so the client node's work left waiting from the
 # last mesh job (such as opening its spare job stream) ran inside the next runner run's
 # time to first token: its stream() took 3-4 ms to send one frame (tiny runner row on
@@ -161,7 +161,6 @@ async def measure(path: Path, llm: Any, prompt: str, tokens: int, runs: int,
             rows["direct"].append(_stats(r["ttft_s"], r["total_s"], tokens))
             await trio.sleep(SETTLE_S)
             rows["runner"].append(await runner_run(engine, prompt, tokens, bias))
-            await trio.sleep(SETTLE_S)
             rows["mesh"].append(await mesh_run(client, advert, prompt, tokens, bias))
         # How many mesh jobs started on a spare job stream (no stream open before Open).
         streams = client.job_streams
