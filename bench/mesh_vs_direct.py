@@ -47,6 +47,12 @@ from meshnode.serving import default_gpu_layers
 RESULTS = Path(__file__).parent / "results"
 N_CTX = 2048
 BANNED = -100.0
+# Pause before each timed runner run. The direct run blocks this process's trio
+# loop (~80 ms for 200 tiny tokens), so the client node's work left waiting from the
+# last mesh job (such as opening its spare job stream) ran inside the next runner run's
+# time to first token: its stream() took 3-4 ms to send one frame (tiny runner row on
+# main: 3.5 ms without the pause, 2.2 ms with it).
+SETTLE_S = 0.05
 
 
 def _no_eog_bias(llm: llama_cpp.Llama) -> dict[int, float]:
@@ -153,6 +159,7 @@ async def measure(path: Path, llm: Any, prompt: str, tokens: int, runs: int,
         for _ in range(runs):
             r = direct_run(llm, prompt, tokens, bias)
             rows["direct"].append(_stats(r["ttft_s"], r["total_s"], tokens))
+            await trio.sleep(SETTLE_S)
             rows["runner"].append(await runner_run(engine, prompt, tokens, bias))
             rows["mesh"].append(await mesh_run(client, advert, prompt, tokens, bias))
         # How many mesh jobs started on a spare job stream (no stream open before Open).

@@ -18,7 +18,7 @@ from meshnode.engine.base import (
     SamplingParams,
     TokenChunk,
 )
-from meshnode.engine.llama import LlamaEngine, steady_logit_bias
+from meshnode.engine.llama import LlamaEngine, _bias_array, steady_logit_bias
 from meshnode.engine.textstream import TextAssembler
 from meshnode.engine.tinymodel import EOS_ID, SPM_SPACE, tiny_vocab
 
@@ -77,6 +77,11 @@ def test_default_sampling_params_round_trip_through_the_wire_form() -> None:
         ("logit_bias", {"one": 1.0}, "token ids"),
         ("logit_bias", {i: 1.0 for i in range(MAX_LOGIT_BIAS_ENTRIES + 1)}, "at most"),
         ("logit_bias", [1, 2], "mapping"),
+        # Floats with int token ids take the in-line check: its edges still refuse.
+        ("logit_bias", {1: float("nan")}, "finite"),
+        ("logit_bias", {1: float("-inf")}, "finite"),
+        ("logit_bias", {2: -100.5}, "logit_bias"),
+        ("logit_bias", {True: 1.0}, "token ids"),
         ("repeat_penalty", 0.0, "repeat_penalty"),
         ("repeat_penalty", 3.0, "repeat_penalty"),
     ],
@@ -113,6 +118,12 @@ def test_a_non_map_is_rejected() -> None:
 def test_json_string_token_ids_in_logit_bias_become_ints() -> None:
     params = SamplingParams.from_dict({"logit_bias": {"42": -3}})
     assert dict(params.logit_bias) == {42: -3.0}
+
+
+def test_a_bias_handed_to_llama_cpp_holds_every_token_with_its_value() -> None:
+    bias = {3: -100.0, 70000: 2.5, 0: 0.0, 2**31 - 1: -0.25}
+    entries = _bias_array(bias)
+    assert [(e.token, e.bias) for e in entries] == list(bias.items())
 
 
 def test_invalid_sampling_params_is_a_value_error() -> None:

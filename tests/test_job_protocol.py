@@ -547,3 +547,25 @@ async def test_a_job_that_would_outwait_the_clients_first_token_patience_gets_bu
     # The second would have waited ~40 s for the slot, past MAX_QUEUE_WAIT_S: it is told
     # to come back (Retry-After), not accepted and then given up on as stalled.
     assert isinstance(outcomes["second"], ProviderBusy), outcomes["second"]
+
+
+class _CountingNetStream(_MemoryNetStream):
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        super().__init__(stream)
+        self.reads = 0
+
+    async def read(self, n: int) -> bytes:
+        self.reads += 1
+        return await super().read(n)
+
+
+async def test_frames_written_together_are_taken_in_one_read() -> None:
+    """Each libp2p read costs ~0.1 ms of Python; a frame must not take one read for its
+    length prefix and another for its body (Open + prompt arrive in one write)."""
+    left, right = trio.testing.memory_stream_pair()
+    reader = _CountingNetStream(right)
+    frames: list[Message] = [ErrorMsg(code="a", msg="x" * 300), ErrorMsg(code="b")]
+    await FramedStream(_MemoryNetStream(left)).send_many(frames)  # type: ignore[arg-type]
+    fs = FramedStream(reader)  # type: ignore[arg-type]
+    assert [await fs.recv(1.0), await fs.recv(1.0)] == frames
+    assert reader.reads == 1

@@ -7,21 +7,26 @@ runner's test-only --fault hook (abort, segfault, exit, hang after N sampled tok
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from meshnode.core import runner_wire as wire
 from meshnode.engine.base import (
     EngineUnavailable,
     InvalidSamplingParams,
     PromptTooLong,
     SamplingParams,
 )
+from meshnode.engine.batched import BatchedModel
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.model_file import ModelFileError
-from meshnode.engine.runner import PACE_ENV
+from meshnode.engine.runner import PACE_ENV, Runner
 from meshnode.engine.supervised import (
     EXIT_GRACE_S,
     PING_INTERVAL_S,
@@ -241,3 +246,42 @@ async def test_on_an_amx_machine_the_safe_build_keeps_repack(tiny_gguf_path: Pat
     cfg = config(tiny_gguf_path, cpuinfo=DATA / "cpuinfo-sapphire-rapids.txt")
     async with open_supervised_engine(cfg) as engine:
         assert "REPACK kept" in engine.plan  # this build has no AMX kernels
+
+
+class _WriteRecordingSocket(socket.socket):
+    """A real socket that keeps what each write carried."""
+
+    writes: list[bytes]
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self.writes.append(bytes(data))
+        super().sendall(data, flags)
+
+
+def test_a_prompts_count_and_its_first_token_reach_the_node_in_one_write(
+    tiny_gguf_path: Path,
+) -> None:
+    """One write, so the node wakes once for both (the runner loop's turn is flushed
+    together), and the count still comes before the token."""
+    model = BatchedModel(tiny_gguf_path, n_ctx=CTX)
+    ours, node = socket.socketpair()
+    sock = _WriteRecordingSocket(fileno=ours.detach())
+    sock.writes = []
+    runner = Runner(sock, model)
+    params = SamplingParams(temperature=0.0, logit_bias=model.steady_logit_bias())
+    node.sendall(wire.encode({"t": "gen", "id": 7, "prompt": "hello world",
+                              "params": params.to_dict(), "max": 3}))
+    serving = threading.Thread(target=runner.serve)
+    serving.start()
+    try:
+        node.settimeout(10.0)
+        decoder, got = wire.FrameDecoder(), []
+        while not any(f["t"] == "end" for f in got):
+            got += decoder.feed(node.recv(1 << 16))
+    finally:
+        node.sendall(wire.encode({"t": "bye"}))
+        serving.join(10.0)
+        model.close()
+    assert [f["t"] for f in got] == ["count", "chunk", "chunk", "chunk", "end"]
+    first_write = wire.FrameDecoder().feed(sock.writes[0])
+    assert [f["t"] for f in first_write] == ["count", "chunk"]

@@ -167,6 +167,13 @@ class SamplingParams:
             )
         bias: dict[int, float] = {}
         for key, value in self.logit_bias.items():
+            # The usual entry (a msgpack int token id, a float in range) is checked in line:
+            # building the named error text below costs ~1 µs an entry, and a 300-entry
+            # bias is checked on every job. Anything else takes the full checks.
+            if (type(key) is int and key >= 0 and type(value) is float
+                    and -MAX_ABS_LOGIT_BIAS <= value <= MAX_ABS_LOGIT_BIAS):
+                bias[key] = value  # a NaN fails the range test and goes the long way
+                continue
             amount = _number(f"logit_bias[{shown(key)}]", value)
             if abs(amount) > MAX_ABS_LOGIT_BIAS:
                 raise InvalidSamplingParams(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -63,6 +64,9 @@ HASH_BLOCK_BYTES = 1 << 20
 PIECE_BUFFER_BYTES = 256
 # Strong enough to take a token out of the running, the maximum a peer may send too.
 BANNED_LOGIT_BIAS = -100.0
+# One llama_logit_bias in native layout: {int32_t token; float bias}, no padding.
+_BIAS_ENTRY_FORMAT = "if"
+_BIAS_ENTRY = struct.Struct("@" + _BIAS_ENTRY_FORMAT)
 
 # llama-cpp-python's sampler chain wrapper is untyped; we call it as Any on purpose.
 _LlamaSampler: Any = llama_internals.LlamaSampler
@@ -503,7 +507,11 @@ def _make_sampler(llm: Any, n_vocab: int, params: SamplingParams) -> Any:
     # truncation, temperature and the draw.
     sampler = _LlamaSampler()
     if params.logit_bias:
-        sampler.add_logit_bias(n_vocab, dict(params.logit_bias))
+        entries = _bias_array(params.logit_bias)
+        llama_cpp.llama_sampler_chain_add(
+            sampler.sampler,
+            llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(entries), entries),
+        )
     if params.repeat_penalty != 1.0:
         sampler.add_penalties(
             n_vocab=n_vocab,
@@ -522,6 +530,18 @@ def _make_sampler(llm: Any, n_vocab: int, params: SamplingParams) -> Any:
         seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
         sampler.add_dist(seed)
     return sampler
+
+
+def _bias_array(bias: Mapping[int, float]) -> ctypes.Array[Any]:
+    """The bias as llama.cpp's ``llama_logit_bias[]`` (it copies the array).
+
+    Packed in one struct call: llama-cpp-python's ``add_logit_bias`` sets two ctypes
+    fields per entry in Python, ~0.2 ms for a 300-entry bias before each first token."""
+    entry = llama_cpp.llama_logit_bias
+    assert ctypes.sizeof(entry) == _BIAS_ENTRY.size  # {int32 token; float bias}
+    packed = _BIAS_ENTRY_FORMAT * len(bias)
+    flat = [x for pair in bias.items() for x in pair]
+    return (entry * len(bias)).from_buffer_copy(struct.pack(packed, *flat))
 
 
 def system_info() -> str:

@@ -12,7 +12,10 @@ from meshnode.core.messages import Message, parse_message
 from meshnode.core.wire import FrameDecoder, WireError, encode_frame
 
 # Reads ask libp2p for at most this much at a time so one read never allocates more
-# than a yamux window regardless of what the peer announced.
+# than a yamux window regardless of what the peer announced. Each read takes whatever
+# is buffered up to this (bytes past the current frame stay in the decoder: one
+# FramedStream owns its stream's reads), so a frame costs one read, not one for its
+# length prefix and another for its body (each read is ~0.1 ms of py-libp2p).
 READ_CHUNK = 64 * 1024
 # Writing one frame to a live peer takes milliseconds; a peer that stops reading for this
 # long is gone or hostile and must not hold a generation slot.
@@ -42,7 +45,7 @@ class FramedStream:
         with trio.fail_after(timeout):
             while not self._pending:
                 try:
-                    data = await self.stream.read(min(READ_CHUNK, self._decoder.needed()))
+                    data = await self.stream.read(READ_CHUNK)
                 except StreamEOF:
                     self._decoder.eof()
                     raise StreamClosed("peer closed the stream") from None
