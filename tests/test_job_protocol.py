@@ -549,7 +549,7 @@ async def test_a_job_that_would_outwait_the_clients_first_token_patience_gets_bu
     assert isinstance(outcomes["second"], ProviderBusy), outcomes["second"]
 
 
-class _CountingNetStream(_MemoryNetStream):
+class _CountingNetStream(MemoryNetStream):
     def __init__(self, stream: trio.abc.Stream) -> None:
         super().__init__(stream)
         self.reads = 0
@@ -565,7 +565,7 @@ async def test_frames_written_together_are_taken_in_one_read() -> None:
     left, right = trio.testing.memory_stream_pair()
     reader = _CountingNetStream(right)
     frames: list[Message] = [ErrorMsg(code="a", msg="x" * 300), ErrorMsg(code="b")]
-    await FramedStream(_MemoryNetStream(left)).send_many(frames)  # type: ignore[arg-type]
+    await FramedStream(MemoryNetStream(left)).send_many(frames)  # type: ignore[arg-type]
     fs = FramedStream(reader)  # type: ignore[arg-type]
     assert [await fs.recv(1.0), await fs.recv(1.0)] == frames
     assert reader.reads == 1
