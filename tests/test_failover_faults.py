@@ -121,6 +121,10 @@ class _SilentAtEnd:
     def finish_reason(self) -> Any:
         return self._inner.finish_reason
 
+    @property
+    def usage(self) -> Any:
+        return self._inner.usage
+
 
 # Loopback delivers the last token frame well within this after the engine produced it.
 LAST_FRAME_DELIVERY_S = 0.5

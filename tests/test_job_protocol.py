@@ -47,7 +47,7 @@ from meshnode.core.messages import (
     Sealed,
     VoucherMsg,
 )
-from meshnode.engine.base import ModelInfo, SamplingParams, TokenChunk
+from meshnode.engine.base import ModelInfo, SamplingParams, TokenChunk, Usage
 from meshnode.jobs.client import JobError, JobRequest, ProviderBusy, run_job_on_stream
 from meshnode.jobs.provider import JobProvider
 from meshnode.p2p.framed import FramedStream
@@ -306,6 +306,7 @@ class _ScriptedGeneration:
     def __init__(self, gaps: list[float], hang: bool) -> None:
         self._gaps = gaps
         self._hang = hang
+        self._sent = 0
 
     def __aiter__(self) -> _ScriptedGeneration:
         return self
@@ -316,6 +317,7 @@ class _ScriptedGeneration:
                 await trio.sleep_forever()
             raise StopAsyncIteration
         await trio.sleep(self._gaps.pop(0))
+        self._sent += 1
         return TokenChunk("a", 1)
 
     def ready(self) -> list[TokenChunk]:
@@ -324,6 +326,10 @@ class _ScriptedGeneration:
     @property
     def finish_reason(self) -> str:
         return "stop"
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=0, completion_tokens=self._sent)
 
 
 class _ScriptedEngine:

@@ -25,7 +25,7 @@ from meshnode.core.job_protocol import (
     ProviderJob,
 )
 from meshnode.core.spare_streams import SparePolicy
-from meshnode.engine.base import ModelInfo, SamplingParams, TokenChunk
+from meshnode.engine.base import ModelInfo, SamplingParams, TokenChunk, Usage
 from meshnode.engine.llama import LlamaEngine, steady_logit_bias
 from meshnode.engine.supervised import RunnerConfig, open_supervised_engine
 from meshnode.identity import NodeIdentity
@@ -259,6 +259,10 @@ class _OneToken:
     @property
     def finish_reason(self) -> str:
         return "stop"
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=0, completion_tokens=1 - self._left)
 
 
 MODEL = "ab" * 32

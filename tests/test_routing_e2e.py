@@ -284,6 +284,10 @@ class _Hanging:
     def finish_reason(self) -> Any:
         return self._inner.finish_reason
 
+    @property
+    def usage(self) -> Any:
+        return self._inner.usage
+
 
 async def test_a_provider_that_stops_sending_is_failed_over_within_the_stall_bound(
     long_engines: list[LlamaEngine],

@@ -293,9 +293,7 @@ class JobProvider:
         tokenizer call, made as the job started)."""
         if job.priced or job.prompt_tokens:
             return
-        # Scripted test generations may keep no usage: then the count stays unknown (0).
-        usage = getattr(gen, "usage", None)
-        engine_count = usage.prompt_tokens if usage is not None else 0
+        engine_count = gen.usage.prompt_tokens
         if not engine_count:
             return
         job.prompt_counted(engine_count)
