@@ -641,10 +641,27 @@ class _Frames:
             return None  # the stream ends here; job_messages fuzzes this path
 
 
-def _check_closed_after(job: ProviderJob | ClientJob, exc: ProtocolError) -> None:
+def _closed(job: ProviderJob | ClientJob) -> bool:
     closed = ProviderState.CLOSED if isinstance(job, ProviderJob) else ClientState.CLOSED
-    if job.state is not closed:
-        raise DriverBroke(f"{type(job).__name__} left open ({job.state}) after {exc!r}")
+    return job.state is closed
+
+
+def _receive(job: ProviderJob | ClientJob, msg: Any) -> object | None:
+    """The job's event for ``msg``; None when the job refused it, which must close it.
+    A closed job that takes a frame, or a refusal that leaves it open, is a bug."""
+    closed_before = _closed(job)
+    try:
+        event: object = job.receive_frame(msg)
+    except LocalProtocolError:
+        raise
+    except ProtocolError as exc:
+        if not _closed(job):
+            raise DriverBroke(
+                f"{type(job).__name__} left open ({job.state}) after {exc!r}") from None
+        return None
+    if closed_before:
+        raise DriverBroke(f"a closed {type(job).__name__} took {type(msg).__name__}: {event!r}")
+    return event
 
 
 def _sm_provider(frames: list[Any], rng: random.Random) -> None:
@@ -688,16 +705,9 @@ def _sm_provider(frames: list[Any], rng: random.Random) -> None:
         msg = source.message(entry)
         if msg is None:
             continue
-        closed_before = job.state is ProviderState.CLOSED
-        try:
-            event = job.receive_frame(msg)
-        except LocalProtocolError:
-            raise
-        except ProtocolError as exc:
-            _check_closed_after(job, exc)
+        event = _receive(job, msg)
+        if event is None:
             continue
-        if closed_before:
-            raise DriverBroke(f"a closed ProviderJob took {type(msg).__name__}: {event!r}")
         if isinstance(event, PromptReceived):
             if rng.random() < SM_BUSY_P:
                 job.busy(1.0)
@@ -735,16 +745,9 @@ def _sm_client(frames: list[Any], rng: random.Random) -> None:
             continue
         if job.state is not ClientState.CLOSED and rng.random() < SM_ABORT_P:
             job.abort("cancelled", "client gave up")
-        closed_before = job.state is ClientState.CLOSED
-        try:
-            event = job.receive_frame(msg)
-        except LocalProtocolError:
-            raise
-        except ProtocolError as exc:
-            _check_closed_after(job, exc)
+        event = _receive(job, msg)
+        if event is None:
             continue
-        if closed_before:
-            raise DriverBroke(f"a closed ClientJob took {type(msg).__name__}: {event!r}")
         if job.received > SM_MAX_TOKENS:
             raise DriverBroke(f"client took {job.received} tokens past max {SM_MAX_TOKENS}")
         if isinstance(event, PaymentRequested):
